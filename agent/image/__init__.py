@@ -1,0 +1,1 @@
+"""The image format shared by the importer (controller) and the writer (agent)."""

@@ -1,0 +1,1 @@
+"""Image import, export and store upkeep: the `sledge image` commands."""
