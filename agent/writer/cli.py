@@ -1,0 +1,109 @@
+"""`sledge-agent write`: image a disk from a chunk store, like `bmaptool copy`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from agent.image.chunk import ChunkInvalid
+from agent.progress import ProgressBar, human_bytes
+from agent.writer.device import open_target
+from agent.writer.errors import FetchError, WriteError
+from agent.writer.events import Event, Progress, SourceFailed, WriteReport
+from agent.writer.fetch import RetryPolicy
+from agent.writer.load import load_manifest
+from agent.writer.pipeline import WriteOptions, Writer
+from agent.writer.plan import ZeroMode
+from agent.writer.sources import ChunkSource, Timeouts, open_source
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("write", help="write an image from chunk stores to a device or file")
+    p.add_argument("--manifest", required=True, help="manifest URL, path, or digest (fetched from --source)")
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        help="chunk store base URL or directory; repeat for mirrors (default: the manifest's store)",
+    )
+    p.add_argument("--device", required=True, help="block device or file to write")
+    p.add_argument("--verify", action="store_true", help="read every chunk back past the cache")
+    p.add_argument("--no-inplace", action="store_true", help="skip reading the target first (fresh disks)")
+    p.add_argument("--zeros-dont-care", action="store_true", help="leave zero chunks' ranges as they are")
+    p.add_argument("--no-gpt-fix", action="store_true", help="leave a backup GPT where the image put it")
+    p.add_argument("--workers", type=int, default=WriteOptions().workers)
+    p.add_argument("--retries", type=int, default=RetryPolicy().retries)
+    p.add_argument("--stall-timeout", type=float, default=Timeouts().stall)
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = _write(args)
+    except (WriteError, FetchError, ChunkInvalid, ValueError, OSError) as exc:
+        print(f"sledge-agent: write failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(report)))
+    else:
+        print(summary(report))
+    return 0
+
+
+def _write(args: argparse.Namespace) -> WriteReport:
+    timeouts = Timeouts(stall=args.stall_timeout)
+    sources: list[ChunkSource] = [open_source(s, timeouts) for s in args.source]
+    loaded = load_manifest(args.manifest, sources, timeouts)
+    if not sources:
+        if loaded.default_source is None:
+            raise ValueError("no --source given and the manifest's location is not a chunk store")
+        sources = [open_source(loaded.default_source, timeouts)]
+    manifest = loaded.manifest
+    options = WriteOptions(
+        inplace=not args.no_inplace,
+        zero_mode=ZeroMode.DONT_CARE if args.zeros_dont_care else ZeroMode.ZERO,
+        verify=args.verify,
+        workers=args.workers,
+        retry=RetryPolicy(retries=args.retries),
+        fix_gpt=not args.no_gpt_fix,
+    )
+    bar = ProgressBar(manifest.image_size, f"write {manifest.meta.name}:{manifest.meta.version}")
+
+    def listener(event: Event) -> None:
+        if isinstance(event, Progress):
+            bar.update(event.done_bytes, f"net {human_bytes(event.fetched_bytes)}")
+        elif isinstance(event, SourceFailed):
+            if bar.enabled:
+                bar.stream.write("\n")
+            print(
+                f"sledge-agent: chunk {event.chunk_index} from {event.source}: {event.error}"
+                + (" (source dropped)" if event.dropped else ""),
+                file=sys.stderr,
+            )
+
+    target = open_target(args.device, manifest.image_size)
+    try:
+        writer = Writer(manifest, loaded.digest, sources, target, options, listener, threading.Event())
+        report = writer.run()
+    finally:
+        target.close()
+        for s in sources:
+            s.close()
+        bar.close()
+    return report
+
+
+def summary(r: WriteReport) -> str:
+    return (
+        f"wrote {human_bytes(r.image_size)} to {r.target} in {r.seconds:.2f} s "
+        f"({human_bytes(r.rate)}/s): {r.chunks_fetched} fetched ({human_bytes(r.fetched_bytes)} downloaded), "
+        f"{r.chunks_inplace} already in place, {r.chunks_zero} zeroed, {r.chunks_skipped} skipped"
+        + ("; GPT backup moved to the end" if r.gpt_relocated else "")
+        + ("; verified" if r.verified else "")
+        + (f"; dropped sources: {', '.join(r.dropped_sources)}" if r.dropped_sources else "")
+    )

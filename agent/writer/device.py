@@ -1,0 +1,155 @@
+"""Opening the target: refuse what must not be written, then O_EXCL (and O_DIRECT).
+
+A block device is refused when it is read-only, mounted (itself or a partition,
+as a filesystem or swap), or held by md / LVM / device-mapper (sysfs holders);
+opening it O_EXCL then makes the kernel refuse anything else that holds it. A
+regular file is created sparse when absent or empty ("fresh": it reads as zeros).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import blockdev
+from agent.writer.errors import TargetError
+
+DIRECT_ALIGN = 4096
+
+
+@dataclass
+class OpenTarget:
+    path: str
+    fd: int  # O_DIRECT where the target supports it
+    buffered_fd: int  # for a tail that is not sector-aligned
+    size: int
+    is_block: bool
+    fresh: bool
+    zeroout_cheap: bool
+    direct: bool
+
+    def close(self) -> None:
+        for fd in {self.fd, self.buffered_fd}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class SysPaths:
+    sys: str = "/sys"
+    proc: str = "/proc"
+
+
+def _sysfs_dir(st: os.stat_result, paths: SysPaths) -> Path:
+    return Path(paths.sys, "dev", "block", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}").resolve()
+
+
+def _partitions(sysdir: Path) -> list[Path]:
+    return [p for p in sysdir.iterdir() if (p / "partition").exists()] if sysdir.is_dir() else []
+
+
+def busy_reasons(path: str, st: os.stat_result, paths: SysPaths = SysPaths()) -> list[str]:
+    """Why a block device must not be written (empty list: nothing found)."""
+    sysdir = _sysfs_dir(st, paths)
+    reasons: list[str] = []
+    devs = [sysdir, *_partitions(sysdir)]
+    numbers = {}
+    for d in devs:
+        with contextlib.suppress(OSError):
+            numbers[(d / "dev").read_text().strip()] = d.name
+        holders = sorted(h.name for h in (d / "holders").iterdir()) if (d / "holders").is_dir() else []
+        for holder in holders:
+            kind = _holder_kind(Path(paths.sys, "class", "block", holder))
+            reasons.append(f"{d.name} is held by {holder} ({kind})")
+    with contextlib.suppress(OSError):
+        for line in Path(paths.proc, "self", "mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[2] in numbers:
+                reasons.append(f"{numbers[fields[2]]} is mounted on {fields[4]}")
+    with contextlib.suppress(OSError):
+        names = {f"/dev/{n}" for n in numbers.values()}
+        for line in Path(paths.proc, "swaps").read_text().splitlines()[1:]:
+            dev = line.split()[0] if line.split() else ""
+            if dev in names or (dev and os.path.realpath(dev) == os.path.realpath(path)):
+                reasons.append(f"{dev} is in use as swap")
+    return reasons
+
+
+def _holder_kind(holder: Path) -> str:
+    name = holder.name
+    if name.startswith("md"):
+        return "md RAID"
+    with contextlib.suppress(OSError):
+        uuid = (holder / "dm" / "uuid").read_text().strip()
+        if uuid.startswith("LVM-"):
+            return "LVM"
+        if uuid.startswith("CRYPT-"):
+            return "dm-crypt"
+        return "device-mapper"
+    return "holder"
+
+
+def zeroout_is_cheap(st: os.stat_result, paths: SysPaths = SysPaths()) -> bool:
+    """The device zeroes without moving every byte (WRITE ZEROES; loop: fallocate)."""
+    try:
+        text = (_sysfs_dir(st, paths) / "queue" / "write_zeroes_max_bytes").read_text()
+        return int(text) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def open_target(path: str, image_size: int, paths: SysPaths = SysPaths()) -> OpenTarget:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        return _open_block(path, st, image_size, paths)
+    if st is None or stat.S_ISREG(st.st_mode):
+        return _open_file(path, st, image_size)
+    raise TargetError(f"target {path}: expected a block device or a regular file")
+
+
+def _open_block(path: str, st: os.stat_result, image_size: int, paths: SysPaths) -> OpenTarget:
+    reasons = busy_reasons(path, st, paths)
+    if reasons:
+        raise TargetError(f"target {path} is in use, refusing to write: " + "; ".join(reasons))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise TargetError(f"target {path} is busy (held open exclusively, or mounted)") from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise TargetError(f"target {path}: cannot open for writing: {exc.strerror}") from None
+        raise TargetError(f"target {path}: {exc.strerror}") from None
+    try:
+        if blockdev.is_read_only(fd):
+            raise TargetError(f"target {path} is read-only")
+        size = blockdev.size_of(fd)
+        if size < image_size:
+            raise TargetError(f"target {path}: image needs {image_size} bytes, device has {size}")
+        buffered = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenTarget(path, fd, buffered, size, True, False, zeroout_is_cheap(st, paths), True)
+
+
+def _open_file(path: str, st: os.stat_result | None, image_size: int) -> OpenTarget:
+    fresh = st is None or st.st_size == 0
+    try:
+        buffered = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise TargetError(f"target {path}: {exc.strerror}") from None
+    if os.fstat(buffered).st_size < image_size:
+        os.ftruncate(buffered, image_size)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        direct = True
+    except OSError:  # tmpfs and some filesystems have no O_DIRECT
+        fd, direct = buffered, False
+    return OpenTarget(path, fd, buffered, os.fstat(buffered).st_size, False, fresh, False, direct)

@@ -1,0 +1,58 @@
+"""The writer's exceptions, all in one place.
+
+WriteError
+├── TargetError          the target cannot be written (busy, mounted, too small, read-only)
+├── ManifestUnavailable  the manifest could not be had, or is not the one asked for
+├── ChunkUnavailable     every source failed a chunk (names the chunk and each source's error)
+├── VerifyFailed         read-back found chunks that differ
+└── Cancelled            stopped at a chunk boundary on request
+FetchError               one attempt at one source failed (kept per source, retried)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from agent.image.manifest import Chunk
+
+
+class WriteError(Exception):
+    pass
+
+
+class TargetError(WriteError):
+    pass
+
+
+class ManifestUnavailable(WriteError):
+    pass
+
+
+class Cancelled(WriteError):
+    pass
+
+
+class ChunkUnavailable(WriteError):
+    def __init__(self, chunk: Chunk, errors: Mapping[str, str]) -> None:
+        self.chunk = chunk
+        self.errors = dict(errors)
+        detail = "; ".join(f"{src}: {err}" for src, err in self.errors.items()) or "no usable source"
+        super().__init__(f"{chunk.describe()}: every source failed ({detail})")
+
+
+class VerifyFailed(WriteError):
+    def __init__(self, bad: list[Chunk]) -> None:
+        self.bad = bad
+        names = ", ".join(f"{c.index}@{c.offset}" for c in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        super().__init__(f"read-back verification: {len(bad)} chunks differ from the image: {names}{more}")
+
+
+class FetchError(Exception):
+    """One failed attempt; `bad_bytes` marks a source that served wrong data (not just failed)."""
+
+    def __init__(self, source: str, message: str, bad_bytes: bool = False, missing: bool = False) -> None:
+        self.source = source
+        self.bad_bytes = bad_bytes
+        self.missing = missing
+        super().__init__(message)

@@ -1,0 +1,113 @@
+"""Getting one chunk's verified bytes from a set of sources, with retries and failover.
+
+Per chunk: try each usable source in order; a failure moves on to the next one.
+After a round where all failed, back off (with jitter) and go round again, up to
+`retries` rounds. A source that serves wrong bytes (digest mismatch, wrong
+length) `max_bad` times is dropped for the rest of the job; a 404 is not held
+against a source. Nothing reaches the caller unverified.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.image.chunk import ChunkInvalid, decompress_bounded, verify_raw
+from agent.image.manifest import Chunk, Encoding
+from agent.writer.errors import Cancelled, ChunkUnavailable, FetchError
+from agent.writer.events import SourceFailed
+from agent.writer.sources import ChunkSource
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 3  # rounds over all sources
+    backoff: float = 0.2  # seconds before the second round; x4 each round after
+    max_bad: int = 3  # bad-byte answers before a source is dropped
+
+
+class SourceSet:
+    def __init__(
+        self,
+        sources: Sequence[ChunkSource],
+        policy: RetryPolicy,
+        on_failure: Callable[[SourceFailed], None],
+        cancel: threading.Event,
+    ) -> None:
+        if not sources:
+            raise ValueError("expected at least one chunk source")
+        self.sources = list(sources)
+        self.policy = policy
+        self.on_failure = on_failure
+        self.cancel = cancel
+        self.lock = threading.Lock()
+        self.strikes = {s.name: 0 for s in sources}
+        self.dropped: list[str] = []
+
+    def usable(self) -> list[ChunkSource]:
+        with self.lock:
+            return [s for s in self.sources if s.name not in self.dropped]
+
+    def _strike(self, source: ChunkSource) -> bool:
+        with self.lock:
+            self.strikes[source.name] += 1
+            if self.strikes[source.name] >= self.policy.max_bad and source.name not in self.dropped:
+                self.dropped.append(source.name)
+                return True
+            return source.name in self.dropped
+
+    def fetch(
+        self, chunk: Chunk, stored: memoryview, raw: memoryview, timing: dict[str, float]
+    ) -> tuple[memoryview, str]:
+        """Return a view of the verified raw bytes (in `stored` or `raw`) and the source's name."""
+        errors: dict[str, str] = {}
+        for round_ in range(self.policy.retries):
+            if round_:
+                delay = self.policy.backoff * 4 ** (round_ - 1)
+                if self.cancel.wait(random.uniform(delay / 2, delay)):
+                    raise Cancelled(f"cancelled while retrying {chunk.describe()}")
+            sources = self.usable()
+            if not sources:
+                break
+            for source in sources:
+                if self.cancel.is_set():
+                    raise Cancelled(f"cancelled while fetching {chunk.describe()}")
+                try:
+                    view = self._attempt(source, chunk, stored, raw, timing)
+                    return view, source.name
+                except FetchError as exc:
+                    errors[source.name] = str(exc)
+                    dropped = self._strike(source) if exc.bad_bytes else False
+                    self.on_failure(SourceFailed(source.name, chunk.index, str(exc), dropped))
+        for name in self.dropped:
+            errors.setdefault(name, "dropped after serving bad bytes")
+        raise ChunkUnavailable(chunk, errors)
+
+    def _attempt(
+        self, source: ChunkSource, chunk: Chunk, stored: memoryview, raw: memoryview, timing: dict[str, float]
+    ) -> memoryview:
+        t0 = time.perf_counter()
+        n = source.fetch_into(chunk, stored)
+        t1 = time.perf_counter()
+        timing["fetch"] = timing.get("fetch", 0.0) + t1 - t0
+        if n != chunk.stored_len:
+            raise FetchError(source.name, f"expected {chunk.stored_len} bytes, got {n}", bad_bytes=True)
+        try:
+            if chunk.encoding is Encoding.ZSTD:
+                data = decompress_bounded(chunk, stored[:n])
+                t2 = time.perf_counter()
+                timing["decompress"] = timing.get("decompress", 0.0) + t2 - t1
+                raw[: chunk.length] = data
+                view = raw[: chunk.length]
+                t1 = t2
+            else:
+                view = stored[: chunk.length]
+            verify_raw(chunk, view)
+        except ChunkInvalid as exc:
+            raise FetchError(source.name, exc.reason, bad_bytes=True) from None
+        finally:
+            timing["verify"] = timing.get("verify", 0.0) + time.perf_counter() - t1
+        return view

@@ -1,0 +1,86 @@
+"""Getting the manifest a write names, and checking it is the one named.
+
+`--manifest` is a digest (fetched from the sources), a URL or a path. A URL or
+path whose last component is 64 hex characters is pinned: the bytes must hash to
+it before anything is read from them. Anything else is taken as named and its
+digest reported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.image import layout
+from agent.image.manifest import Limits, Manifest, ManifestError, decode, manifest_digest
+from agent.writer.errors import FetchError, ManifestUnavailable
+from agent.writer.sources import ChunkSource, HttpSource, Timeouts
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class LoadedManifest:
+    manifest: Manifest
+    digest: str
+    pinned: bool
+    default_source: str | None  # the store the manifest came from, if it looks like one
+
+
+def load_manifest(
+    spec: str, sources: Sequence[ChunkSource], timeouts: Timeouts | None = None, limits: Limits | None = None
+) -> LoadedManifest:
+    limits = limits or Limits()
+    if _HEX64.fullmatch(spec):
+        return _from_sources(spec, sources, limits)
+    if spec.startswith(("http://", "https://")):
+        parsed = urllib.parse.urlsplit(spec)
+        base = f"{parsed.scheme}://{parsed.netloc}"
+        head, _, last = parsed.path.rpartition("/")
+        data = _get(HttpSource(base, timeouts), parsed.path.lstrip("/"), limits)
+        store = base + head.rpartition("/")[0] if head.endswith("/manifests") else None
+    else:
+        try:
+            with open(spec, "rb") as f:
+                data = f.read(limits.max_manifest_bytes + 1)
+        except OSError as exc:
+            raise ManifestUnavailable(f"manifest {spec}: {exc.strerror}") from None
+        last = os.path.basename(spec)
+        parent = os.path.dirname(os.path.abspath(spec))
+        store = os.path.dirname(parent) if os.path.basename(parent) == "manifests" else None
+    pinned = bool(_HEX64.fullmatch(last))
+    return _decode(spec, data, last if pinned else None, limits, store)
+
+
+def _get(source: HttpSource, relative: str, limits: Limits) -> bytes:
+    try:
+        return source.get(relative, limits.max_manifest_bytes)
+    except FetchError as exc:
+        raise ManifestUnavailable(f"manifest: {exc}") from None
+    finally:
+        source.close()
+
+
+def _from_sources(digest: str, sources: Sequence[ChunkSource], limits: Limits) -> LoadedManifest:
+    errors = []
+    for source in sources:
+        try:
+            data = source.get(layout.manifest_path(digest), limits.max_manifest_bytes)
+            return _decode(f"{source.name}/{layout.manifest_path(digest)}", data, digest, limits, None)
+        except (FetchError, ManifestUnavailable) as exc:
+            errors.append(f"{source.name}: {exc}")
+    raise ManifestUnavailable(f"manifest {digest}: no source has it ({'; '.join(errors) or 'no sources'})")
+
+
+def _decode(where: str, data: bytes, pin: str | None, limits: Limits, store: str | None) -> LoadedManifest:
+    digest = manifest_digest(data)
+    if pin is not None and digest != pin:
+        raise ManifestUnavailable(f"manifest {where}: expected blake3 {pin}, got {digest}; refusing it")
+    try:
+        manifest = decode(data, limits)
+    except ManifestError as exc:
+        raise ManifestUnavailable(f"manifest {where}: {exc}") from None
+    return LoadedManifest(manifest, digest, pin is not None, store)

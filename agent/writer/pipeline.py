@@ -1,0 +1,239 @@
+"""The write pipeline: a fixed pool of threads, each with two aligned buffers, each
+taking the next chunk and carrying it through check -> fetch -> verify -> write.
+
+Threads are the right tool here: pread/pwrite, recv_into, blake3 and zstd all
+release the GIL, so N threads keep N chunks in flight (N HTTP requests, N device
+writes) with memory fixed at 2 x N x chunk_size. Back-pressure is implicit: a
+thread takes a new chunk only when its last one is on the disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import blake3
+
+from agent import blockdev
+from agent.image.manifest import Chunk, ChunkKind, Manifest
+from agent.writer import gpt
+from agent.writer.device import DIRECT_ALIGN, OpenTarget
+from agent.writer.errors import Cancelled, VerifyFailed, WriteError
+from agent.writer.events import Counters, Listener, Phase, SourceFailed, WriteReport
+from agent.writer.fetch import RetryPolicy, SourceSet
+from agent.writer.plan import Action, PlanOptions, Step, Target, ZeroMode, after_check, plan
+from agent.writer.sources import ChunkSource
+
+BUFFER_BUDGET = 256 << 20
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    inplace: bool = True
+    zero_mode: ZeroMode = ZeroMode.ZERO
+    verify: bool = False
+    workers: int = 6
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    fix_gpt: bool = True
+    progress_interval: float = 0.5
+
+
+class Writer:
+    def __init__(
+        self,
+        manifest: Manifest,
+        manifest_digest: str,
+        sources: Sequence[ChunkSource],
+        target: OpenTarget,
+        options: WriteOptions = WriteOptions(),
+        listener: Listener | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        if manifest.image_size > target.size:
+            raise WriteError(
+                f"target {target.path}: image needs {manifest.image_size} bytes, has {target.size}"
+            )
+        self.manifest = manifest
+        self.digest = manifest_digest
+        self.target = target
+        self.options = options
+        self.listener = listener
+        self.cancel = cancel or threading.Event()
+        self.counters = Counters(manifest.image_size, len(manifest), listener, options.progress_interval)
+        self.sources = SourceSet(sources, options.retry, self._source_failed, self.cancel)
+        self.workers = max(1, min(options.workers, BUFFER_BUDGET // (2 * manifest.chunk_size)))
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._zeros = mmap.mmap(-1, manifest.chunk_size)
+
+    def _source_failed(self, event: SourceFailed) -> None:
+        if self.listener:
+            self.listener(event)
+
+    def _phase(self, name: str) -> None:
+        if self.listener:
+            self.listener(Phase(name))
+
+    def run(self) -> WriteReport:
+        start = time.monotonic()
+        target = Target(fresh=self.target.fresh, zeroout_cheap=self.target.zeroout_cheap)
+        steps = plan(self.manifest, target, PlanOptions(self.options.inplace, self.options.zero_mode))
+        self._phase("write")
+        self._run_threads(iter(steps), self._work)
+        self._phase("sync")
+        t0 = time.perf_counter()
+        os.fdatasync(self.target.fd)
+        if self.target.buffered_fd != self.target.fd:
+            os.fdatasync(self.target.buffered_fd)
+        self.counters.add_busy({"sync": time.perf_counter() - t0})
+        relocated = False
+        if self.options.fix_gpt and self.target.is_block and self.target.size > self.manifest.image_size:
+            self._phase("gpt")
+            sector = blockdev.logical_sector_size(self.target.buffered_fd)
+            relocated = gpt.fix_backup_gpt(self.target.buffered_fd, sector, self.target.size)
+        if self.options.verify:
+            self._phase("verify")
+            self.verify(skip_zero=self.options.zero_mode is ZeroMode.DONT_CARE)
+        self.counters.emit()
+        c = self.counters
+        return WriteReport(
+            manifest=self.digest,
+            target=self.target.path,
+            image_size=self.manifest.image_size,
+            chunks_total=len(self.manifest),
+            chunks_inplace=c.inplace,
+            chunks_zero=c.zero,
+            chunks_skipped=c.skipped,
+            chunks_fetched=c.fetched_chunks,
+            fetched_bytes=c.fetched,
+            written_bytes=c.written,
+            zeroed_bytes=c.zeroed,
+            seconds=time.monotonic() - start,
+            busy=dict(c.busy),
+            bytes_by_source=dict(c.by_source),
+            dropped_sources=tuple(self.sources.dropped),
+            gpt_relocated=relocated,
+            verified=self.options.verify,
+        )
+
+    # -- threads -----------------------------------------------------------------
+
+    def _run_threads(self, steps: Iterator[Step], work: object) -> None:
+        threads = [
+            threading.Thread(target=self._thread_main, args=(steps, work), name=f"writer-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _next(self, steps: Iterator[Step]) -> Step | None:
+        with self._lock:
+            if self._error is not None:
+                return None
+            if self.cancel.is_set():
+                self._error = Cancelled(f"write to {self.target.path} cancelled at a chunk boundary")
+                return None
+            return next(steps, None)
+
+    def _thread_main(self, steps: Iterator[Step], work: object) -> None:
+        size = self.manifest.chunk_size
+        stored, raw = mmap.mmap(-1, size), mmap.mmap(-1, size)
+        timing: dict[str, float] = {}
+        try:
+            while (step := self._next(steps)) is not None:
+                work(step, memoryview(stored), memoryview(raw), timing)  # type: ignore[operator]
+        except BaseException as exc:
+            with self._lock:
+                if self._error is None:
+                    self._error = exc
+        finally:
+            self.counters.add_busy(timing)
+            stored.close()
+            raw.close()
+
+    # -- one chunk -----------------------------------------------------------------
+
+    def _work(self, step: Step, stored: memoryview, raw: memoryview, timing: dict[str, float]) -> None:
+        chunk, action = step.chunk, step.action
+        if action is Action.CHECK:
+            action = after_check(chunk, self._matches(chunk, raw, timing))
+            if action is Action.SKIP:
+                self.counters.add(done=chunk.length, inplace=1)
+                return
+        if action is Action.SKIP:
+            self.counters.add(done=chunk.length, skipped=1)
+        elif action is Action.ZERO:
+            t0 = time.perf_counter()
+            self._zero(chunk)
+            timing["zero"] = timing.get("zero", 0.0) + time.perf_counter() - t0
+            self.counters.add(done=chunk.length, zero=1, zeroed=chunk.length)
+        else:
+            view, source = self.sources.fetch(chunk, stored, raw, timing)
+            self.counters.add_source_bytes(source, chunk.stored_len)
+            t0 = time.perf_counter()
+            self._pwrite(chunk, view)
+            timing["write"] = timing.get("write", 0.0) + time.perf_counter() - t0
+            self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
+
+    def _fd_for(self, chunk: Chunk) -> int:
+        if self.target.direct and chunk.length % DIRECT_ALIGN == 0:
+            return self.target.fd
+        return self.target.buffered_fd
+
+    def _matches(self, chunk: Chunk, buf: memoryview, timing: dict[str, float]) -> bool:
+        t0 = time.perf_counter()
+        view = buf[: chunk.length]
+        fd = self._fd_for(chunk)
+        got = 0
+        while got < chunk.length:
+            n = os.preadv(fd, [view[got:]], chunk.offset + got)
+            if n == 0:
+                break
+            got += n
+        t1 = time.perf_counter()
+        same = got == chunk.length and blake3.blake3(view).digest() == chunk.digest
+        timing["inplace_read"] = timing.get("inplace_read", 0.0) + t1 - t0
+        timing["inplace_hash"] = timing.get("inplace_hash", 0.0) + time.perf_counter() - t1
+        return same
+
+    def _pwrite(self, chunk: Chunk, view: memoryview) -> None:
+        fd = self._fd_for(chunk)
+        offset, done = chunk.offset, 0
+        while done < chunk.length:
+            n = os.pwrite(fd, view[done:], offset + done)
+            done += n
+
+    def _zero(self, chunk: Chunk) -> None:
+        if self.target.is_block:
+            try:
+                blockdev.zeroout(self.target.fd, chunk.offset, chunk.length)
+                return
+            except OSError:
+                pass  # no zeroout here: write zeros
+        self._pwrite(chunk, memoryview(self._zeros)[: chunk.length])
+
+    # -- read-back -----------------------------------------------------------------
+
+    def verify(self, skip_zero: bool = False) -> None:
+        """Read every chunk back past the page cache; raise VerifyFailed naming those that differ."""
+        bad: list[Chunk] = []
+        os.posix_fadvise(self.target.buffered_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+        def check(step: Step, stored: memoryview, raw: memoryview, timing: dict[str, float]) -> None:
+            if not self._matches(step.chunk, raw, timing):
+                with self._lock:
+                    bad.append(step.chunk)
+
+        chunks = [c for c in self.manifest if not (skip_zero and c.kind is ChunkKind.ZERO)]
+        self._run_threads(iter(Step(c, Action.CHECK) for c in chunks), check)
+        if bad:
+            raise VerifyFailed(sorted(bad, key=lambda c: c.index))

@@ -1,0 +1,71 @@
+"""Pure decisions: what to do with each chunk, given the manifest and the target.
+
+CHECK  read the target's range and hash it; equal -> done, else FETCH
+FETCH  get the stored bytes, decode, verify, write
+ZERO   make the range read as zeros (BLKZEROOUT, or plain zero writes)
+SKIP   nothing to do (a zero chunk on a fresh sparse file, or zeros as don't-care)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from agent.image.manifest import Chunk, ChunkKind, Manifest
+
+
+class Action(enum.Enum):
+    CHECK = "check"
+    FETCH = "fetch"
+    ZERO = "zero"
+    SKIP = "skip"
+
+
+class ZeroMode(enum.Enum):
+    ZERO = "zero"  # make zero chunks read as zeros
+    DONT_CARE = "dont-care"  # leave whatever is there
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the writer knows about the target before touching it."""
+
+    fresh: bool  # a sparse file created (or emptied) for this write: reads as zeros
+    zeroout_cheap: bool  # the device zeroes without writing (WRITE ZEROES / fallocate)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    inplace: bool = True
+    zero_mode: ZeroMode = ZeroMode.ZERO
+
+
+@dataclass(frozen=True)
+class Step:
+    chunk: Chunk
+    action: Action
+
+
+def plan_chunk(chunk: Chunk, target: Target, options: PlanOptions) -> Action:
+    if chunk.kind is ChunkKind.ZERO:
+        if target.fresh or options.zero_mode is ZeroMode.DONT_CARE:
+            return Action.SKIP
+        # Where zeroing costs a write of every byte, reading first is cheaper
+        # when the range already holds zeros (a re-deploy, a resume).
+        if options.inplace and not target.zeroout_cheap:
+            return Action.CHECK
+        return Action.ZERO
+    if target.fresh or not options.inplace:
+        return Action.FETCH
+    return Action.CHECK
+
+
+def plan(manifest: Manifest, target: Target, options: PlanOptions) -> list[Step]:
+    return [Step(c, plan_chunk(c, target, options)) for c in manifest]
+
+
+def after_check(chunk: Chunk, matches: bool) -> Action:
+    """The action once a CHECK has hashed what the target holds."""
+    if matches:
+        return Action.SKIP
+    return Action.ZERO if chunk.kind is ChunkKind.ZERO else Action.FETCH

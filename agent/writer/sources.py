@@ -1,0 +1,218 @@
+"""Chunk sources: a chunk store over HTTP (the controller, nginx mirrors) or in a directory.
+
+A source only moves stored bytes into a caller's buffer; it never decides whether
+they are good. Each thread keeps its own keep-alive connection per source.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.image import layout
+from agent.image.manifest import Chunk
+from agent.writer.errors import FetchError
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    stall: float = 10.0  # no byte for this long: the source is stalled
+
+
+class ChunkSource(Protocol):
+    name: str
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        """Read the chunk's stored bytes into buf[:chunk.stored_len]; return the count."""
+        ...
+
+    def get(self, relative: str, limit: int) -> bytes:
+        """A small file of the store (a manifest), at most `limit` bytes."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DirectorySource:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.name = root
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        path = os.path.join(self.root, layout.chunk_path(chunk.hex))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FetchError(self.name, f"{path}: no such chunk", missing=True) from None
+        except OSError as exc:
+            raise FetchError(self.name, f"{path}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != chunk.stored_len:
+                raise FetchError(
+                    self.name, f"{path}: expected {chunk.stored_len} bytes, file has {size}", bad_bytes=True
+                )
+            got = 0
+            while got < size:
+                n = os.preadv(fd, [buf[got:size]], got)
+                if n == 0:
+                    raise FetchError(self.name, f"{path}: short read at {got} of {size}", bad_bytes=True)
+                got += n
+            return got
+        finally:
+            os.close(fd)
+
+    def get(self, relative: str, limit: int) -> bytes:
+        path = os.path.join(self.root, relative)
+        try:
+            with open(path, "rb") as f:
+                return f.read(limit + 1)
+        except OSError as exc:
+            missing = isinstance(exc, FileNotFoundError)
+            raise FetchError(self.name, f"{path}: {exc.strerror}", missing=missing) from None
+
+    def close(self) -> None:
+        pass
+
+
+class HttpSource:
+    """A chunk store served over HTTP(S): GET {base}/chunks/aa/HEX, one connection per thread."""
+
+    def __init__(
+        self, base_url: str, timeouts: Timeouts | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"chunk source {base_url!r}: expected an http:// or https:// URL")
+        self.name = base_url.rstrip("/")
+        self._scheme = parsed.scheme
+        self._host = parsed.hostname
+        self._port = parsed.port
+        self._prefix = parsed.path.rstrip("/")
+        self._timeouts = timeouts or Timeouts()
+        self._headers = {"User-Agent": "sledge-agent", **(headers or {})}
+        self._local = threading.local()
+        self._all: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self._timeouts.connect)
+            conn.connect()
+            if conn.sock is not None:
+                conn.sock.settimeout(self._timeouts.stall)
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+
+    def _request(self, relative: str) -> http.client.HTTPResponse:
+        url = f"{self._prefix}/{relative}"
+        try:
+            conn = self._conn()
+            conn.request("GET", url, headers=self._headers)
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise FetchError(self.name, f"GET {url}: {_describe(exc)}") from None
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        relative = layout.chunk_path(chunk.hex)
+        resp = self._request(relative)
+        try:
+            if resp.status != 200:
+                resp.read(4096)
+                self._drop()
+                raise FetchError(
+                    self.name, f"GET {relative}: HTTP {resp.status} {resp.reason}", missing=resp.status == 404
+                )
+            expected = chunk.stored_len
+            if resp.length is not None and resp.length != expected:
+                self._drop()
+                raise FetchError(
+                    self.name,
+                    f"GET {relative}: Content-Length {resp.length}, expected {expected}",
+                    bad_bytes=True,
+                )
+            got = 0
+            target = buf[:expected]
+            while got < expected:
+                n = resp.readinto(target[got:])
+                if n == 0:
+                    break
+                got += n
+            if got < expected:
+                self._drop()
+                raise FetchError(self.name, f"GET {relative}: body ended after {got} of {expected} bytes")
+            if resp.length is None and resp.read(1):  # chunked or close-delimited: check it ends
+                self._drop()
+                message = f"GET {relative}: body longer than {expected} bytes"
+                raise FetchError(self.name, message, bad_bytes=True)
+            if resp.will_close:
+                self._drop()
+            return got
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise FetchError(self.name, f"GET {relative}: {_describe(exc)}") from None
+
+    def get(self, relative: str, limit: int) -> bytes:
+        resp = self._request(relative)
+        try:
+            if resp.status != 200:
+                self._drop()
+                raise FetchError(
+                    self.name, f"GET {relative}: HTTP {resp.status} {resp.reason}", missing=resp.status == 404
+                )
+            if resp.length is not None and resp.length > limit:
+                self._drop()
+                raise FetchError(self.name, f"GET {relative}: {resp.length} bytes, expected at most {limit}")
+            declared = resp.length
+            data = resp.read(limit + 1)
+            if declared is not None and len(data) != declared:
+                self._drop()
+                raise FetchError(self.name, f"GET {relative}: body ended after {len(data)} bytes")
+            if resp.will_close or len(data) > limit:
+                self._drop()
+            return data
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop()
+            raise FetchError(self.name, f"GET {relative}: {_describe(exc)}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out (stalled)"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, OSError) else text
+
+
+def open_source(spec: str, timeouts: Timeouts | None = None) -> ChunkSource:
+    if spec.startswith(("http://", "https://")):
+        return HttpSource(spec, timeouts)
+    if os.path.isdir(spec):
+        return DirectorySource(spec)
+    raise ValueError(f"chunk source {spec!r}: expected an http(s) URL or a store directory")
