@@ -53,7 +53,8 @@ def relocate(mbr: bytes, primary: bytes, entries: bytes, sector: int, disk_secto
     table_sectors = -(-table_bytes // sector)
     backup_entries_lba = new_alt - table_sectors
     new_last_usable = backup_entries_lba - 1
-    struct.pack_into("<QQ", header, 32, new_alt, new_last_usable)
+    struct.pack_into("<Q", header, 32, new_alt)
+    struct.pack_into("<Q", header, 48, new_last_usable)
     _crc_header(header, hsize)
     backup = bytearray(header)
     struct.pack_into("<QQ", backup, 24, new_alt, my_lba)

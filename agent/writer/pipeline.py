@@ -156,9 +156,8 @@ class Writer:
                 if self._error is None:
                     self._error = exc
         finally:
+            # The buffers are unmapped when the last view (maybe in a traceback) goes.
             self.counters.add_busy(timing)
-            stored.close()
-            raw.close()
 
     # -- one chunk -----------------------------------------------------------------
 
