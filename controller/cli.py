@@ -10,13 +10,15 @@ from agent.image.chunk import ChunkInvalid
 from agent.image.layout import LayoutError
 from agent.image.manifest import ManifestError
 from agent.image.store import StoreError
-from controller import image_cli
+from controller import image_cli, operator_cli, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sledge", description="sledge controller and operator CLI")
     sub = parser.add_subparsers(dest="cmd", required=True)
     image_cli.add_parser(sub)
+    serve.add_parser(sub)
+    operator_cli.add_parsers(sub)
     return parser
 
 
@@ -25,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "image":
             return image_cli.run(args)
+        if args.cmd == "serve":
+            return serve.run(args)
+        if args.cmd in operator_cli.COMMANDS:
+            return operator_cli.run(args)
     except (StoreError, ChunkInvalid, ManifestError, LayoutError, OSError, ValueError) as exc:
         print(f"sledge: {exc}", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ class WriteOptions:
     inplace: bool = True
     zero_mode: ZeroMode = ZeroMode.ZERO
     verify: bool = False
-    workers: int = 6
+    workers: int = 4
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5

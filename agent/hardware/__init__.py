@@ -1,0 +1,1 @@
+"""What the machine is (inventory) and which disk to write (root device hints)."""

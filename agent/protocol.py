@@ -1,0 +1,578 @@
+"""The agent <-> controller protocol: typed messages, strict decoding, one codec.
+
+Every message is a frozen dataclass with `to_wire()` (plain JSON/msgpack types)
+and `from_wire(obj)`, which refuses unknown fields, wrong types and out-of-range
+values with a ProtocolError naming the field, the expectation and what was found.
+Bodies travel as JSON or msgpack (`decode_body` / `encode_body`, chosen by the
+Content-Type). docs/controller.md lists the endpoints; the paths are below.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+
+from agent.hardware.model import Inventory
+from agent.hardware.wire import WireError
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+MAX_BODY = 1 << 20
+
+REGISTER_PATH = "/v1/agent/register"
+HEARTBEAT_PATH = "/v1/agent/heartbeat"
+INVENTORY_PATH = "/v1/agent/inventory"  # POST an Inventory (agent.hardware.model) as the body
+NEXT_JOB_PATH = "/v1/agent/jobs/next"  # GET ?wait=SECONDS; 204 when there is no job
+STORE_PATH = "/v1/store/"  # + agent.image.layout.chunk_path / manifest_path
+MAX_EVENTS_PER_POST = 1000
+_ID = re.compile(r"[a-z]-[0-9a-f]{12}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def job_events_path(job_id: str) -> str:
+    return f"/v1/agent/jobs/{job_id}/events"
+
+
+def job_finish_path(job_id: str) -> str:
+    return f"/v1/agent/jobs/{job_id}/finish"
+
+
+class ProtocolError(ValueError):
+    """A message that does not match the protocol; names the field, the expectation and the value."""
+
+    def __init__(self, field_name: str, expected: str, actual: object) -> None:
+        self.field = field_name
+        self.expected = expected
+        shown = repr(actual)
+        self.actual = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"field {field_name!r}: expected {expected}, got {self.actual}")
+
+
+def normalize_mac(value: str, where: str = "mac") -> str:
+    """aa:bb:cc:dd:ee:ff, lowercase; '-' separators accepted."""
+    mac = value.strip().lower().replace("-", ":") if isinstance(value, str) else value
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac):
+        raise ProtocolError(where, "a MAC address like 52:54:00:12:34:56", value)
+    return mac
+
+
+# -- codec ---------------------------------------------------------------------------------------
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ProtocolError(key, "each key once", "a duplicate key")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> float:
+    raise ProtocolError("<body>", "finite numbers only", name)
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def decode_body(data: bytes, content_type: str, limit: int = MAX_BODY) -> object:
+    """Parse a request/response body as JSON or msgpack; ProtocolError if malformed."""
+    if len(data) > limit:
+        raise ProtocolError("<body>", f"at most {limit} bytes", f"{len(data)} bytes")
+    kind = media_type(content_type)
+    if kind in (MSGPACK, "application/x-msgpack"):
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0, max_bin_len=0)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ProtocolError("<body>", "well-formed msgpack", str(exc)) from None
+    if kind in (JSON, ""):
+        try:
+            return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            if isinstance(exc, ProtocolError):
+                raise
+            raise ProtocolError("<body>", "well-formed JSON", str(exc)) from None
+    raise ProtocolError("<content-type>", f"{JSON} or {MSGPACK}", content_type)
+
+
+def encode_body(obj: object, content_type: str = JSON) -> bytes:
+    if media_type(content_type) in (MSGPACK, "application/x-msgpack"):
+        packed: bytes = msgpack.packb(obj, use_bin_type=True)
+        return packed
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+# -- strict readers --------------------------------------------------------------------------------
+
+E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class Fields:
+    """Reads one wire object: known keys only, typed getters, errors with the dotted path."""
+
+    def __init__(self, obj: object, where: str, known: tuple[str, ...]) -> None:
+        self.where = where
+        if not isinstance(obj, dict):
+            raise ProtocolError(where or "<body>", "an object", obj)
+        for key in obj:
+            if key not in known:
+                raise ProtocolError(self.path(str(key)), f"one of the fields {', '.join(known)}", "unknown")
+        self.obj: dict[str, Any] = obj
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def _get(self, key: str, default: Any) -> Any:
+        if key in self.obj:
+            return self.obj[key]
+        if default is _MISSING:
+            raise ProtocolError(self.path(key), "a value (required)", "nothing")
+        return default
+
+    def text(
+        self, key: str, default: Any = _MISSING, max_len: int = 1024, pattern: re.Pattern[str] | None = None
+    ) -> Any:
+        value = self._get(key, default)
+        if value is default and key not in self.obj:
+            return value
+        if not isinstance(value, str) or len(value) > max_len:
+            raise ProtocolError(self.path(key), f"a string of at most {max_len} characters", value)
+        if pattern is not None and not pattern.fullmatch(value):
+            raise ProtocolError(self.path(key), f"a string matching {pattern.pattern}", value)
+        return value
+
+    def integer(self, key: str, lo: int, hi: int, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is default and key not in self.obj:
+            return value
+        if type(value) is not int or not lo <= value <= hi:
+            raise ProtocolError(self.path(key), f"an integer in [{lo}, {hi}]", value)
+        return value
+
+    def number(self, key: str, lo: float, hi: float, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if value is default and key not in self.obj:
+            return value
+        if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
+            raise ProtocolError(self.path(key), f"a number in [{lo}, {hi}]", value)
+        return float(value)
+
+    def flag(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default)
+        if type(value) is not bool:
+            raise ProtocolError(self.path(key), "true or false", value)
+        return value
+
+    def choice(self, key: str, kind: type[E], default: Any = _MISSING) -> E:
+        value = self._get(key, default)
+        if isinstance(value, kind):
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in kind)
+            raise ProtocolError(self.path(key), f"one of {choices}", value) from None
+
+    def items(
+        self, key: str, max_len: int, read: Callable[[object, str], T], default: Any = _MISSING
+    ) -> tuple[T, ...]:
+        value = self._get(key, default)
+        if value is default and key not in self.obj:
+            return tuple(value)
+        if not isinstance(value, list) or len(value) > max_len:
+            raise ProtocolError(self.path(key), f"a list of at most {max_len} items", value)
+        return tuple(read(item, f"{self.path(key)}[{i}]") for i, item in enumerate(value))
+
+
+def _str_item(obj: object, where: str) -> str:
+    if not isinstance(obj, str) or len(obj) > 2048:
+        raise ProtocolError(where, "a string of at most 2048 characters", obj)
+    return obj
+
+
+# -- inventory and disk hints ------------------------------------------------------------------------
+
+
+def read_inventory(obj: object, where: str = "inventory") -> Inventory:
+    """The hardware inventory (agent.hardware.model), with its wire errors as ProtocolError."""
+    try:
+        inventory = Inventory.from_wire(obj)
+    except WireError as exc:
+        raise ProtocolError(exc.where.replace("inventory", where, 1), exc.expected, exc.actual) from None
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(
+            where, "an inventory as agent.hardware.model.Inventory writes it", str(exc)
+        ) from None
+    identity(inventory)
+    return inventory
+
+
+def identity(inventory: Inventory) -> tuple[str, tuple[str, ...]]:
+    """(DMI system UUID or "", MAC addresses of the physical NICs) — how a machine is recognised."""
+    nics = [n for n in inventory.nics if n.physical] or list(inventory.nics)
+    macs = []
+    for i, nic in enumerate(nics):
+        mac = nic.permanent_mac or nic.mac
+        if mac:
+            macs.append(normalize_mac(mac, f"inventory.nics[{i}].mac"))
+    if not macs:
+        raise ProtocolError("inventory.nics", "at least one network interface with a MAC address", [])
+    return (inventory.system.uuid or "").lower(), tuple(dict.fromkeys(macs))
+
+
+DISK_HINT_KEYS = (
+    "by_path",
+    "hctl",
+    "model",
+    "name",
+    "rotational",
+    "serial",
+    "size",
+    "vendor",
+    "wwn",
+    "wwn_vendor_extension",
+    "wwn_with_extension",
+)
+
+
+@dataclass(frozen=True)
+class DiskHints:
+    """Ironic-style root device hints, name -> value (values may carry operators: '>= 100')."""
+
+    items: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, hints: Mapping[str, str]) -> DiskHints:
+        return cls.from_wire(dict(hints))
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.items)
+
+    def to_wire(self) -> dict[str, str]:
+        return dict(self.items)
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "disk") -> DiskHints:
+        f = Fields(obj, where, DISK_HINT_KEYS)
+        return cls(tuple(sorted((k, f.text(k, max_len=256)) for k in f.obj)))
+
+    @classmethod
+    def parse(cls, text: str) -> DiskHints:
+        """'serial=ABC,size=>= 100' (the CLI's form)."""
+        pairs: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise ProtocolError("disk", "KEY=VALUE pairs separated by commas", part)
+            pairs[key.strip()] = value.strip()
+        return cls.from_wire(pairs)
+
+
+# -- jobs ----------------------------------------------------------------------------------------------
+
+
+class JobKind(enum.StrEnum):
+    DEPLOY = "deploy"
+    ERASE = "erase"
+    VERIFY = "verify"
+    INVENTORY = "inventory"
+    REBOOT = "reboot"
+
+
+class EraseMode(enum.StrEnum):
+    DISCARD = "discard"
+    ZERO = "zero"
+
+
+class PowerAction(enum.StrEnum):
+    REBOOT = "reboot"
+    POWEROFF = "poweroff"
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """Parameters of any job kind; which ones matter depends on the kind (validate_for checks)."""
+
+    image_name: str = ""
+    image_version: str = ""
+    manifest_digest: str = ""
+    disk: DiskHints = field(default_factory=DiskHints)
+    erase_mode: EraseMode = EraseMode.DISCARD
+    power: PowerAction = PowerAction.REBOOT
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = dict(self.__dict__)
+        wire["disk"] = self.disk.to_wire()
+        wire["erase_mode"] = self.erase_mode.value
+        wire["power"] = self.power.value
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "params") -> JobParams:
+        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
+        digest = f.text("manifest_digest", "", max_len=64)
+        if digest and not _HEX64.fullmatch(digest):
+            raise ProtocolError(f.path("manifest_digest"), "64 lowercase hex characters", digest)
+        return cls(
+            image_name=f.text("image_name", "", max_len=128),
+            image_version=f.text("image_version", "", max_len=128),
+            manifest_digest=digest,
+            disk=DiskHints.from_wire(f.obj.get("disk", {}), f.path("disk")),
+            erase_mode=f.choice("erase_mode", EraseMode, EraseMode.DISCARD),
+            power=f.choice("power", PowerAction, PowerAction.REBOOT),
+        )
+
+    def validate_for(self, kind: JobKind) -> None:
+        if kind in (JobKind.DEPLOY, JobKind.VERIFY) and not self.manifest_digest:
+            raise ProtocolError("params.manifest_digest", f"a manifest digest for a {kind} job", "")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A job handed to an agent. Events continue from next_seq; sources are chunk store base URLs."""
+
+    job_id: str
+    kind: JobKind
+    attempt: int
+    next_seq: int
+    lease_seconds: float
+    params: JobParams
+    sources: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind.value,
+            "attempt": self.attempt,
+            "next_seq": self.next_seq,
+            "lease_seconds": self.lease_seconds,
+            "params": self.params.to_wire(),
+            "sources": list(self.sources),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "") -> Assignment:
+        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
+        return cls(
+            f.text("job_id", pattern=_ID),
+            f.choice("kind", JobKind),
+            f.integer("attempt", 1, 1 << 31),
+            f.integer("next_seq", 1, 1 << 62),
+            f.number("lease_seconds", 0.0, 86400.0),
+            JobParams.from_wire(f.obj.get("params", {}), f.path("params")),
+            f.items("sources", 16, _str_item, ()),
+        )
+
+
+# -- events and results -------------------------------------------------------------------------------
+
+
+class EventKind(enum.StrEnum):
+    STAGE = "stage"
+    PROGRESS = "progress"
+    LOG = "log"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One agent event; seq numbers a job's events from 1 with no gaps."""
+
+    seq: int
+    at: float
+    kind: EventKind
+    message: str = ""
+    done: int | None = None
+    total: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "seq": self.seq,
+            "at": self.at,
+            "kind": self.kind.value,
+            "message": self.message,
+        }
+        if self.done is not None:
+            wire["done"] = self.done
+        if self.total is not None:
+            wire["total"] = self.total
+        return wire
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "event") -> Event:
+        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
+        return cls(
+            f.integer("seq", 1, 1 << 62),
+            f.number("at", 0.0, 1e11),
+            f.choice("kind", EventKind),
+            f.text("message", "", max_len=4096),
+            f.integer("done", 0, 1 << 62, None),
+            f.integer("total", 0, 1 << 62, None),
+        )
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    attempt: int
+    events: tuple[Event, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "events": [e.to_wire() for e in self.events]}
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "") -> EventBatch:
+        f = Fields(obj, where, ("attempt", "events"))
+        events = f.items("events", MAX_EVENTS_PER_POST, Event.from_wire)
+        for i in range(1, len(events)):
+            if events[i].seq != events[i - 1].seq + 1:
+                raise ProtocolError(
+                    f"events[{i}].seq", f"{events[i - 1].seq + 1} (consecutive)", events[i].seq
+                )
+        return cls(f.integer("attempt", 1, 1 << 31), events)
+
+
+@dataclass(frozen=True)
+class EventAck:
+    next_seq: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"next_seq": self.next_seq}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> EventAck:
+        return cls(Fields(obj, "", ("next_seq",)).integer("next_seq", 1, 1 << 62))
+
+
+class Outcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    outcome: Outcome
+    message: str = ""
+    disk: str = ""
+    bytes_written: int = 0
+    bytes_fetched: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.__dict__, "outcome": self.outcome.value}
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "result") -> JobResult:
+        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
+        return cls(
+            f.choice("outcome", Outcome),
+            f.text("message", "", max_len=4096),
+            f.text("disk", "", max_len=256),
+            f.integer("bytes_written", 0, 1 << 62, 0),
+            f.integer("bytes_fetched", 0, 1 << 62, 0),
+        )
+
+
+@dataclass(frozen=True)
+class FinishRequest:
+    attempt: int
+    result: JobResult
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "result": self.result.to_wire()}
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "") -> FinishRequest:
+        f = Fields(obj, where, ("attempt", "result"))
+        return cls(
+            f.integer("attempt", 1, 1 << 31),
+            JobResult.from_wire(f._get("result", _MISSING), f.path("result")),
+        )
+
+
+# -- registration and heartbeat ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    enrollment_token: str
+    inventory: Inventory
+    agent_version: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "enrollment_token": self.enrollment_token,
+            "inventory": self.inventory.to_wire(),
+            "agent_version": self.agent_version,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "") -> RegisterRequest:
+        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
+        return cls(
+            f.text("enrollment_token", max_len=200),
+            read_inventory(f._get("inventory", _MISSING), f.path("inventory")),
+            f.text("agent_version", "", max_len=64),
+        )
+
+
+@dataclass(frozen=True)
+class RegisterReply:
+    machine_id: str
+    agent_token: str
+    heartbeat_seconds: float
+    poll_seconds: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_wire(cls, obj: object) -> RegisterReply:
+        f = Fields(obj, "", tuple(cls.__dataclass_fields__))
+        return cls(
+            f.text("machine_id", pattern=_ID),
+            f.text("agent_token", max_len=200),
+            f.number("heartbeat_seconds", 0.0, 3600.0),
+            f.number("poll_seconds", 0.0, 3600.0),
+        )
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    job_id: str | None = None
+    status: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "") -> Heartbeat:
+        f = Fields(obj, where, ("job_id", "status"))
+        job_id = f.obj.get("job_id")
+        if job_id is not None:
+            job_id = f.text("job_id", pattern=_ID)
+        return cls(job_id, f.text("status", "", max_len=256))
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """cancel: jobs of this machine the agent must stop (cancelled by an operator, or lease lost)."""
+
+    cancel: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"cancel": list(self.cancel)}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> HeartbeatReply:
+        return cls(Fields(obj, "", ("cancel",)).items("cancel", 64, _str_item, ()))

@@ -1,0 +1,1 @@
+"""The controller's HTTP API: one module per area, each with a route table."""

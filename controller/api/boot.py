@@ -1,0 +1,70 @@
+"""Network boot: a per-machine iPXE script, and the agent's kernel and initramfs.
+
+A machine that is deployed and has nothing queued boots its disk (`exit` hands
+back to the firmware's next boot entry); any other machine, known or not, chains
+the agent with a fresh one-time enrollment token bound to its MAC.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent.protocol import ProtocolError, normalize_mac
+from controller.api.context import SERVED, Route, services
+from controller.state.errors import NotFound
+
+
+async def ipxe(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    mac = request.query.get("mac")
+    if mac is None:
+        raise ProtocolError("mac", "the booting NIC's MAC (chain /boot/ipxe?mac=${net0/mac})", "nothing")
+    decision = svc.fleet.boot(normalize_mac(mac))
+    if decision.from_disk:
+        script = f"#!ipxe\necho sledge: machine {decision.machine_id} is deployed, booting from disk\nexit\n"
+    else:
+        cfg = svc.config
+        args = (
+            f"sledge.controller={cfg.url} sledge.token={decision.enrollment_token} {cfg.kernel_args}".strip()
+        )
+        script = (
+            "#!ipxe\n"
+            f"echo sledge: machine {decision.machine_id}, booting the agent\n"
+            f"kernel {cfg.url}/boot/files/{cfg.kernel} initrd={cfg.initrd} {args}\n"
+            f"initrd {cfg.url}/boot/files/{cfg.initrd}\n"
+            "boot\n"
+        )
+    return web.Response(text=script, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+async def boot_file(request: web.Request) -> web.StreamResponse:
+    cfg = services(request).config
+    name = request.match_info["name"]
+    if name not in (cfg.kernel, cfg.initrd):
+        raise NotFound(f"boot file {name!r}: expected {cfg.kernel!r} or {cfg.initrd!r}")
+    path = cfg.boot_dir / name
+    if not path.is_file():
+        raise NotFound(f"boot file {path}: missing (put the agent's kernel and initramfs in {cfg.boot_dir})")
+    request[SERVED] = True
+    return web.FileResponse(path)
+
+
+ROUTES = (
+    Route(
+        "GET",
+        "/boot/ipxe",
+        ipxe,
+        "iPXE script for the machine with this MAC",
+        auth="none",
+        response="IpxeScript",
+        params=("mac",),
+    ),
+    Route(
+        "GET",
+        "/boot/files/{name}",
+        boot_file,
+        "The agent's kernel or initramfs",
+        auth="none",
+        response="Binary",
+    ),
+)

@@ -1,0 +1,75 @@
+"""Records as the operator API shows them (plain JSON values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.state.model import EventRecord, Image, InventoryRecord, Job, Machine
+
+
+def machine(m: Machine, detail: bool = False) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "id": m.id,
+        "state": m.state.value,
+        "hostname": m.hostname,
+        "macs": list(m.macs),
+        "system_uuid": m.system_uuid,
+        "desired_image": m.desired_image,
+        "disk_hints": m.disk_hints.to_wire(),
+        "created_at": m.created_at,
+        "last_seen": m.last_seen,
+    }
+    if detail:
+        view["inventory"] = m.inventory.to_wire() if m.inventory else None
+    return view
+
+
+def inventory(r: InventoryRecord) -> dict[str, Any]:
+    return {"at": r.at, "inventory": r.inventory.to_wire()}
+
+
+def image(i: Image) -> dict[str, Any]:
+    return {
+        "name": i.name,
+        "version": i.version,
+        "digest": i.digest,
+        "image_size": i.image_size,
+        "data_size": i.data_size,
+        "chunks": i.chunks,
+        "registered_at": i.registered_at,
+    }
+
+
+def job(j: Job) -> dict[str, Any]:
+    s = j.status
+    return {
+        "id": j.id,
+        "machine_id": j.machine_id,
+        "kind": j.kind.value,
+        "params": j.params.to_wire(),
+        "state": s.state.value,
+        "attempts": s.attempts,
+        "max_attempts": s.max_attempts,
+        "lease_deadline": s.lease_deadline,
+        "reason": s.reason,
+        "result": j.result.to_wire() if j.result else None,
+        "done": j.done,
+        "total": j.total,
+        "created_at": j.created_at,
+        "updated_at": j.updated_at,
+    }
+
+
+def event(e: EventRecord) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "job_id": e.job_id,
+        "machine_id": e.machine_id,
+        "seq": e.seq,
+        "at": e.at,
+        "source": e.source.value,
+        "kind": e.kind.value,
+        "message": e.message,
+        "done": e.done,
+        "total": e.total,
+    }

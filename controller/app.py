@@ -1,0 +1,139 @@
+"""make_app(config, store): the controller's aiohttp application.
+
+Routes come as tables, one per area (controller/api/*); each row says who may call
+it, and app.py wraps the handler accordingly. A background task re-queues or fails
+jobs whose lease ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from controller import auth
+from controller.api import agent, boot, files, openapi, operator
+from controller.api.context import MACHINE_ID, SERVICES, Config, Handler, Hub, Route, Services, services
+from controller.api.wire import errors_middleware, respond
+from controller.metrics import Metrics
+from controller.state.operations import Operations
+from controller.state.service import Fleet, Policy
+from controller.state.store import Store
+
+__all__ = ["Config", "make_app", "routes"]
+log = logging.getLogger("sledge.app")
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    services(request).ops.counts()  # the database answers
+    return respond(request, {"ok": True})
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    return web.Response(text=svc.metrics.render(svc.ops.counts()), content_type="text/plain")
+
+
+async def openapi_json(request: web.Request) -> web.StreamResponse:
+    return web.json_response(openapi.document(routes()))
+
+
+MISC = (
+    Route(
+        "GET",
+        "/healthz",
+        healthz,
+        "Liveness: the process and its database answer",
+        auth="none",
+        response="Health",
+    ),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", auth="none", response="Metrics"),
+    Route("GET", "/v1/openapi.json", openapi_json, "This document", auth="none", response="OpenAPI"),
+)
+
+
+def routes() -> tuple[Route, ...]:
+    return agent.ROUTES + operator.ROUTES + boot.ROUTES + files.ROUTES + MISC
+
+
+def _guard(route: Route) -> Handler:
+    handler = route.handler
+    if route.auth == "none":
+        return handler
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        svc = services(request)
+        token = auth.bearer(request.headers.get("Authorization"))
+        if route.auth == "operator":
+            svc.operator.check(token)
+        else:
+            request[MACHINE_ID] = svc.fleet.authenticate_agent(token)
+        return await handler(request)
+
+    return guarded
+
+
+async def _reaper(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    resumed = svc.fleet.grant_grace()
+    if resumed:
+        log.info("%d running job(s) given a fresh lease after the restart", resumed)
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(svc.config.reap_interval)
+            try:
+                for job in svc.fleet.reap():
+                    log.warning("job %s: %s", job.id, job.status.reason)
+            except Exception:
+                log.exception("lease reaper")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    svc = app[SERVICES]
+    svc.stopping.set()
+    svc.hub.wake_all()
+
+
+def make_app(
+    config: Config,
+    store: Store,
+    *,
+    operator_key: auth.OperatorKey | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    hub = Hub()
+    policy = Policy(
+        lease_seconds=config.lease_seconds,
+        heartbeat_seconds=config.heartbeat_seconds,
+        poll_seconds=config.max_poll_seconds,
+        enrollment_ttl=config.enrollment_ttl,
+        sources=config.sources,
+    )
+    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body)
+    app[SERVICES] = Services(
+        config=config,
+        fleet=Fleet(store, policy, clock, hub.notify),
+        ops=Operations(store, policy.max_attempts, clock, hub.notify),
+        hub=hub,
+        metrics=Metrics(),
+        operator=operator_key or auth.ensure_operator_token(config.data_dir),
+    )
+    for route in routes():
+        app.router.add_route(route.method, route.path, _guard(route), name=route.handler.__name__)
+        if route.path.startswith(("/v1/store/", "/boot/files/")):  # HEAD as a static server answers it
+            app.router.add_route("HEAD", route.path, _guard(route))
+    app.on_response_prepare.append(files.on_prepare)
+    app.cleanup_ctx.append(_reaper)
+    app.on_shutdown.append(_on_shutdown)
+    return app

@@ -1,0 +1,357 @@
+"""The operator's commands: machines, machine show, images, deploy, erase, verify, reboot, jobs,
+cancel, events (logs), watch. They talk to a running controller over its HTTP API.
+
+Tables by default, `--json` for scripts; any error is one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.progress import ProgressBar, human_bytes
+from agent.protocol import DiskHints, ProtocolError
+from controller.auth import AuthError, operator_token_path, read_operator_token
+from controller.config import default_data_dir
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+COMMANDS = (
+    "machines",
+    "machine",
+    "images",
+    "deploy",
+    "erase",
+    "verify",
+    "reboot",
+    "jobs",
+    "cancel",
+    "events",
+    "logs",
+    "watch",
+)
+Json = dict[str, Any]
+
+
+class CliError(Exception):
+    """Anything that ends a command: printed as one line."""
+
+
+@dataclass(frozen=True)
+class Client:
+    url: str
+    token: str
+    timeout: float = 30.0
+
+    def _open(self, method: str, path: str, body: Json | None, timeout: float | None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url.rstrip("/") + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            return urllib.request.urlopen(request, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {exc.code} {exc.reason}"
+            raise CliError(message) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CliError(
+                f"controller {self.url}: {reason} (is `sledge serve` running? --controller URL)"
+            ) from None
+
+    def call(self, method: str, path: str, body: Json | None = None) -> Json:
+        with self._open(method, path, body, None) as response:
+            reply: Json = json.loads(response.read() or b"{}")
+            return reply
+
+    def stream(self, path: str) -> Iterator[Json]:
+        """Server-sent events as dicts, until the server closes the stream."""
+        with self._open("GET", path, None, 3600.0) as response:
+            for raw in response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("data: "):
+                    yield json.loads(line[6:])
+
+
+def _token(args: argparse.Namespace) -> str:
+    if os.environ.get("SLEDGE_TOKEN"):
+        return os.environ["SLEDGE_TOKEN"]
+    path = args.token_file or operator_token_path(args.data or default_data_dir())
+    try:
+        return read_operator_token(path)
+    except FileNotFoundError:
+        raise CliError(
+            f"operator token {path}: not found (start `sledge serve` once, or --token-file)"
+        ) from None
+    except (OSError, AuthError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def add_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--controller", default=os.environ.get("SLEDGE_URL", DEFAULT_URL), help="controller URL"
+    )
+    common.add_argument("--data", type=Path, default=None, help="data directory holding operator.token")
+    common.add_argument("--token-file", type=Path, default=None)
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    disk = argparse.ArgumentParser(add_help=False)
+    disk.add_argument("--disk", type=_hints, default=None, help="root device hints: serial=X,size=>= 100,...")
+    wait = argparse.ArgumentParser(add_help=False)
+    wait.add_argument(
+        "--wait", action="store_true", help="follow the job to its end (exit 1 unless it succeeds)"
+    )
+
+    sub.add_parser("machines", parents=[common], help="list machines")
+    p = sub.add_parser("machine", parents=[common], help="one machine")
+    msub = p.add_subparsers(dest="machine_cmd", required=True)
+    msub.add_parser("show", parents=[common], help="show a machine with its inventory").add_argument(
+        "machine"
+    )
+    p = sub.add_parser("images", parents=[common], help="list registered images")
+    p.add_argument("--register", metavar="NAME[:VERSION]", help="register an image from the chunk store")
+    p = sub.add_parser("deploy", parents=[common, disk, wait], help="write an image to a machine's disk")
+    p.add_argument("machine", help="id, MAC or hostname")
+    p.add_argument("image", help="NAME[:VERSION]")
+    p = sub.add_parser("erase", parents=[common, disk, wait], help="erase a machine's disk")
+    p.add_argument("machine")
+    p.add_argument("--mode", choices=("discard", "zero"), default="discard")
+    p = sub.add_parser("verify", parents=[common, disk, wait], help="check a disk against an image (drift)")
+    p.add_argument("machine")
+    p.add_argument("image")
+    p = sub.add_parser("reboot", parents=[common, wait], help="reboot (or power off) a machine")
+    p.add_argument("machine")
+    p.add_argument("--poweroff", action="store_true")
+    p = sub.add_parser("jobs", parents=[common], help="list jobs, newest first")
+    p.add_argument("--machine", default=None)
+    p.add_argument("--state", default=None, help="queued,running,succeeded,failed,cancelled")
+    p.add_argument("--limit", type=int, default=50)
+    sub.add_parser("cancel", parents=[common], help="cancel a job").add_argument("job")
+    for name in ("events", "logs"):
+        p = sub.add_parser(name, parents=[common], help="a job's events")
+        p.add_argument("job")
+        p.add_argument("--follow", "-f", action="store_true")
+    p = sub.add_parser("watch", parents=[common], help="follow every event as it happens")
+    p.add_argument("--job", default=None)
+
+
+def _hints(text: str) -> DiskHints:
+    try:
+        return DiskHints.parse(text)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        client = Client(args.controller, _token(args))
+        return _COMMANDS[args.cmd](client, args)
+    except CliError as exc:
+        print(f"sledge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def ago(t: float | None) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, time.time() - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+
+
+def emit(args: argparse.Namespace, data: object, text: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+def progress(job: Json) -> str:
+    if job.get("total"):
+        return f"{100 * (job.get('done') or 0) / job['total']:.0f}% of {human_bytes(job['total'])}"
+    return ""
+
+
+def event_line(e: Json) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+    seq = f"#{e['seq']}" if e.get("seq") is not None else "ctl"
+    done = f" [{human_bytes(e['done'])}/{human_bytes(e['total'])}]" if e.get("total") else ""
+    return f"{stamp} {e['job_id']} {seq:>5} {e['kind']:<8} {e['message']}{done}"
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+def machines(c: Client, args: argparse.Namespace) -> int:
+    found = c.call("GET", "/v1/machines")["machines"]
+    rows = [
+        (m["id"], m["state"], m["hostname"], ",".join(m["macs"]), m["desired_image"], ago(m["last_seen"]))
+        for m in found
+    ]
+    return emit(args, found, table(rows, ("ID", "STATE", "HOSTNAME", "MACS", "IMAGE", "SEEN")))
+
+
+def machine(c: Client, args: argparse.Namespace) -> int:
+    m = c.call("GET", f"/v1/machines/{urllib.parse.quote(args.machine, safe='')}")
+    inv = m.get("inventory") or {}
+    system, memory = inv.get("system") or {}, inv.get("memory") or {}
+    lines = [
+        f"machine   {m['id']}  ({m['state']})",
+        f"hostname  {m['hostname']}",
+        f"macs      {', '.join(m['macs'])}",
+        f"uuid      {m['system_uuid']}",
+        f"system    {system.get('vendor') or ''} {system.get('product') or ''}",
+        f"serial    {system.get('serial') or '-'}",
+        f"memory    {human_bytes(memory.get('total') or 0)}",
+        f"image     {m['desired_image'] or '-'}   disk hints {m['disk_hints'] or '-'}",
+        f"seen      {ago(m['last_seen'])}   inventories {len(m['inventory_history'])}",
+    ]
+    disks = [
+        (d["name"], human_bytes(d["size"]), d.get("model"), d.get("serial"), d.get("tran"))
+        for d in inv.get("disks", ())
+    ]
+    if disks:
+        lines += ["", table(disks, ("DISK", "SIZE", "MODEL", "SERIAL", "TRAN"))]
+    jobs_ = [(j["id"], j["kind"], j["state"], j["attempts"], j["reason"]) for j in m["jobs"]]
+    if jobs_:
+        lines += ["", table(jobs_, ("JOB", "KIND", "STATE", "ATTEMPTS", "REASON"))]
+    return emit(args, m, "\n".join(lines))
+
+
+def images(c: Client, args: argparse.Namespace) -> int:
+    if args.register:
+        image = c.call("POST", "/v1/images", {"ref": args.register})
+        return emit(args, image, f"registered {image['name']}:{image['version']} {image['digest']}")
+    found = c.call("GET", "/v1/images")["images"]
+    rows = [
+        (i["name"], i["version"], human_bytes(i["image_size"]), human_bytes(i["data_size"]), i["digest"][:16])
+        for i in found
+    ]
+    return emit(args, found, table(rows, ("NAME", "VERSION", "SIZE", "DATA", "DIGEST")))
+
+
+def _job(c: Client, args: argparse.Namespace, kind: str, image: str = "", **params: object) -> int:
+    body: Json = {"machine": args.machine, "kind": kind, "params": params}
+    if image:
+        body["image"] = image
+    if getattr(args, "disk", None) is not None:
+        params["disk"] = args.disk.to_wire()
+    job = c.call("POST", "/v1/jobs", body)
+    if not args.wait:
+        return emit(args, job, job["id"])
+    print(f"{job['id']}: {kind} on {job['machine_id']}", file=sys.stderr)
+    return wait_for(c, args, job["id"])
+
+
+def wait_for(c: Client, args: argparse.Namespace, job_id: str) -> int:
+    bar: ProgressBar | None = None
+    for e in c.stream(f"/v1/events/stream?job={job_id}"):
+        if e.get("total"):
+            bar = bar or ProgressBar(e["total"], job_id)
+            bar.update(e["done"] or 0)
+        elif not args.json:
+            print(event_line(e), file=sys.stderr)
+        job = c.call("GET", f"/v1/jobs/{job_id}")
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            if bar:
+                bar.close()
+            emit(args, job, f"{job_id}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""))
+            return 0 if job["state"] == "succeeded" else 1
+    raise CliError(f"job {job_id}: the controller closed the event stream before the job ended")
+
+
+def deploy(c: Client, args: argparse.Namespace) -> int:
+    return _job(c, args, "deploy", args.image)
+
+
+def erase(c: Client, args: argparse.Namespace) -> int:
+    return _job(c, args, "erase", erase_mode=args.mode)
+
+
+def verify(c: Client, args: argparse.Namespace) -> int:
+    return _job(c, args, "verify", args.image)
+
+
+def reboot(c: Client, args: argparse.Namespace) -> int:
+    return _job(c, args, "reboot", power="poweroff" if args.poweroff else "reboot")
+
+
+def jobs(c: Client, args: argparse.Namespace) -> int:
+    query = {
+        k: v for k, v in (("machine", args.machine), ("state", args.state), ("limit", str(args.limit))) if v
+    }
+    found = c.call("GET", "/v1/jobs?" + urllib.parse.urlencode(query))["jobs"]
+    rows = [
+        (
+            j["id"],
+            j["machine_id"],
+            j["kind"],
+            j["state"],
+            j["attempts"],
+            progress(j),
+            ago(j["updated_at"]),
+            j["reason"],
+        )
+        for j in found
+    ]
+    return emit(
+        args,
+        found,
+        table(rows, ("JOB", "MACHINE", "KIND", "STATE", "TRIES", "PROGRESS", "UPDATED", "REASON")),
+    )
+
+
+def cancel(c: Client, args: argparse.Namespace) -> int:
+    job = c.call("POST", f"/v1/jobs/{urllib.parse.quote(args.job, safe='')}/cancel")
+    return emit(args, job, f"{job['id']}: {job['state']}")
+
+
+def events(c: Client, args: argparse.Namespace) -> int:
+    job_id = urllib.parse.quote(args.job, safe="")
+    job = c.call("GET", f"/v1/jobs/{job_id}")
+    if args.follow:
+        return wait_for(c, args, job["id"])
+    return emit(args, job["events"], "\n".join(event_line(e) for e in job["events"]))
+
+
+def watch(c: Client, args: argparse.Namespace) -> int:
+    path = "/v1/events/stream" + (f"?job={urllib.parse.quote(args.job)}" if args.job else "")
+    for e in c.stream(path):
+        print(json.dumps(e) if args.json else event_line(e), flush=True)
+    return 0
+
+
+_COMMANDS = {
+    "machines": machines,
+    "machine": machine,
+    "images": images,
+    "deploy": deploy,
+    "erase": erase,
+    "verify": verify,
+    "reboot": reboot,
+    "jobs": jobs,
+    "cancel": cancel,
+    "events": events,
+    "logs": events,
+    "watch": watch,
+}

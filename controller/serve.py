@@ -1,0 +1,99 @@
+"""`sledge serve`: open the state database and run the controller until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from controller.api.context import Config
+from controller.app import make_app
+from controller.auth import ensure_operator_token, operator_token_path
+from controller.config import default_data_dir
+from controller.state.sqlite import SqliteStore
+
+DEFAULT_PORT = 8470
+
+
+def listen_arg(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"listen address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:{DEFAULT_PORT}"
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the controller")
+    p.add_argument("--listen", type=listen_arg, default=("127.0.0.1", DEFAULT_PORT), help="HOST:PORT")
+    p.add_argument("--data", type=Path, default=None, help="data directory (default: $SLEDGE_DATA, ...)")
+    p.add_argument(
+        "--url", default="", help="the URL agents use to reach this controller (default: from --listen)"
+    )
+    p.add_argument("--mirror", action="append", default=[], help="another chunk store base URL for agents")
+    p.add_argument(
+        "--kernel-args",
+        default=Config.kernel_args,
+        help="more agent kernel arguments, e.g. sledge.ca=... to pin the CA (default: %(default)s)",
+    )
+    p.add_argument("--tls-cert", type=Path, default=None)
+    p.add_argument("--tls-key", type=Path, default=None)
+    p.add_argument("--lease", type=float, default=60.0, help="seconds a job survives without a heartbeat")
+    p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    host, port = args.listen
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("TLS: expected both --tls-cert and --tls-key, or neither")
+    return Config(
+        data_dir=args.data or default_data_dir(),
+        host=host,
+        port=port,
+        public_url=args.url,
+        mirrors=tuple(args.mirror),
+        lease_seconds=args.lease,
+        reap_interval=args.reap_interval,
+        kernel_args=args.kernel_args,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if config.host in ("0.0.0.0", "::") and not config.public_url:
+        print(
+            f"sledge: warning: agents will be told {config.url}; pass --url http://ADDRESS:PORT", flush=True
+        )
+    key = ensure_operator_token(config.data_dir)
+    (config.store_dir).mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(config.db_path)
+    ssl_context = None
+    if config.tls_cert and config.tls_key:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+    print(
+        f"sledge: serving {config.url} (data {config.data_dir},"
+        f" operator token {operator_token_path(config.data_dir)})",
+        flush=True,
+    )
+    try:
+        web.run_app(
+            make_app(config, store, operator_key=key),
+            host=config.host,
+            port=config.port,
+            ssl_context=ssl_context,
+            print=None,
+            access_log=None,
+            shutdown_timeout=5.0,
+        )
+    finally:
+        store.close()
+    return 0

@@ -1,0 +1,1 @@
+"""The controller's state: model, store interface, SQLite and in-memory stores, transactions."""

@@ -1,0 +1,344 @@
+"""Section B (issue 4): write images to a loop device from nginx on 127.0.0.1, against the peers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib.images import make_image, make_v2
+from benchlib.proc import Timed, log, run, timed, timed_pipeline
+from benchlib.report import Row, Target, heading, median
+from benchlib.services import LoopDevice, Nginx
+from benchlib.sledge import (
+    changed_stored_bytes,
+    chunk_files,
+    chunk_table,
+    import_image,
+    write_argv,
+    write_report,
+)
+from benchlib.system import MB, MiB, discard, drop_caches, files_under, human, same_prefix, warm
+
+CHUNK = 4 * MiB  # sledge's default chunk size
+V2_FRACTION = 0.05
+
+
+@dataclass
+class Image:
+    """One test image, its sledge manifest, bmap and casync index, and where nginx serves them."""
+
+    key: str  # file stem and URL path
+    title: str
+    path: Path
+    digest: str = ""
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bmap(self) -> Path:
+        return self.path.with_suffix(".bmap")
+
+    @property
+    def caibx(self) -> Path:
+        return self.path.with_suffix(".caibx")
+
+
+@dataclass(eq=False)
+class ImageRows:
+    sledge: Row
+    curl_dd: Row
+    bmaptool: Row
+    casync: Row
+    casync_seed: Row
+    sledge_same: Row
+
+
+class WriteBench:
+    def __init__(self, work: Path, size: int, reps: int, warm_server: bool) -> None:
+        self.work = work
+        self.www = work / "www"  # nginx's root: img/, store/, castore/<key>/
+        self.store = self.www / "store"
+        self.size = size
+        self.reps = reps
+        self.warm_server = warm_server
+        self.rep = 0
+        img = self.www / "img"
+        self.random = Image("random", "fully random", img / "random.img")
+        self.sparse = Image("halfsparse", "half-sparse", img / "halfsparse.img")
+        self.v2 = Image("halfsparse-v2", "half-sparse v2", img / "halfsparse-v2.img")
+        self.changed_bytes = 0
+        self.v2_chunks = 0
+        self.rss: list[int] = []
+        self.line = Row("line rate = min(curl, fio), per repetition")
+        self.curl = Row("  curl of the raw image -> /dev/null (nginx, 127.0.0.1)", ref=self.line)
+        self.fio = Row("  fio 4 MiB O_DIRECT writes, iodepth 8 (loop device)", ref=self.line)
+        self.rows = {img.key: self._image_rows(img) for img in (self.random, self.sparse)}
+        self.v2_row = Row("half-sparse: sledge v1 -> v2 (in place on)", ref=self.line)
+        self.reports: dict[str, list[dict[str, Any]]] = {}  # row label -> sledge reports
+        self.web: Nginx | None = None
+        self.device = ""
+
+    def _image_rows(self, img: Image) -> ImageRows:
+        def row(text: str) -> Row:
+            return Row(f"{img.title}: {text}", ref=self.line)
+
+        return ImageRows(
+            sledge=row("sledge fresh (`--no-inplace`)"),
+            curl_dd=row("`curl | dd oflag=direct`"),
+            bmaptool=row("`bmaptool copy` with its bmap"),
+            casync=row("`casync extract` fresh (`--seed-output=no`)"),
+            casync_seed=row("`casync extract --seed=DEV`, disk holds the image"),
+            sledge_same=row("sledge, same image onto the disk holding it"),
+        )
+
+    # ---- preparation -------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.random.path.parent.mkdir(parents=True)
+        log(f"B: building images ({human(self.size)} random, half-sparse, v2 with {V2_FRACTION:.0%} changed)")
+        make_image(self.random.path, self.size, "write-random", sparse=False)
+        make_image(self.sparse.path, self.size, "write-halfsparse", sparse=True)
+        changed = make_v2(self.sparse.path, self.v2.path, CHUNK, V2_FRACTION, "write-halfsparse")
+        self.v2_chunks = len(changed)
+        for img, version in ((self.random, "1"), (self.sparse, "1"), (self.v2, "2")):
+            name = "bench-random" if img is self.random else "bench-halfsparse"
+            log(f"B: sledge image import {img.path.name}")
+            img.digest = import_image(img.path, name, version, self.store).digest
+            img.table = chunk_table(self.store, f"{name}:{version}")
+        self.changed_bytes = changed_stored_bytes(self.sparse.table, self.v2.table)
+        for img in (self.random, self.sparse):
+            log(f"B: bmaptool create, casync make {img.path.name}")
+            run(["bmaptool", "create", "-o", str(img.bmap), str(img.path)])
+            run(["casync", "make", f"--store={self.castore(img)}", str(img.caibx), str(img.path)])
+
+    def castore(self, img: Image) -> Path:
+        return self.www / "castore" / img.key
+
+    # ---- URLs and what a contender reads from the server ------------------------------------
+
+    def url(self, path: Path) -> str:
+        assert self.web is not None
+        return f"{self.web.base}/{path.relative_to(self.www)}"
+
+    def manifest_url(self, img: Image) -> str:
+        return self.url(self.store / "manifests" / img.digest)
+
+    def warm_for(self, *paths: Path) -> None:
+        if self.warm_server:
+            warm(paths)
+
+    # ---- measurements ------------------------------------------------------------------------
+
+    def run_all(self, web: Nginx, device: str) -> None:
+        self.web, self.device = web, device
+        for rep in range(1, self.reps + 1):
+            self.rep = rep
+            log(f"B: repetition {self.rep}/{self.reps}")
+            self.line_rate()
+            for img in (self.random, self.sparse):
+                self.fresh_writes(img)
+                self.writes_onto_image(img)
+            self.v1_to_v2()
+
+    def line_rate(self) -> None:
+        discard(self.device)
+        drop_caches()
+        argv = ["fio", "--name=w", f"--filename={self.device}", "--rw=write", "--bs=4M", "--direct=1"]
+        argv += ["--ioengine=libaio", "--iodepth=8", f"--size={self.size}", "--output-format=json"]
+        fio = timed(argv)
+        fio_rate = self._rate(self.fio, fio)
+        if fio_rate:
+            bw = json.loads(fio.stdout[fio.stdout.index("{") :])["jobs"][0]["write"]["bw_bytes"]
+            self.fio.notes[:] = [f"fio's own figure, last run: {bw / MB:.0f} MB/s"]
+        drop_caches()
+        self.warm_for(self.random.path)
+        curl = timed(["curl", "-sS", "--fail", "-o", "/dev/null", self.url(self.random.path)])
+        curl_rate = self._rate(self.curl, curl)
+        if fio_rate and curl_rate:
+            self.line.rates.append(min(fio_rate, curl_rate))
+            self.line.notes[:] = ["bounded by " + ", ".join(self._line_bounds())]
+
+    def _line_bounds(self) -> list[str]:
+        bounds = ["fio" if f < c else "curl" for f, c in zip(self.fio.rates, self.curl.rates, strict=True)]
+        return [f"{b} x{bounds.count(b)}" for b in sorted(set(bounds))]
+
+    def fresh_writes(self, img: Image) -> None:
+        rows = self.rows[img.key]
+        raw = self.url(img.path)
+        self.sledge_write(rows.sledge, img, inplace=False, fresh=True)
+        dd = ["dd", f"of={self.device}", "bs=4M", "oflag=direct", "iflag=fullblock", "status=none"]
+        self.contender(rows.curl_dd, img, [["curl", "-sS", "--fail", raw], dd], [img.path])
+        bmap = ["bmaptool", "-q", "copy", "--bmap", str(img.bmap), raw, self.device]
+        self.contender(rows.bmaptool, img, [bmap], [img.path])
+        casync = ["casync", "extract", f"--store={self.url(self.castore(img))}/", "--seed-output=no"]
+        self.contender(rows.casync, img, [[*casync, str(img.caibx), self.device]], self.casync_files(img))
+
+    def writes_onto_image(self, img: Image) -> None:
+        """The disk holds `img` now (the last fresh write was verified)."""
+        rows = self.rows[img.key]
+        casync = ["casync", "extract", f"--store={self.url(self.castore(img))}/", f"--seed={self.device}"]
+        self.contender(
+            rows.casync_seed,
+            img,
+            [[*casync, str(img.caibx), self.device]],
+            self.casync_files(img),
+            fresh=False,
+        )
+        self.sledge_write(rows.sledge_same, img, inplace=True, fresh=False)
+
+    def v1_to_v2(self) -> None:
+        """The disk holds half-sparse v1 (the same-image write was verified); write v2 over it."""
+        self.sledge_write(self.v2_row, self.v2, inplace=True, fresh=False)
+
+    def casync_files(self, img: Image) -> list[Path]:
+        return [img.caibx, *files_under(self.castore(img))]
+
+    # ---- one timed write ---------------------------------------------------------------------
+
+    def contender(
+        self,
+        row: Row,
+        img: Image,
+        stages: Sequence[Sequence[str]],
+        served: Sequence[Path],
+        *,
+        fresh: bool = True,
+    ) -> Timed | None:
+        """Discard the device (a fresh disk) unless told not to, drop the caches, warm what the server
+        will send, time the command, and verify the device with cmp before counting the run."""
+        if fresh:
+            discard(self.device)
+        drop_caches()
+        self.warm_for(*served)
+        t = timed_pipeline(stages)
+        if self._rate(row, t, verify=img) is None:
+            return None
+        return t
+
+    def sledge_write(self, row: Row, img: Image, *, inplace: bool, fresh: bool) -> None:
+        argv = write_argv(self.manifest_url(img), self.url(self.store), self.device, inplace=inplace)
+        served = [self.store / "manifests" / img.digest, *chunk_files(self.store, img.table)]
+        t = self.contender(row, img, [argv], served, fresh=fresh)
+        if t is None:
+            return
+        self.rss.append(t.maxrss)
+        try:
+            report = write_report(t)
+        except ValueError as exc:
+            row.failures.append(f"rep {self.rep}: report: {exc}")
+            return
+        self.reports.setdefault(row.label, []).append(report)
+
+    def _rate(self, row: Row, t: Timed, *, verify: Image | None = None) -> float | None:
+        """Record image bytes per wall-clock second, or a failure (command error, cmp mismatch)."""
+        if not t.ok:
+            row.failures.append(f"rep {self.rep}: {t.error()}")
+            return None
+        if verify is not None:
+            ok, why = same_prefix(verify.path, self.device, self.size)
+            if not ok:
+                row.failures.append(f"rep {self.rep}: cmp: {why or 'differs'}")
+                return None
+        rate = self.size / t.seconds / MB
+        row.rates.append(rate)
+        return rate
+
+    # ---- results -----------------------------------------------------------------------------
+
+    def table_rows(self) -> list[Row]:
+        self._annotate_sledge_rows()
+        rss = Row("sledge peak RSS (all sledge writes)")
+        if self.rss:
+            rss.notes = [f"median {statistics.median(self.rss) / MB:.0f} MB, max {max(self.rss) / MB:.0f} MB"]
+        out = [heading(f"B. write: {human(self.size)} images to a loop device (ratio: to line rate)")]
+        out += [self.line, self.curl, self.fio]
+        for rows in self.rows.values():
+            out += [rows.sledge, rows.curl_dd, rows.bmaptool, rows.casync, rows.casync_seed, rows.sledge_same]
+        return [*out, self.v2_row, rss]
+
+    def _annotate_sledge_rows(self) -> None:
+        for rows in self.rows.values():
+            for row in (rows.sledge, rows.sledge_same):
+                row.notes = self._sledge_notes(row)
+        self.v2_row.notes = self._sledge_notes(self.v2_row)
+        downloaded = self._downloaded(self.v2_row)
+        if downloaded is not None and self.changed_bytes:
+            self.v2_row.notes.insert(
+                0,
+                f"downloaded {human(downloaded)} vs changed chunks' stored bytes {human(self.changed_bytes)} "
+                f"({self.v2_chunks} chunks): {downloaded / self.changed_bytes:.2f}x",
+            )
+
+    def _sledge_notes(self, row: Row) -> list[str]:
+        reports = self.reports.get(row.label, [])
+        if not reports:
+            return []
+        mid = sorted(reports, key=lambda r: r["seconds"])[len(reports) // 2]
+        busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(mid["busy"].items(), key=lambda kv: -kv[1]))
+        counts = (
+            f"{mid['chunks_fetched']} fetched, {mid['chunks_inplace']} in place, {mid['chunks_zero']} zero"
+        )
+        return [
+            f"downloaded {human(median([r['fetched_bytes'] for r in reports]))} (median)",
+            f"own timer {self.size / mid['seconds'] / MB:.0f} MB/s",
+            counts,
+            f"busy thread-s: {busy}",
+        ]
+
+    def _downloaded(self, row: Row) -> float | None:
+        reports = self.reports.get(row.label, [])
+        return median([r["fetched_bytes"] for r in reports]) if reports else None
+
+    def targets(self) -> list[Target]:
+        line = self.line.rate
+        rnd, hs = self.rows["random"], self.rows["halfsparse"]
+
+        def ratio(row: Row, ref: float) -> float:
+            return row.rate / ref if row.rates and not row.failed else float("nan")
+
+        out = [
+            _at_least("random: sledge fresh vs line rate", ratio(rnd.sledge, line), 0.85),
+            _at_least("random: sledge fresh vs `curl | dd`", ratio(rnd.sledge, rnd.curl_dd.rate), 3.0),
+            _at_least("random: sledge fresh vs `bmaptool copy`", ratio(rnd.sledge, rnd.bmaptool.rate), 3.0),
+            _at_least("half-sparse: sledge fresh vs line rate (image bytes/s)", ratio(hs.sledge, line), 1.6),
+        ]
+        for rows in (rnd, hs):
+            got = ratio(rows.sledge_same, line)
+            fetched = self._downloaded(rows.sledge_same)
+            ok = got >= 2.0 and fetched == 0
+            what = rows.sledge_same.label.replace("sledge, ", "")
+            measured = f"{got:.2f}x, downloaded {human(fetched) if fetched is not None else '?'}"
+            out.append(Target(what, ">= 2x line rate, 0 B downloaded", measured, ok))
+        downloaded = self._downloaded(self.v2_row)
+        v2 = (
+            downloaded / self.changed_bytes if downloaded is not None and self.changed_bytes else float("nan")
+        )
+        out.append(
+            Target("v1 -> v2: downloaded / changed chunks' stored bytes", "<= 1.1x", f"{v2:.2f}x", v2 <= 1.1)
+        )
+        peak = statistics.median(self.rss) / MB if self.rss else float("nan")
+        out.append(
+            Target(
+                "sledge peak RSS (4 MiB chunks)",
+                "<= 150 MB",
+                f"{peak:.0f} MB (max {max(self.rss, default=0) / MB:.0f})",
+                peak <= 150,
+            )
+        )
+        return out
+
+
+def _at_least(label: str, got: float, need: float) -> Target:
+    return Target(label, f">= {need:g}x", f"{got:.2f}x", got >= need)
+
+
+def run_write_bench(work: Path, size: int, reps: int, warm_server: bool) -> tuple[list[Row], list[Target]]:
+    bench = WriteBench(work, size, reps, warm_server)
+    bench.prepare()
+    loop_size = -(-(size + size // 4) // MiB) * MiB
+    with Nginx(bench.www, work / "nginx") as web, LoopDevice(work / "loop.bin", loop_size) as loop:
+        bench.run_all(web, loop.device)
+    return bench.table_rows(), bench.targets()
