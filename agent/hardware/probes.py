@@ -65,7 +65,7 @@ def pyudev_lookup() -> UdevLookup:
 
 
 def psutil_addresses() -> Mapping[str, Sequence[Address]]:
-    import psutil  # type: ignore[import-untyped]  # no stubs in the dev set
+    import psutil  # no stubs in the dev set
 
     result: dict[str, list[Address]] = {}
     for name, addrs in psutil.net_if_addrs().items():
