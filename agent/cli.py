@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 # module path, one per command group (each registers its own subcommands)
-COMMAND_MODULES: tuple[str, ...] = ("agent.writer.cli", "agent.hardware.cli")
+COMMAND_MODULES: tuple[str, ...] = ("agent.writer.cli", "agent.runtime.cli", "agent.hardware.cli")
 
 
 def _modules() -> list[ModuleType]:

@@ -32,6 +32,7 @@ class AgentConfig:
     max_buffered_events: int = 10000
     workers: int = 4
     shell: bool = False
+    power: bool = False  # really reboot / power off (set in the live image)
 
     def validate(self) -> AgentConfig:
         if self.controller:

@@ -2,7 +2,8 @@
 
 WriteError
 ├── TargetError          the target cannot be written (busy, mounted, too small, read-only)
-├── ManifestUnavailable  the manifest could not be had, or is not the one asked for
+├── ManifestUnavailable  the manifest could not be had
+│   └── BadManifest      ... or is not the one asked for, or is invalid
 ├── ChunkUnavailable     every source failed a chunk (names the chunk and each source's error)
 ├── VerifyFailed         read-back found chunks that differ
 └── Cancelled            stopped at a chunk boundary on request
@@ -26,6 +27,10 @@ class TargetError(WriteError):
 
 class ManifestUnavailable(WriteError):
     pass
+
+
+class BadManifest(ManifestUnavailable):
+    """The manifest's bytes are wrong (not the digest asked for, or invalid): retrying will not help."""
 
 
 class Cancelled(WriteError):

@@ -27,6 +27,7 @@ class RetryPolicy:
     retries: int = 3  # rounds over all sources
     backoff: float = 0.2  # seconds before the second round; x4 each round after
     max_bad: int = 3  # bad-byte answers before a source is dropped
+    max_backoff: float = 10.0  # the longest wait between rounds
 
 
 class SourceSet:
@@ -66,7 +67,7 @@ class SourceSet:
         errors: dict[str, str] = {}
         for round_ in range(self.policy.retries):
             if round_:
-                delay = self.policy.backoff * 4 ** (round_ - 1)
+                delay = min(self.policy.max_backoff, self.policy.backoff * 4 ** (round_ - 1))
                 if self.cancel.wait(random.uniform(delay / 2, delay)):
                     raise Cancelled(f"cancelled while retrying {chunk.describe()}")
             sources = self.usable()

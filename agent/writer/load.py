@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.image import layout
 from agent.image.manifest import Limits, Manifest, ManifestError, decode, manifest_digest
-from agent.writer.errors import FetchError, ManifestUnavailable
+from agent.writer.errors import BadManifest, FetchError, ManifestUnavailable
 from agent.writer.sources import ChunkSource, HttpSource, Timeouts
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -66,21 +66,26 @@ def _get(source: HttpSource, relative: str, limits: Limits) -> bytes:
 
 def _from_sources(digest: str, sources: Sequence[ChunkSource], limits: Limits) -> LoadedManifest:
     errors = []
+    bad = False
     for source in sources:
         try:
             data = source.get(layout.manifest_path(digest), limits.max_manifest_bytes)
             return _decode(f"{source.name}/{layout.manifest_path(digest)}", data, digest, limits, None)
-        except (FetchError, ManifestUnavailable) as exc:
+        except FetchError as exc:
             errors.append(f"{source.name}: {exc}")
-    raise ManifestUnavailable(f"manifest {digest}: no source has it ({'; '.join(errors) or 'no sources'})")
+        except BadManifest as exc:  # that source serves wrong bytes; another may not
+            errors.append(str(exc))
+            bad = True
+    error = BadManifest if bad else ManifestUnavailable
+    raise error(f"manifest {digest}: no source has it ({'; '.join(errors) or 'no sources'})")
 
 
 def _decode(where: str, data: bytes, pin: str | None, limits: Limits, store: str | None) -> LoadedManifest:
     digest = manifest_digest(data)
     if pin is not None and digest != pin:
-        raise ManifestUnavailable(f"manifest {where}: expected blake3 {pin}, got {digest}; refusing it")
+        raise BadManifest(f"manifest {where}: expected blake3 {pin}, got {digest}; refusing it")
     try:
         manifest = decode(data, limits)
     except ManifestError as exc:
-        raise ManifestUnavailable(f"manifest {where}: {exc}") from None
+        raise BadManifest(f"manifest {where}: {exc}") from None
     return LoadedManifest(manifest, digest, pin is not None, store)

@@ -13,7 +13,7 @@ from agent.cli import main as agent_main
 from agent.image import layout
 from agent.image.manifest import ChunkKind, Manifest
 from agent.writer.device import open_target
-from agent.writer.errors import Cancelled, ChunkUnavailable, ManifestUnavailable
+from agent.writer.errors import BadManifest, Cancelled, ChunkUnavailable, ManifestUnavailable
 from agent.writer.events import Event, Progress, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
@@ -211,8 +211,15 @@ def test_manifest_is_checked_against_its_digest_before_use(tmp_path: Path, image
     with serve(root) as server:
         with pytest.raises(ManifestUnavailable, match=f"expected blake3 {other}"):
             load_manifest(f"{server.url}/manifests/{other}", [], TIMEOUTS)
-        with pytest.raises(ManifestUnavailable, match="no source has it"):
+        with pytest.raises(BadManifest, match=f"no source has it.*expected blake3 {other}"):
             load_manifest(other, [HttpSource(server.url, TIMEOUTS)], TIMEOUTS)
+        with pytest.raises(ManifestUnavailable, match=r"no source has it.*HTTP 404"):
+            load_manifest("1" * 64, [HttpSource(server.url, TIMEOUTS)], TIMEOUTS)
+        # a bad source is passed over for a good one
+        good = load_manifest(
+            digest, [HttpSource(server.url + "/nothing", TIMEOUTS), HttpSource(server.url, TIMEOUTS)]
+        )
+        assert good.digest == digest
         loaded = load_manifest(f"{server.url}/manifests/{digest}", [], TIMEOUTS)
         assert loaded.pinned and loaded.digest == digest and loaded.default_source == server.url
         (root / "manifests" / "garbage").write_bytes(b"\x85garbage")

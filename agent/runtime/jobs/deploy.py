@@ -1,0 +1,127 @@
+"""deploy: write the job's image to the chosen disk; verify: compare the disk to an image (drift)."""
+
+from __future__ import annotations
+
+import time
+
+from agent import protocol as p
+from agent.hardware.hints import HintError, SelectionError
+from agent.image.chunk import ChunkInvalid
+from agent.progress import human_bytes
+from agent.runtime.backoff import Backoff
+from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
+from agent.writer.device import open_target
+from agent.writer.errors import BadManifest, FetchError, ManifestUnavailable, VerifyFailed, WriteError
+from agent.writer.events import Event, Progress, SourceFailed
+from agent.writer.fetch import RetryPolicy
+from agent.writer.load import LoadedManifest, load_manifest
+from agent.writer.pipeline import WriteOptions, Writer
+from agent.writer.sources import ChunkSource, HttpSource
+
+# An agent outlives short controller outages: about a minute of retries per chunk.
+PATIENT = RetryPolicy(retries=10, backoff=0.5, max_backoff=10.0)
+
+
+def _sources(ctx: JobContext) -> list[ChunkSource]:
+    return [HttpSource(url) for url in ctx.sources()]
+
+
+def _manifest(ctx: JobContext, sources: list[ChunkSource]) -> LoadedManifest:
+    """The job's manifest, pinned by its digest; retried while no source answers."""
+    backoff = Backoff(base=0.5, cap=10.0)
+    for attempt in range(PATIENT.retries):
+        try:
+            return load_manifest(ctx.assignment.params.manifest_digest, sources)
+        except BadManifest:
+            raise  # wrong bytes: retrying will not fix them
+        except ManifestUnavailable as exc:
+            if attempt == PATIENT.retries - 1:
+                raise
+            delay = backoff.next_delay()
+            ctx.warn(f"{exc}; retrying in {delay:.1f} s")
+            if ctx.cancel.wait(delay):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _listener(ctx: JobContext, interval: float = 1.0):  # type: ignore[no-untyped-def]
+    last = [0.0]
+
+    def listen(event: Event) -> None:
+        if isinstance(event, Progress):
+            now = time.monotonic()
+            if now - last[0] >= interval or event.done_bytes >= event.image_size:
+                last[0] = now
+                ctx.progress(
+                    f"{human_bytes(event.done_bytes)} of {human_bytes(event.image_size)}, "
+                    f"{human_bytes(event.rate)}/s, {human_bytes(event.fetched_bytes)} downloaded",
+                    event.done_bytes,
+                    event.image_size,
+                )
+        elif isinstance(event, SourceFailed):
+            ctx.warn(f"chunk {event.chunk_index} from {event.source}: {event.error}")
+
+    return listen
+
+
+def deploy(ctx: JobContext) -> Outcome:
+    params = ctx.assignment.params
+    image = (
+        f"{params.image_name}:{params.image_version}" if params.image_name else params.manifest_digest[:16]
+    )
+    try:
+        disk = choose_disk(ctx)
+    except (HintError, SelectionError) as exc:
+        return failed(f"disk selection: {exc}")
+    sources = _sources(ctx)
+    try:
+        ctx.stage(f"manifest {params.manifest_digest} from {', '.join(s.name for s in sources)}")
+        loaded = _manifest(ctx, sources)
+        manifest = loaded.manifest
+        ctx.stage(f"writing {image} ({human_bytes(manifest.image_size)}) to {disk.path}")
+        target = open_target(disk.path, manifest.image_size)
+        try:
+            options = WriteOptions(workers=ctx.config.workers, retry=PATIENT)
+            writer = Writer(manifest, loaded.digest, sources, target, options, _listener(ctx), ctx.cancel)
+            report = writer.run()
+        finally:
+            target.close()
+    except (WriteError, FetchError, ChunkInvalid, OSError) as exc:
+        return failed(f"deploy of {image} to {disk.path}: {exc}", disk.path)
+    finally:
+        for s in sources:
+            s.close()
+    message = (
+        f"{image} on {disk.path}: {report.chunks_fetched} chunks fetched "
+        f"({human_bytes(report.fetched_bytes)}), "
+        f"{report.chunks_inplace} already in place, {report.chunks_zero} zeroed in {report.seconds:.1f} s"
+    )
+    ctx.stage(message)
+    result = p.JobResult(p.Outcome.SUCCEEDED, message, disk.path, report.written_bytes, report.fetched_bytes)
+    return Outcome(result, then=params.power)
+
+
+def verify(ctx: JobContext) -> Outcome:
+    try:
+        disk = choose_disk(ctx)
+    except (HintError, SelectionError) as exc:
+        return failed(f"disk selection: {exc}")
+    sources = _sources(ctx)
+    try:
+        loaded = _manifest(ctx, sources)
+        ctx.stage(f"comparing {disk.path} with manifest {loaded.digest[:16]}")
+        target = open_target(disk.path, loaded.manifest.image_size)
+        try:
+            Writer(loaded.manifest, loaded.digest, sources, target, cancel=ctx.cancel).verify()
+        finally:
+            target.close()
+    except VerifyFailed as exc:
+        return failed(f"{disk.path} does not match the image: {exc}", disk.path)
+    except (WriteError, FetchError, OSError) as exc:
+        return failed(f"verify of {disk.path}: {exc}", disk.path)
+    finally:
+        for s in sources:
+            s.close()
+    return Outcome(
+        p.JobResult(p.Outcome.SUCCEEDED, f"{disk.path} matches manifest {loaded.digest}", disk.path)
+    )
