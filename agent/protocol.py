@@ -291,13 +291,40 @@ class JobKind(enum.StrEnum):
 
 
 class EraseMode(enum.StrEnum):
-    DISCARD = "discard"
-    ZERO = "zero"
+    METADATA = "metadata"  # filesystem/RAID signatures and both GPT copies
+    FULL = "full"  # every byte: discard where it guarantees zeroes, else BLKZEROOUT
 
 
 class PowerAction(enum.StrEnum):
     REBOOT = "reboot"
     POWEROFF = "poweroff"
+
+
+MAX_SEED_TEXT = 64 << 10
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """A NoCloud seed for the deployed system; empty means none is written."""
+
+    user_data: str = ""
+    meta_data: str = ""
+    network_config: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.user_data or self.meta_data or self.network_config)
+
+    def to_wire(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_wire(cls, obj: object, where: str = "cloud_init") -> CloudInit:
+        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
+        return cls(
+            f.text("user_data", "", max_len=MAX_SEED_TEXT),
+            f.text("meta_data", "", max_len=MAX_SEED_TEXT),
+            f.text("network_config", "", max_len=MAX_SEED_TEXT),
+        )
 
 
 @dataclass(frozen=True)
@@ -308,12 +335,14 @@ class JobParams:
     image_version: str = ""
     manifest_digest: str = ""
     disk: DiskHints = field(default_factory=DiskHints)
-    erase_mode: EraseMode = EraseMode.DISCARD
+    erase_mode: EraseMode = EraseMode.METADATA
     power: PowerAction = PowerAction.REBOOT
+    cloud_init: CloudInit = field(default_factory=CloudInit)
 
     def to_wire(self) -> dict[str, Any]:
         wire = dict(self.__dict__)
         wire["disk"] = self.disk.to_wire()
+        wire["cloud_init"] = self.cloud_init.to_wire()
         wire["erase_mode"] = self.erase_mode.value
         wire["power"] = self.power.value
         return wire
@@ -329,8 +358,9 @@ class JobParams:
             image_version=f.text("image_version", "", max_len=128),
             manifest_digest=digest,
             disk=DiskHints.from_wire(f.obj.get("disk", {}), f.path("disk")),
-            erase_mode=f.choice("erase_mode", EraseMode, EraseMode.DISCARD),
+            erase_mode=f.choice("erase_mode", EraseMode, EraseMode.METADATA),
             power=f.choice("power", PowerAction, PowerAction.REBOOT),
+            cloud_init=CloudInit.from_wire(f.obj.get("cloud_init", {}), f.path("cloud_init")),
         )
 
     def validate_for(self, kind: JobKind) -> None:

@@ -125,9 +125,16 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("deploy", parents=[common, disk, wait], help="write an image to a machine's disk")
     p.add_argument("machine", help="id, MAC or hostname")
     p.add_argument("image", help="NAME[:VERSION]")
+    for name in ("user-data", "meta-data", "network-config"):
+        p.add_argument(f"--{name}", type=Path, help=f"cloud-init {name} file for a NoCloud seed on the disk")
     p = sub.add_parser("erase", parents=[common, disk, wait], help="erase a machine's disk")
     p.add_argument("machine")
-    p.add_argument("--mode", choices=("discard", "zero"), default="discard")
+    p.add_argument(
+        "--mode",
+        choices=("metadata", "full"),
+        default="metadata",
+        help="metadata: signatures and both GPT copies; full: every byte (BLKZEROOUT)",
+    )
     p = sub.add_parser("verify", parents=[common, disk, wait], help="check a disk against an image (drift)")
     p.add_argument("machine")
     p.add_argument("image")
@@ -281,6 +288,17 @@ def wait_for(c: Client, args: argparse.Namespace, job_id: str) -> int:
 
 
 def deploy(c: Client, args: argparse.Namespace) -> int:
+    seed = {
+        key: path.read_text()
+        for key, path in (
+            ("user_data", args.user_data),
+            ("meta_data", args.meta_data),
+            ("network_config", args.network_config),
+        )
+        if path is not None
+    }
+    if seed:
+        return _job(c, args, "deploy", args.image, cloud_init=seed)
     return _job(c, args, "deploy", args.image)
 
 

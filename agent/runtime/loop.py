@@ -23,7 +23,8 @@ from agent.runtime.config import AgentConfig
 from agent.runtime.eventlog import EventLog
 from agent.runtime.jobs import JobContext, Machine, Outcome, failed
 from agent.runtime.jobs.deploy import deploy, verify
-from agent.runtime.jobs.simple import erase, inventory, reboot
+from agent.runtime.jobs.erase import erase
+from agent.runtime.jobs.simple import inventory, reboot
 from agent.runtime.transport import Conflict, Rejected, Transport, TransportError, Unauthorized
 
 JOBS: dict[p.JobKind, Callable[[JobContext], Outcome]] = {

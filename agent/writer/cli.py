@@ -11,8 +11,8 @@ from typing import Any
 
 from agent.image.chunk import ChunkInvalid
 from agent.progress import ProgressBar, human_bytes
-from agent.writer.device import open_target
-from agent.writer.errors import FetchError, WriteError
+from agent.writer.device import open_for_read, open_target
+from agent.writer.errors import FetchError, VerifyFailed, WriteError
 from agent.writer.events import Event, Progress, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
@@ -41,6 +41,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.set_defaults(run=run)
 
+    v = sub.add_parser("verify", help="check that a device or file holds an image (drift); writes nothing")
+    v.add_argument("--manifest", required=True, help="manifest URL, path, or digest (fetched from --source)")
+    v.add_argument("--source", action="append", default=[], help="chunk store (only to fetch a manifest)")
+    v.add_argument("--device", required=True)
+    v.add_argument("--skip-zero", action="store_true", help="do not check ranges the image has as zeros")
+    v.add_argument("--workers", type=int, default=WriteOptions().workers)
+    v.set_defaults(run=run_verify)
+
 
 def run(args: argparse.Namespace) -> int:
     try:
@@ -52,6 +60,35 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(report)))
     else:
         print(summary(report))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    sources: list[ChunkSource] = []
+    try:
+        sources = [open_source(s) for s in args.source]
+        loaded = load_manifest(args.manifest, sources)
+        target = open_for_read(args.device)
+        try:
+            writer = Writer(loaded.manifest, loaded.digest, [], target, WriteOptions(workers=args.workers))
+            writer.verify(skip_zero=args.skip_zero)
+        finally:
+            target.close()
+    except VerifyFailed as exc:
+        print(f"sledge-agent: {args.device} does not hold the image: {exc}", file=sys.stderr)
+        for chunk in exc.bad:
+            print(
+                f"differs: chunk {chunk.index} offset {chunk.offset} length {chunk.length} blake3 {chunk.hex}"
+            )
+        return 1
+    except (WriteError, FetchError, ValueError, OSError) as exc:
+        print(f"sledge-agent: verify failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for s in sources:
+            s.close()
+    m = loaded.manifest
+    print(f"{args.device} holds {m.meta.name}:{m.meta.version} ({loaded.digest}): {len(m)} chunks match")
     return 0
 
 

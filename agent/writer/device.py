@@ -114,6 +114,20 @@ def open_target(path: str, image_size: int, paths: SysPaths = SysPaths()) -> Ope
     raise TargetError(f"target {path}: expected a block device or a regular file")
 
 
+def open_for_read(path: str) -> OpenTarget:
+    """Open a device or file only to read it (verify): nothing is refused, nothing written."""
+    try:
+        buffered = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TargetError(f"target {path}: {exc.strerror}") from None
+    try:
+        fd, direct = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
+    except OSError:
+        fd, direct = buffered, False
+    is_block = blockdev.is_block_device(buffered)
+    return OpenTarget(path, fd, buffered, blockdev.size_of(buffered), is_block, False, False, direct)
+
+
 def _open_block(path: str, st: os.stat_result, image_size: int, paths: SysPaths) -> OpenTarget:
     reasons = busy_reasons(path, st, paths)
     if reasons:

@@ -38,8 +38,6 @@ class SourceSet:
         on_failure: Callable[[SourceFailed], None],
         cancel: threading.Event,
     ) -> None:
-        if not sources:
-            raise ValueError("expected at least one chunk source")
         self.sources = list(sources)
         self.policy = policy
         self.on_failure = on_failure

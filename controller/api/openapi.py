@@ -51,8 +51,9 @@ _PARAMS = _object(
     image_version=_STR,
     manifest_digest=_STR,
     disk=_HINTS,
-    erase_mode={"enum": ["discard", "zero"]},
+    erase_mode={"enum": ["metadata", "full"]},
     power={"enum": ["reboot", "poweroff"]},
+    cloud_init=_object(user_data=_STR, meta_data=_STR, network_config=_STR),
 )
 _KIND = {"enum": ["deploy", "erase", "verify", "inventory", "reboot"]}
 

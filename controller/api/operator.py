@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -90,8 +91,8 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     image_ref = body.text("image", "", max_len=257)
     if image_ref:
         image = image_from_store(svc.ops, LocalStore(svc.config.store_dir), image_ref, time.time())
-        params = JobParams(
-            image.name, image.version, image.digest, params.disk, params.erase_mode, params.power
+        params = dataclasses.replace(
+            params, image_name=image.name, image_version=image.version, manifest_digest=image.digest
         )
     elif kind is JobKind.DEPLOY:
         raise ProtocolError("image", "NAME[:VERSION] of the image to deploy", "nothing")

@@ -172,7 +172,7 @@ def test_deploy_then_verify_then_erase(server: Server, tmp_path: Path) -> None:
     wait_for(lambda: job(server, verify_id)["state"] in ("succeeded", "failed"))
     assert job(server, verify_id)["state"] == "succeeded"
 
-    erase_id = create(server, "erase", params={"erase_mode": "zero"})
+    erase_id = create(server, "erase", params={"erase_mode": "full"})
     wait_for(lambda: job(server, erase_id)["state"] in ("succeeded", "failed"))
     assert job(server, erase_id)["state"] == "succeeded", job(server, erase_id)["result"]
     assert target.read_bytes().count(0) == target.stat().st_size

@@ -334,3 +334,29 @@ def test_progress_events_add_up(tmp_path: Path, image: tuple[Path, bytes]) -> No
         blake3.blake3((tmp_path / "o.img").read_bytes()).digest() == blake3.blake3(src.read_bytes()).digest()
     )
     assert layout.chunk_path(manifest.chunk(0).hex).startswith("chunks/")
+
+
+def test_cli_verify_reports_drift_and_writes_nothing(
+    tmp_path: Path, image: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, _ = image
+    root, manifest, digest = make_store(tmp_path, src)
+    dest = tmp_path / "out.img"
+    write(manifest, digest, [DirectorySource(str(root))], dest)
+    mpath = str(root / "manifests" / digest)
+    assert agent_main(["verify", "--manifest", mpath, "--device", str(dest)]) == 0
+    assert "chunks match" in capsys.readouterr().out
+    with open(dest, "r+b") as f:
+        f.seek(2 * MiB + 7)
+        f.write(b"drift")
+        f.seek(11 * MiB)
+        f.write(b"more drift")
+    before = dest.read_bytes()
+    assert agent_main(["verify", "--manifest", mpath, "--device", str(dest)]) == 1
+    out = capsys.readouterr()
+    assert (
+        f"differs: chunk 2 offset {2 * MiB}" in out.out and f"differs: chunk 11 offset {11 * MiB}" in out.out
+    )
+    assert "does not hold the image" in out.err
+    assert dest.read_bytes() == before  # verify writes nothing
+    assert agent_main(["verify", "--manifest", mpath, "--device", str(tmp_path / "missing")]) == 2

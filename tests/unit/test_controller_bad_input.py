@@ -186,7 +186,7 @@ def test_oversize_body(live: Live) -> None:
             "/v1/jobs",
             {"machine": "x", "kind": "erase", "params": {"erase_mode": 3}},
             "params.erase_mode",
-            "discard",
+            "metadata",
         ),
     ],
 )

@@ -1,0 +1,187 @@
+"""erase: make disks forget what they held.
+
+    metadata  zero where signatures live: both ends of the disk (MBR, both GPT
+              copies, md 0.90/1.0 superblocks at the end, LVM, most filesystems),
+              the same at each partition's start and end, and btrfs's superblock
+              copies at 64 MiB and 256 GiB. A new partition table cannot bring an
+              old filesystem or RAID member back to life.
+    full      every byte: BLKZEROOUT, which the kernel turns into WRITE ZEROES
+              (unmapping where the device guarantees zeroes after it) or plain
+              zero writes. Discard alone is never trusted to zero.
+
+Without hints every eligible disk is erased, in parallel; read-only disks are
+skipped with a note, disks holding the running system or mounted never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from agent import blockdev
+from agent import protocol as p
+from agent.hardware.hints import HintError, SelectionError, refusal, select_disk
+from agent.hardware.model import Disk
+from agent.progress import human_bytes
+from agent.runtime.jobs import JobContext, Outcome, failed
+from agent.writer.device import OpenTarget, open_target
+from agent.writer.errors import WriteError
+
+MiB = 1 << 20
+EDGE = 16 * MiB
+BTRFS_COPIES = (64 * MiB, 256 << 30)
+STEP = 256 * MiB
+NEVER = ("loop", "ram", "zram", "rom")
+
+
+def metadata_ranges(size: int, partitions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pure: the (offset, length) ranges a metadata erase zeroes, merged and inside the disk."""
+    spans: list[tuple[int, int]] = []
+    for start, length in [(0, size), *partitions]:
+        end = min(start + length, size)
+        if end <= start:
+            continue
+        spans.append((start, min(EDGE, end - start)))
+        spans.append((max(start, end - EDGE), min(EDGE, end - start)))
+        spans += [(start + c, min(MiB, end - start - c)) for c in BTRFS_COPIES if start + c < end]
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for off, length in spans:
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            last_off, last_len = merged[-1]
+            merged[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            merged.append((off, length))
+    return merged
+
+
+def table_partitions(head: bytes, sector: int) -> list[tuple[int, int]]:
+    """Pure: (start, size) in bytes of the partitions a GPT or MBR in `head` lists.
+
+    `head` holds the disk's first sectors (LBA 0 up to the end of the GPT entry
+    array). The erase reads the table itself rather than trusting the kernel's view:
+    a kernel that did not parse the table (or a stale one) must not hide a partition.
+    """
+    parts: list[tuple[int, int]] = []
+    gpt = head[sector : sector + 8] == b"EFI PART"
+    if gpt:
+        entries_lba, count, size = struct.unpack_from("<QII", head, sector + 72)
+        for i in range(min(count, 512)):
+            off = entries_lba * sector + i * size
+            entry = head[off : off + 56]
+            if len(entry) < 56 or entry[:16] == bytes(16):
+                continue
+            first, last = struct.unpack_from("<QQ", entry, 32)
+            if last >= first:
+                parts.append((first * sector, (last - first + 1) * sector))
+    elif head[510:512] == b"\x55\xaa":
+        for i in range(4):
+            entry = head[446 + 16 * i : 462 + 16 * i]
+            kind = entry[4]
+            start, count = struct.unpack_from("<II", entry, 8)
+            if kind not in (0, 0xEE) and count:
+                parts.append((start * sector, count * sector))
+    return parts
+
+
+def targets(ctx: JobContext) -> tuple[list[Disk], list[str]]:
+    """The disks to erase and notes on those skipped."""
+    disks = ctx.machine.inventory().disks
+    hints = ctx.assignment.params.disk.as_dict()
+    if hints:
+        return [select_disk(disks, hints)], []
+    chosen, notes = [], []
+    for disk in disks:
+        if disk.kind in NEVER:
+            continue
+        why = refusal(disk)
+        if why:
+            notes.append(f"{disk.path} skipped: {why.removeprefix('refused: ')}")
+        else:
+            chosen.append(disk)
+    return chosen, notes
+
+
+class _Progress:
+    def __init__(self, ctx: JobContext, total: int) -> None:
+        self.ctx, self.total, self.done = ctx, total, 0
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            done = self.done
+        self.ctx.progress(f"erased {human_bytes(done)} of {human_bytes(self.total)}", done, self.total)
+
+
+def _zero(target: OpenTarget, offset: int, length: int) -> None:
+    try:
+        if not target.is_block:
+            raise OSError("not a block device")
+        blockdev.zeroout(target.fd, offset, length)
+    except OSError:
+        zeros = bytes(min(length, 4 * MiB))
+        done = 0
+        while done < length:
+            done += os.pwrite(target.buffered_fd, zeros[: length - done], offset + done)
+
+
+def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progress) -> str:
+    target = open_target(disk.path, 0)
+    try:
+        size = target.size
+        if mode is p.EraseMode.METADATA:
+            sector = blockdev.logical_sector_size(target.buffered_fd)
+            head = os.pread(target.buffered_fd, 34 * sector + 128 * 128, 0)
+            parts = {(q.start, q.size) for q in disk.partitions} | set(table_partitions(head, sector))
+            ranges = metadata_ranges(size, sorted(parts))
+        else:
+            ranges = [(off, min(STEP, size - off)) for off in range(0, size, STEP)]
+        for off, length in ranges:
+            if ctx.cancel.is_set():
+                raise WriteError(f"erase of {disk.path} cancelled at offset {off}")
+            _zero(target, off, length)
+            progress.add(length)
+        os.fsync(target.buffered_fd)
+        os.fsync(target.fd)
+        return f"{disk.path}: {mode.value} erase, {human_bytes(sum(n for _, n in ranges))} zeroed"
+    finally:
+        target.close()
+
+
+def erase(ctx: JobContext) -> Outcome:
+    mode = ctx.assignment.params.erase_mode
+    try:
+        disks, notes = targets(ctx)
+    except (HintError, SelectionError) as exc:
+        return failed(f"disk selection: {exc}")
+    for note in notes:
+        ctx.warn(note)
+    if not disks:
+        return failed("no disk to erase: " + ("; ".join(notes) or "none found"))
+    ctx.stage(f"{mode.value} erase of {', '.join(d.path for d in disks)}")
+    total = sum(
+        sum(n for _, n in metadata_ranges(d.size, [(q.start, q.size) for q in d.partitions]))
+        if mode is p.EraseMode.METADATA
+        else d.size
+        for d in disks
+    )
+    progress = _Progress(ctx, total)
+    with ThreadPoolExecutor(max_workers=len(disks), thread_name_prefix="erase") as pool:
+        futures = [pool.submit(_erase_one, ctx, d, mode, progress) for d in disks]
+        results, errors = [], []
+        for disk, fut in zip(disks, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except (WriteError, OSError) as exc:
+                errors.append(f"{disk.path}: {exc}")
+    for line in results:
+        ctx.log(line)
+    message = "; ".join(results + errors + notes)
+    names = ",".join(d.path for d in disks)
+    if errors:
+        return failed(message, names)
+    return Outcome(p.JobResult(p.Outcome.SUCCEEDED, message, names))

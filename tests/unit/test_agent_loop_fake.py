@@ -1,0 +1,79 @@
+"""The job loop against the in-memory controller (agent.runtime.fake): no server, no disk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from agent import protocol as p
+from agent.runtime.backoff import Backoff
+from agent.runtime.config import AgentConfig
+from agent.runtime.fake import FakeTransport
+from agent.runtime.loop import Agent
+from agent.runtime.machine import FakeMachine
+from tests.unit.test_controller_kit import inventory
+
+
+def make(tmp_path: Path, transport: FakeTransport, token: str = "enroll-1") -> tuple[Agent, list[str]]:
+    config = AgentConfig(
+        controller="http://c", token=token, mac="52:54:00:00:00:01", state_dir=str(tmp_path), heartbeat=0.05
+    )
+    lines: list[str] = []
+    agent = Agent(config, transport, FakeMachine(inventory()), lines.append, backoff=Backoff(0.01, 0.05))
+    return agent, lines
+
+
+def test_registers_runs_jobs_in_order_and_reports(tmp_path: Path) -> None:
+    t = FakeTransport()
+    first = t.add_job(p.JobKind.INVENTORY)
+    second = t.add_job(p.JobKind.REBOOT, p.JobParams(power=p.PowerAction.POWEROFF))
+    agent, _ = make(tmp_path, t)
+    assert agent.run(max_jobs=2) == 2
+    assert t.jobs[first].result is not None and t.jobs[first].result.outcome is p.Outcome.SUCCEEDED
+    assert len(t.inventories) == 2  # at registration, and the inventory job's refresh
+    assert [e.seq for e in t.jobs[first].events] == list(range(1, len(t.jobs[first].events) + 1))
+    assert agent.machine.actions == [p.PowerAction.POWEROFF]  # type: ignore[attr-defined]
+    reboot_result = t.jobs[second].result
+    assert reboot_result is not None and reboot_result.outcome is p.Outcome.SUCCEEDED
+
+
+def test_outage_mid_job_buffers_events_and_finishes_on_return(tmp_path: Path) -> None:
+    t = FakeTransport()
+    job = t.add_job(p.JobKind.INVENTORY)
+    agent, lines = make(tmp_path, t)
+    real_post = t.post_inventory
+
+    def post_then_fail(token: str, inv: object) -> None:
+        real_post(token, inv)  # type: ignore[arg-type]
+        t.down = True  # the controller goes away mid-job
+        threading.Timer(0.3, lambda: setattr(t, "down", False)).start()
+
+    t.post_inventory = post_then_fail  # type: ignore[method-assign]
+    agent.run(max_jobs=1)
+    result = t.jobs[job].result
+    assert result is not None and result.outcome is p.Outcome.SUCCEEDED
+    seqs = [e.seq for e in t.jobs[job].events]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 2
+    assert t.failed_calls > 0 and any("retrying" in line for line in lines)
+
+
+def test_used_enrollment_token_leads_to_a_fresh_one_from_the_boot_script(tmp_path: Path) -> None:
+    t = FakeTransport()
+    t.add_job(p.JobKind.INVENTORY)
+    agent, lines = make(tmp_path, t, token="already-used")
+    agent.run(max_jobs=1)
+    assert "boot_script" in t.calls
+    assert any("enrollment refused" in line for line in lines)
+
+
+def test_cancel_from_heartbeat_stops_the_job(tmp_path: Path) -> None:
+    t = FakeTransport()
+    job = t.add_job(p.JobKind.ERASE)
+    t.jobs[job].cancelled = True
+    started = time.monotonic()
+    agent, _ = make(tmp_path, t)
+    agent.run(max_jobs=1)
+    result = t.jobs[job].result
+    assert result is not None and result.outcome is p.Outcome.FAILED  # the fake inventory has no disk
+    assert time.monotonic() - started < 10
