@@ -19,13 +19,15 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
     mac = request.query.get("mac")
     if mac is None:
         raise ProtocolError("mac", "the booting NIC's MAC (chain /boot/ipxe?mac=${net0/mac})", "nothing")
-    decision = svc.fleet.boot(normalize_mac(mac))
+    mac = normalize_mac(mac)
+    decision = svc.fleet.boot(mac)
     if decision.from_disk:
         script = f"#!ipxe\necho sledge: machine {decision.machine_id} is deployed, booting from disk\nexit\n"
     else:
         cfg = svc.config
         args = (
-            f"sledge.controller={cfg.url} sledge.token={decision.enrollment_token} {cfg.kernel_args}".strip()
+            f"sledge.controller={cfg.url} sledge.token={decision.enrollment_token} sledge.mac={mac} "
+            f"{cfg.kernel_args}".strip()
         )
         script = (
             "#!ipxe\n"
@@ -34,6 +36,13 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
             f"initrd {cfg.url}/boot/files/{cfg.initrd}\n"
             "boot\n"
         )
+    return web.Response(text=script, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+async def entry(request: web.Request) -> web.StreamResponse:
+    """The script a DHCP server names as the boot file: it asks for this machine's own script."""
+    url = services(request).config.url
+    script = f"#!ipxe\nchain {url}/boot/ipxe?mac=${{net0/mac}}\n"
     return web.Response(text=script, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
 
@@ -50,6 +59,14 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
 
 
 ROUTES = (
+    Route(
+        "GET",
+        "/boot.ipxe",
+        entry,
+        "The DHCP boot file: chains /boot/ipxe with the booting NIC's MAC",
+        auth="none",
+        response="IpxeScript",
+    ),
     Route(
         "GET",
         "/boot/ipxe",
