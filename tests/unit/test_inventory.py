@@ -16,14 +16,14 @@ from agent.hardware.probes import RecordedProbes, parse_ipmitool_lan
 from agent.hardware.system import parse_smbios_memory_device
 from agent.hardware.tree import Tree
 from agent.hardware.wire import WireError
+from tests.trees import machine_trees
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "hardware"
 SHAPES = ("qemu-guest", "server", "usb-and-sd", "installed", "this-machine")
 GiB = 1 << 30
 
 
 def load(shape: str) -> Inventory:
-    root = FIXTURES / shape
+    root = machine_trees() / shape
     roots = Roots(sysfs=root / "sys", proc=root / "proc", dev=root / "dev")
     return collect(roots, RecordedProbes.load(root / "probes.json").probes())
 

@@ -10,13 +10,12 @@ import pytest
 from agent.cli import main
 from agent.hardware.inventory import Inventory, Roots, collect
 from agent.hardware.probes import RecordedProbes
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "hardware"
+from tests.trees import machine_trees
 
 
 @pytest.fixture
 def server_inventory(tmp_path: Path) -> Path:
-    root = FIXTURES / "server"
+    root = machine_trees() / "server"
     inv = collect(
         Roots(root / "sys", root / "proc", root / "dev"), RecordedProbes.load(root / "probes.json").probes()
     )
