@@ -243,3 +243,45 @@ def test_operator_cancel_stops_the_job_at_a_chunk_boundary(server: Server, tmp_p
     assert job(server, deploy_id)["state"] == "cancelled"
     assert target.read_bytes() == b"\x01" * (12 * MiB)  # stopped before the first chunk
     assert machine.actions == []  # no reboot after a cancelled deploy
+
+
+def test_deploy_with_a_cloud_init_seed_then_verify(server: Server, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if not shutil.which("sgdisk") or not shutil.which("mcopy"):
+        pytest.skip("needs gdisk and mtools (scripts/setup installs them)")
+    src = tmp_path / "gpt.img"
+    with open(src, "wb") as f:
+        f.truncate(32 * MiB)
+    subprocess.run(["sgdisk", "-n", "1:2048:+8M", "-n", "2:0:0", str(src)], check=True, capture_output=True)
+    import_into(server, src, "gpt", "1")
+    target = tmp_path / "disk.img"
+    with open(target, "wb") as f:
+        f.truncate(256 * MiB)
+    machine = GatedMachine(target)
+    _, thread, _ = start_agent(server, machine, tmp_path, jobs=2)
+    wait_for(lambda: machine_registered(server))
+    seed = {"user_data": "#cloud-config\nhostname: web-7\n", "network_config": "version: 2\n"}
+    deploy_id = create(server, "deploy", image="gpt:1", params={"cloud_init": seed})
+    wait_for(lambda: job(server, deploy_id)["state"] in ("succeeded", "failed"))
+    detail = job(server, deploy_id)
+    assert detail["state"] == "succeeded", detail["result"]
+    assert "cloud-init seed in partition 3" in detail["result"]["message"]
+    table = subprocess.run(["sgdisk", "-v", str(target)], capture_output=True, text=True).stdout
+    assert "No problems found" in table
+    info = subprocess.run(["sgdisk", "-i", "3", str(target)], capture_output=True, text=True).stdout
+    first = int(info.split("First sector: ")[1].split()[0])
+    got = subprocess.run(
+        ["mcopy", "-n", "-i", f"{target}@@{first * 512}", "::user-data", "-"], capture_output=True, text=True
+    )
+    assert got.stdout == seed["user_data"]
+    got = subprocess.run(
+        ["mcopy", "-n", "-i", f"{target}@@{first * 512}", "::meta-data", "-"], capture_output=True, text=True
+    )
+    assert deploy_id in got.stdout  # instance-id: a new instance per deploy
+    verify_id = create(server, "verify", image="gpt:1")
+    wait_for(lambda: job(server, verify_id)["state"] in ("succeeded", "failed"))
+    # the seed changed the image's partition table: drift verification reports those chunks
+    assert job(server, verify_id)["state"] == "failed"
+    thread.join(20)

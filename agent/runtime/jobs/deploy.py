@@ -10,6 +10,7 @@ from agent.image.chunk import ChunkInvalid
 from agent.progress import human_bytes
 from agent.runtime.backoff import Backoff
 from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
+from agent.runtime.seed import SeedContent, SeedError, write_seed
 from agent.writer.device import open_target
 from agent.writer.errors import BadManifest, FetchError, ManifestUnavailable, VerifyFailed, WriteError
 from agent.writer.events import Event, Progress, SourceFailed
@@ -91,10 +92,22 @@ def deploy(ctx: JobContext) -> Outcome:
     finally:
         for s in sources:
             s.close()
+    seeded = ""
+    if params.cloud_init:
+        try:
+            content = SeedContent.from_cloud_init(params.cloud_init, instance_id=ctx.assignment.job_id)
+            seed = write_seed(disk.path, content)
+        except (SeedError, OSError) as exc:
+            return failed(
+                f"{image} written to {disk.path}, but the cloud-init seed was not: {exc}", disk.path
+            )
+        ctx.stage(seed.describe())
+        seeded = f"; cloud-init seed in partition {seed.partition}"
     message = (
         f"{image} on {disk.path}: {report.chunks_fetched} chunks fetched "
         f"({human_bytes(report.fetched_bytes)}), "
         f"{report.chunks_inplace} already in place, {report.chunks_zero} zeroed in {report.seconds:.1f} s"
+        f"{seeded}"
     )
     ctx.stage(message)
     result = p.JobResult(p.Outcome.SUCCEEDED, message, disk.path, report.written_bytes, report.fetched_bytes)
