@@ -22,6 +22,7 @@ from agent import blockdev
 from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.writer import gpt
 from agent.writer.device import DIRECT_ALIGN, OpenTarget
+from agent.writer.drift import Drift, classify
 from agent.writer.errors import Cancelled, VerifyFailed, WriteError
 from agent.writer.events import Counters, Listener, Phase, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy, SourceSet
@@ -236,3 +237,35 @@ class Writer:
         self._run_threads(iter(Step(c, Action.CHECK) for c in chunks), check)
         if bad:
             raise VerifyFailed(sorted(bad, key=lambda c: c.index))
+
+    def read_back(self, chunk: Chunk) -> bytes:
+        """What the target holds in the chunk's range, past the page cache."""
+        buf = mmap.mmap(-1, self.manifest.chunk_size)
+        view = memoryview(buf)
+        try:
+            self._matches(chunk, view, {})
+            return bytes(view[: chunk.length])
+        finally:
+            view.release()
+            buf.close()
+
+    def image_bytes(self, chunk: Chunk) -> bytes:
+        """The chunk's verified image bytes, from the sources (zeros for a zero chunk)."""
+        if chunk.kind is ChunkKind.ZERO:
+            return bytes(chunk.length)
+        stored, raw = mmap.mmap(-1, self.manifest.chunk_size), mmap.mmap(-1, self.manifest.chunk_size)
+        view, _ = self.sources.fetch(chunk, memoryview(stored), memoryview(raw), {})
+        data = bytes(view)
+        view.release()
+        return data
+
+    def drift(self, skip_zero: bool = False) -> Drift:
+        """Chunks that differ from the image, less those where only sledge's table edits differ."""
+        try:
+            self.verify(skip_zero)
+        except VerifyFailed as exc:
+            first = self.manifest.chunk(0)
+            return classify(
+                exc.bad, self.manifest.image_size, self.image_bytes(first), self.read_back, self.image_bytes
+            )
+        return Drift([], [])

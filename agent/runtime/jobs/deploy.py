@@ -11,7 +11,7 @@ from agent.progress import human_bytes
 from agent.runtime.backoff import Backoff
 from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
 from agent.runtime.seed import SeedContent, SeedError, write_seed
-from agent.writer.device import open_target
+from agent.writer.device import open_for_read, open_target
 from agent.writer.errors import BadManifest, FetchError, ManifestUnavailable, VerifyFailed, WriteError
 from agent.writer.events import Event, Progress, SourceFailed
 from agent.writer.fetch import RetryPolicy
@@ -123,18 +123,21 @@ def verify(ctx: JobContext) -> Outcome:
     try:
         loaded = _manifest(ctx, sources)
         ctx.stage(f"comparing {disk.path} with manifest {loaded.digest[:16]}")
-        target = open_target(disk.path, loaded.manifest.image_size)
+        target = open_for_read(disk.path)
         try:
-            Writer(loaded.manifest, loaded.digest, sources, target, cancel=ctx.cancel).verify()
+            drift = Writer(loaded.manifest, loaded.digest, sources, target, cancel=ctx.cancel).drift()
         finally:
             target.close()
-    except VerifyFailed as exc:
-        return failed(f"{disk.path} does not match the image: {exc}", disk.path)
     except (WriteError, FetchError, OSError) as exc:
         return failed(f"verify of {disk.path}: {exc}", disk.path)
     finally:
         for s in sources:
             s.close()
-    return Outcome(
-        p.JobResult(p.Outcome.SUCCEEDED, f"{disk.path} matches manifest {loaded.digest}", disk.path)
-    )
+    note = ""
+    if drift.table_only:
+        chunks = ", ".join(str(c.index) for c in drift.table_only)
+        note = f" (chunks {chunks} differ only in the partition table sledge updated at deploy)"
+    if drift.drifted:
+        return failed(f"{disk.path} does not match the image: {VerifyFailed(drift.drifted)}{note}", disk.path)
+    message = f"{disk.path} matches manifest {loaded.digest}{note}"
+    return Outcome(p.JobResult(p.Outcome.SUCCEEDED, message, disk.path))

@@ -1,0 +1,71 @@
+"""Telling real drift from the partition-table sectors sledge itself rewrites.
+
+A deploy may change an image's table after writing it: the backup GPT moves to
+the end of a larger disk (LBA 1 is updated, the old backup is cleared) and a
+cloud-init seed adds an entry. A drift check that flagged those chunks would cry
+wolf after every such deploy. So a chunk that differs is fetched and compared
+byte for byte: when every differing byte lies in the table sectors the image
+itself declares, it is "table updated", not drift.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.image.manifest import Chunk
+
+Range = tuple[int, int]  # [start, end) in image bytes
+
+
+def table_ranges(head: bytes, image_size: int) -> list[Range]:
+    """Byte ranges sledge may rewrite, from the image's first bytes (its own, not the disk's)."""
+    for sector in (512, 4096):
+        if head[sector : sector + 8] == b"EFI PART" and len(head) >= sector + 92:
+            entries_lba, count, size = struct.unpack_from("<QII", head, sector + 72)
+            table_sectors = -(-count * size // sector)
+            primary_end = max(2 * sector, (entries_lba + table_sectors) * sector)
+            backup_start = image_size - (table_sectors + 1) * sector
+            return [(0, primary_end), (max(primary_end, backup_start), image_size)]
+    if head[510:512] == b"\x55\xaa":
+        return [(440, 512)]  # disk signature and the four MBR entries
+    return []
+
+
+def only_in(ranges: Sequence[Range], chunk: Chunk, disk: bytes, image: bytes) -> bool:
+    """Whether disk and image bytes of `chunk` differ only inside `ranges` (image offsets)."""
+    pos = 0  # relative to the chunk
+    for start, stop in sorted(ranges):
+        start, stop = start - chunk.offset, stop - chunk.offset
+        if stop <= pos or start >= chunk.length:
+            continue
+        if start > pos and disk[pos:start] != image[pos:start]:
+            return False
+        pos = max(pos, stop)
+    return disk[pos:] == image[pos:]
+
+
+@dataclass(frozen=True)
+class Drift:
+    drifted: list[Chunk]
+    table_only: list[Chunk]
+
+
+def classify(
+    bad: Sequence[Chunk],
+    image_size: int,
+    head: bytes,
+    read_disk: Callable[[Chunk], bytes],
+    fetch: Callable[[Chunk], bytes],
+) -> Drift:
+    """Split the differing chunks. `head`: the image's first chunk; `fetch`: a chunk's verified bytes."""
+    ranges = table_ranges(head, image_size)
+    drifted, table_only = [], []
+    for chunk in bad:
+        touches = any(start < chunk.offset + chunk.length and stop > chunk.offset for start, stop in ranges)
+        if touches and only_in(ranges, chunk, read_disk(chunk), fetch(chunk)):
+            table_only.append(chunk)
+        else:
+            drifted.append(chunk)
+    return Drift(drifted, table_only)
