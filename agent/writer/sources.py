@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -85,7 +86,11 @@ class HttpSource:
     """A chunk store served over HTTP(S): GET {base}/chunks/aa/HEX, one connection per thread."""
 
     def __init__(
-        self, base_url: str, timeouts: Timeouts | None = None, headers: dict[str, str] | None = None
+        self,
+        base_url: str,
+        timeouts: Timeouts | None = None,
+        headers: dict[str, str] | None = None,
+        ca_file: str = "",
     ) -> None:
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -100,12 +105,18 @@ class HttpSource:
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        # https: a pinned CA (the agent's sledge.ca) replaces the system store
+        self._ssl = ssl.create_default_context(cafile=ca_file or None) if parsed.scheme == "https" else None
 
     def _conn(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=self._timeouts.connect)
+            if self._ssl is not None:
+                conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeouts.connect, context=self._ssl
+                )
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeouts.connect)
             conn.connect()
             if conn.sock is not None:
                 conn.sock.settimeout(self._timeouts.stall)

@@ -24,7 +24,7 @@ PATIENT = RetryPolicy(retries=10, backoff=0.5, max_backoff=10.0)
 
 
 def _sources(ctx: JobContext) -> list[ChunkSource]:
-    return [HttpSource(url) for url in ctx.sources()]
+    return [HttpSource(url, ca_file=ctx.config.ca) for url in ctx.sources()]
 
 
 def _manifest(ctx: JobContext, sources: list[ChunkSource]) -> LoadedManifest:
