@@ -45,6 +45,7 @@ def run_import_bench(work: Path, size: int, reps: int) -> list[Row]:
 
 def _rows(size: int) -> ImportRows:
     cat = Row("`cat SRC > /dev/null`")
+    cat.ref = cat
     return ImportRows(
         cat=cat,
         sledge=Row("`sledge image import` (fresh store)", ref=cat),

@@ -113,10 +113,15 @@ def kill_all() -> None:
         stop(p)
 
 
-def stop(p: subprocess.Popen[bytes]) -> None:
-    """Kill one child started with start() (if it still runs) and reap it."""
-    if p in _live:
-        _live.discard(p)
-        if p.poll() is None:
+def stop(p: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """End one child started with start(): SIGTERM, SIGKILL after `grace` seconds; reap it."""
+    if p not in _live:
+        return
+    _live.discard(p)
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
             p.kill()
-        p.wait()
+    p.wait()
