@@ -9,9 +9,6 @@ import threading
 from typing import Any
 
 from agent.runtime import config as cfg
-from agent.runtime.loop import Agent
-from agent.runtime.machine import RealMachine
-from agent.runtime.transport import HttpTransport
 
 
 def add_parser(sub: Any) -> None:
@@ -50,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     if not config.controller:
         log("sledge-agent: no controller: give --controller URL or sledge.controller= on the kernel cmdline")
         return 2
+    # imported here: `sledge-agent write` should not pay for the runtime's imports
+    from agent.runtime.loop import Agent
+    from agent.runtime.machine import RealMachine
+    from agent.runtime.transport import HttpTransport
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     agent = Agent(

@@ -35,7 +35,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-inplace", action="store_true", help="skip reading the target first (fresh disks)")
     p.add_argument("--zeros-dont-care", action="store_true", help="leave zero chunks' ranges as they are")
     p.add_argument("--no-gpt-fix", action="store_true", help="leave a backup GPT where the image put it")
-    p.add_argument("--workers", type=int, default=WriteOptions().workers)
+    p.add_argument("--workers", type=int, default=WriteOptions().workers, help="threads fetching chunks")
+    p.add_argument("--write-threads", type=int, default=WriteOptions().write_threads)
     p.add_argument("--retries", type=int, default=RetryPolicy().retries)
     p.add_argument("--stall-timeout", type=float, default=Timeouts().stall)
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
@@ -106,6 +107,7 @@ def _write(args: argparse.Namespace) -> WriteReport:
         zero_mode=ZeroMode.DONT_CARE if args.zeros_dont_care else ZeroMode.ZERO,
         verify=args.verify,
         workers=args.workers,
+        write_threads=args.write_threads,
         retry=RetryPolicy(retries=args.retries),
         fix_gpt=not args.no_gpt_fix,
     )

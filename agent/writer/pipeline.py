@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,8 @@ class WriteOptions:
     inplace: bool = True
     zero_mode: ZeroMode = ZeroMode.ZERO
     verify: bool = False
-    workers: int = 4
+    workers: int = 4  # threads that check, fetch and verify
+    write_threads: int = 3  # threads that write verified chunks
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5
@@ -66,10 +68,20 @@ class Writer:
         self.cancel = cancel or threading.Event()
         self.counters = Counters(manifest.image_size, len(manifest), listener, options.progress_interval)
         self.sources = SourceSet(sources, options.retry, self._source_failed, self.cancel)
-        self.workers = max(1, min(options.workers, BUFFER_BUDGET // (2 * manifest.chunk_size)))
+        budget = max(4, BUFFER_BUDGET // manifest.chunk_size)  # buffers of one chunk each
+        self.write_threads = max(1, min(options.write_threads, budget // 4))
+        self.workers = max(1, min(options.workers, (budget - self.write_threads - 1) // 2))
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._zeros = mmap.mmap(-1, manifest.chunk_size)
+        # Fetching threads verify chunks and hand them to write threads through a bounded
+        # queue; buffers come from a fixed pool, so memory is fixed and a slow disk holds
+        # the fetching back (and a slow network the writing).
+        count = 2 * self.workers + self.write_threads + 1
+        self._buffers: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(count):
+            self._buffers.put(mmap.mmap(-1, manifest.chunk_size))
+        self._writes: queue.Queue[tuple[Chunk, mmap.mmap, memoryview] | None] = queue.Queue()
 
     def _source_failed(self, event: SourceFailed) -> None:
         if self.listener:
@@ -124,17 +136,30 @@ class Writer:
     # -- threads -----------------------------------------------------------------
 
     def _run_threads(self, steps: Iterator[Step], work: object) -> None:
+        writers = [
+            threading.Thread(target=self._write_main, name=f"write-{i}", daemon=True)
+            for i in range(self.write_threads)
+        ]
         threads = [
-            threading.Thread(target=self._thread_main, args=(steps, work), name=f"writer-{i}", daemon=True)
+            threading.Thread(target=self._thread_main, args=(steps, work), name=f"fetch-{i}", daemon=True)
             for i in range(self.workers)
         ]
-        for t in threads:
+        for t in writers + threads:
             t.start()
         for t in threads:
+            t.join()
+        for _ in writers:
+            self._writes.put(None)
+        for t in writers:
             t.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
 
     def _next(self, steps: Iterator[Step]) -> Step | None:
         with self._lock:
@@ -146,29 +171,51 @@ class Writer:
             return next(steps, None)
 
     def _thread_main(self, steps: Iterator[Step], work: object) -> None:
-        size = self.manifest.chunk_size
-        stored, raw = mmap.mmap(-1, size), mmap.mmap(-1, size)
         timing: dict[str, float] = {}
         try:
             while (step := self._next(steps)) is not None:
-                work(step, memoryview(stored), memoryview(raw), timing)  # type: ignore[operator]
+                t0 = time.perf_counter()
+                stored, raw = self._buffers.get(), self._buffers.get()  # blocks: back-pressure
+                timing["wait_buffer"] = timing.get("wait_buffer", 0.0) + time.perf_counter() - t0
+                handed = work(step, memoryview(stored), memoryview(raw), timing)  # type: ignore[operator]
+                for buf in (stored, raw):
+                    if buf is not handed:
+                        self._buffers.put(buf)
         except BaseException as exc:
-            with self._lock:
-                if self._error is None:
-                    self._error = exc
+            self._fail(exc)
         finally:
-            # The buffers are unmapped when the last view (maybe in a traceback) goes.
             self.counters.add_busy(timing)
+
+    def _write_main(self) -> None:
+        """Writes verified chunks handed over by the fetching threads, and returns their buffers."""
+        timing: dict[str, float] = {}
+        while (item := self._writes.get()) is not None:
+            chunk, buf, view = item
+            try:
+                if self._error is None:  # after a failure, only drain: nothing more is written
+                    t0 = time.perf_counter()
+                    self._pwrite(chunk, view)
+                    timing["write"] = timing.get("write", 0.0) + time.perf_counter() - t0
+                    self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
+            except BaseException as exc:
+                self._fail(exc)
+            finally:
+                view.release()
+                self._buffers.put(buf)
+        self.counters.add_busy(timing)
 
     # -- one chunk -----------------------------------------------------------------
 
-    def _work(self, step: Step, stored: memoryview, raw: memoryview, timing: dict[str, float]) -> None:
+    def _work(
+        self, step: Step, stored: memoryview, raw: memoryview, timing: dict[str, float]
+    ) -> mmap.mmap | None:
+        """Carry one chunk as far as it goes here; returns the buffer handed to a write thread."""
         chunk, action = step.chunk, step.action
         if action is Action.CHECK:
             action = after_check(chunk, self._matches(chunk, raw, timing))
             if action is Action.SKIP:
                 self.counters.add(done=chunk.length, inplace=1)
-                return
+                return None
         if action is Action.SKIP:
             self.counters.add(done=chunk.length, skipped=1)
         elif action is Action.ZERO:
@@ -179,10 +226,13 @@ class Writer:
         else:
             view, source = self.sources.fetch(chunk, stored, raw, timing)
             self.counters.add_source_bytes(source, chunk.stored_len)
+            buf = view.obj
+            assert isinstance(buf, mmap.mmap)
             t0 = time.perf_counter()
-            self._pwrite(chunk, view)
-            timing["write"] = timing.get("write", 0.0) + time.perf_counter() - t0
-            self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
+            self._writes.put((chunk, buf, view))
+            timing["wait_write"] = timing.get("wait_write", 0.0) + time.perf_counter() - t0
+            return buf
+        return None
 
     def _fd_for(self, chunk: Chunk) -> int:
         if self.target.direct and chunk.length % DIRECT_ALIGN == 0:
