@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from benchlib.bootbench import run_boot_bench
 from benchlib.importbench import run_import_bench
 from benchlib.proc import BenchError, kill_all, log, run
 from benchlib.report import Row, Target, table, targets_table
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
-    p.add_argument("--only", choices=["import", "write"], help="run one section")
+    p.add_argument("--only", choices=["import", "write", "boot"], help="run one section")
     p.add_argument("--import-size", type=parse_size, help="section A image size (default 4G; quick 256M)")
     p.add_argument("--write-size", type=parse_size, help="section B image size (default 2G; quick 256M)")
     p.add_argument(
@@ -121,8 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                 work / "write", args.write_size, args.reps, not args.cold_server
             )
             rows += write_rows
+        boot_lines: list[str] = []
+        if args.only in (None, "boot"):
+            boot_lines, boot_targets = run_boot_bench(work / "boot", args.reps)
+            targets += boot_targets
         print(header(args, argv, load_before) + "\n")
-        print(table(rows))
+        if rows:
+            print(table(rows))
+        if boot_lines:
+            print("\n**C. the live image (issue 7)**\n\n" + "\n".join(boot_lines))
         if targets:
             print("\n" + targets_table(targets))
         return 0

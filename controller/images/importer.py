@@ -33,6 +33,8 @@ from agent.image.manifest import (
 from controller.images.sources import ImageSource
 from controller.images.store import WritableStore
 
+SAMPLE = 64 << 10  # bytes from each quarter of a chunk that decide whether to try zstd on it
+
 
 @dataclass(frozen=True)
 class ImportOptions:
@@ -99,6 +101,17 @@ class _Worker:
             self.local.cctx = cctx
         return cctx
 
+    def _compress(self, raw: bytes) -> bytes | None:
+        """zstd of the chunk, unless a sample of it shows it will not compress (random data,
+        already-compressed files): then the whole attempt, the import's costliest step, is skipped."""
+        cctx = self._compressor()
+        if len(raw) > 4 * SAMPLE:
+            samples = b"".join(raw[i : i + SAMPLE] for i in range(0, len(raw), len(raw) // 4))
+            if len(cctx.compress(samples)) > len(samples) - len(samples) // 32:
+                return None
+        packed: bytes = cctx.compress(raw)
+        return packed
+
     def chunk(self, offset: int, length: int, has_data: bool) -> ChunkEntry:
         zeros, zdigest = self._zero(length)
         if not has_data:
@@ -115,8 +128,8 @@ class _Worker:
             # encoding follows from the size, since zstd is kept only when smaller.
             encoding = Encoding.RAW if existing == length else Encoding.ZSTD
             return ChunkEntry(digest, ChunkKind.DATA, encoding, existing)
-        packed = self._compressor().compress(raw)
-        if len(packed) < length - length // 64:
+        packed = self._compress(raw)
+        if packed is not None and len(packed) < length - length // 64:
             stored, encoding = packed, Encoding.ZSTD
         else:
             stored, encoding = raw, Encoding.RAW

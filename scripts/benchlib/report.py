@@ -68,7 +68,7 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def targets_table(targets: Sequence[Target]) -> str:
-    lines = [_line(["issue 4 target", "required", "measured (median)", "result"]), _line(["---"] * 4)]
+    lines = [_line(["target", "required", "measured (median)", "result"]), _line(["---"] * 4)]
     lines += [_line([t.label, t.required, t.measured, "ok" if t.ok else "**MISSED**"]) for t in targets]
     return "\n".join(lines)
 
