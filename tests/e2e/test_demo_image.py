@@ -6,26 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.tools import need
+
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
 pytestmark = [pytest.mark.root]
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} (scripts/setup installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def build(out: Path, marker: str) -> Path:

@@ -5,9 +5,7 @@ console: DHCP, the agent started by /init, its first HTTP request, the debug she
 from __future__ import annotations
 
 import http.server
-import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -17,20 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import need
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "initramfs"
 CONTROLLER = "http://10.0.2.100:8080"  # guestfwd'ed to the local server, never leaves the host
 
 pytestmark = [pytest.mark.root]
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} (scripts/setup installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.tools import need
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -29,15 +31,6 @@ pytestmark = [pytest.mark.root, pytest.mark.qemu]
 MAC = "52:54:00:e2:e0:01"
 BOOT = 240.0  # seconds for a boot under TCG on a busy 2-core machine
 MiB = 1 << 20
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} (scripts/setup installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @dataclass
