@@ -17,7 +17,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-FAULTS = ("flip", "truncate", "stall", "500", "404", "short-length", "long-length", "close", "long", "other")
+FAULTS = (
+    "flip",
+    "truncate",
+    "stall",
+    "500",
+    "404",
+    "short-length",
+    "long-length",
+    "close",
+    "long",
+    "other",
+    "trickle",
+)
 
 
 class ChunkServer:
@@ -81,6 +93,11 @@ class ChunkServer:
             self.bytes_sent += len(data) // 2
             assert request.transport is not None
             request.transport.close()
+            return resp
+        if fault == "trickle":  # a byte now and then: never stalled, never done
+            for i in range(len(data)):
+                await resp.write(data[i : i + 1])
+                await asyncio.sleep(0.2)
             return resp
         if fault == "stall":
             await resp.write(data[: len(data) // 2])

@@ -6,12 +6,14 @@ they are good. Each thread keeps its own keep-alive connection per source.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
 import ssl
 import struct
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +27,11 @@ from agent.writer.errors import FetchError
 class Timeouts:
     connect: float = 5.0
     stall: float = 10.0  # no byte for this long: the source is stalled
+    min_rate: float = 1 << 20  # bytes/s: slower than this over a whole chunk is a trickle, not progress
+
+    def deadline(self, size: int) -> float:
+        """Seconds one body of `size` bytes may take: a trickling server cannot hold a chunk forever."""
+        return self.stall + size / self.min_rate
 
 
 class ChunkSource(Protocol):
@@ -106,6 +113,7 @@ class HttpSource:
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+        self._watchdog = _Watchdog()
         # https: a pinned CA (the agent's sledge.ca) replaces the system store
         self._ssl = ssl.create_default_context(cafile=ca_file or None) if parsed.scheme == "https" else None
 
@@ -166,14 +174,32 @@ class HttpSource:
                 )
             got = 0
             target = buf[:expected]
-            while got < expected:
-                n: int | None = resp.readinto(target[got:])
-                if n is None:  # SO_RCVTIMEO expired: the socket reads as "would block"
+            # a watchdog cuts a body that trickles in slower than min_rate: recv timeouts
+            # alone never fire while a byte arrives now and then
+            limit = self._timeouts.deadline(expected)
+            timer = self._watchdog.arm(self._conn().sock, limit)
+            try:
+                while got < expected:
+                    n: int | None = resp.readinto(target[got:])
+                    if n is None:  # SO_RCVTIMEO expired: the socket reads as "would block"
+                        raise FetchError(self.name, f"GET {relative}: timed out (stalled) after {got} bytes")
+                    if n == 0:
+                        break
+                    got += n
+            except (OSError, http.client.HTTPException, FetchError):
+                if not self._watchdog.disarm(timer):
                     self._drop()
-                    raise FetchError(self.name, f"GET {relative}: timed out (stalled) after {got} bytes")
-                if n == 0:
-                    break
-                got += n
+                    raise
+                fired = True
+            else:
+                fired = self._watchdog.disarm(timer)
+            if fired:
+                self._drop()
+                raise FetchError(
+                    self.name,
+                    f"GET {relative}: too slow: {got} of {expected} bytes in {limit:.1f} s "
+                    f"(under {self._timeouts.min_rate:.0f} B/s)",
+                )
             if got < expected:
                 self._drop()
                 raise FetchError(self.name, f"GET {relative}: body ended after {got} of {expected} bytes")
@@ -216,6 +242,51 @@ class HttpSource:
             conns, self._all = self._all, []
         for conn in conns:
             conn.close()
+
+
+class _Watchdog:
+    """Shuts down sockets whose deadline has passed: one thread per source, only while armed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[int, tuple[float, socket.socket | None]] = {}
+        self._fired: set[int] = set()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket | None, seconds: float) -> int:
+        with self._lock:
+            self._next += 1
+            self._armed[self._next] = (time.monotonic() + seconds, sock)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
+                self._thread.start()
+            return self._next
+
+    def disarm(self, token: int) -> bool:
+        """Stop watching; True if the deadline had passed and the socket was shut down."""
+        with self._lock:
+            self._armed.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+            return False
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.2)
+            now = time.monotonic()
+            with self._lock:
+                if not self._armed:
+                    self._thread = None
+                    return
+                overdue = [(t, s) for t, (when, s) in self._armed.items() if when < now]
+                for token, sock in overdue:
+                    del self._armed[token]
+                    self._fired.add(token)
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _stall_timeout(sock: socket.socket, seconds: float) -> None:

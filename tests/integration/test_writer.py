@@ -26,7 +26,7 @@ from tests.chunkserver import FAULTS, serve
 from tests.images import MiB, half_sparse_image, random_bytes, write_image
 
 FAST = WriteOptions(workers=3, retry=RetryPolicy(retries=2, backoff=0.01, max_bad=3))
-TIMEOUTS = Timeouts(connect=2.0, stall=0.5)
+TIMEOUTS = Timeouts(connect=2.0, stall=0.5, min_rate=4 << 20)
 
 
 def make_store(
