@@ -226,7 +226,14 @@ class HttpSource:
                 self._drop()
                 raise FetchError(self.name, f"GET {relative}: {resp.length} bytes, expected at most {limit}")
             declared = resp.length
-            data = resp.read(limit + 1)
+            seconds = self._timeouts.deadline(declared if declared is not None else limit)
+            timer = self._watchdog.arm(self._conn().sock, seconds)
+            try:
+                data = resp.read(limit + 1)
+            finally:
+                if self._watchdog.disarm(timer):
+                    self._drop()
+                    raise FetchError(self.name, f"GET {relative}: too slow: not complete in {seconds:.1f} s")
             if declared is not None and len(data) != declared:
                 self._drop()
                 raise FetchError(self.name, f"GET {relative}: body ended after {len(data)} bytes")
