@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import ssl
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force.
+
+    Every agent keeps a long-poll connection open, and each is a file descriptor: the usual soft
+    limit of 1024 (systemd's default for services too) runs out near 1,000 agents, and then
+    requests wait in the listen backlog until they time out.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20  # NOFILE cannot be unlimited
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # a container may refuse; the warning below says what that means
+    return soft
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    files = raise_open_file_limit()
+    if files != resource.RLIM_INFINITY and files < 4096:
+        print(f"sledge: warning: open-file limit {files}: at most ~{files - 64} agents connect", flush=True)
     if config.host in ("0.0.0.0", "::") and not config.public_url:
         print(
             f"sledge: warning: agents will be told {config.url}; pass --url http://ADDRESS:PORT", flush=True

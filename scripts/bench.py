@@ -2,7 +2,8 @@
 
 Section A (issue 3): `sledge image import` of a half-sparse image against cat, bmaptool create and
 casync make. Section B (issue 4): `sledge-agent write` to a loop device from nginx on 127.0.0.1
-against curl | dd, bmaptool copy and casync extract, as ratios to the line rate.
+against curl | dd, bmaptool copy and casync extract, as ratios to the line rate. Section C (issue 7):
+the live image. Section D (issue 5): `sledge serve` under N simulated agents on 127.0.0.1.
 Everything stays on this machine and is removed on exit, Ctrl-C included.
 """
 
@@ -21,6 +22,7 @@ from types import FrameType
 
 from benchlib.bootbench import run_boot_bench
 from benchlib.importbench import run_import_bench
+from benchlib.loadbench import LoadConfig, run_load_bench
 from benchlib.proc import BenchError, kill_all, log, run
 from benchlib.report import Row, Target, table, targets_table
 from benchlib.system import GiB, MiB, fs_type, parse_size, require_root
@@ -35,13 +37,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
-    p.add_argument("--only", choices=["import", "write", "boot"], help="run one section")
+    p.add_argument("--only", choices=["import", "write", "boot", "load"], help="run one section")
     p.add_argument("--import-size", type=parse_size, help="section A image size (default 4G; quick 256M)")
     p.add_argument("--write-size", type=parse_size, help="section B image size (default 2G; quick 256M)")
     p.add_argument(
         "--cold-server",
         action="store_true",
         help="do not read the served files into the page cache before each write (nginx then reads the disk)",
+    )
+    p.add_argument("--agents", type=int, default=2000, help="section D: simulated agents (default 2000)")
+    p.add_argument(
+        "--load-seconds",
+        type=float,
+        default=60.0,
+        help="section D: seconds of steady load after enrolment (default 60)",
     )
     p.add_argument(
         "--tmpdir",
@@ -54,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.tmpdir = args.tmpdir or next((d for d in DISK_TMP if fs_type(d) not in RAM_FS), DISK_TMP[0])
     if args.reps < 1:
         p.error("--reps must be at least 1")
+    if not 1 <= args.agents <= 1 << 24:
+        p.error("--agents must be between 1 and 16777216")
+    if args.load_seconds < 10:
+        p.error("--load-seconds must be at least 10")
     if args.write_size % (4 * MiB) or args.import_size % (4 * MiB):
         p.error("sizes must be multiples of 4 MiB")
     return args
@@ -65,7 +78,9 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def check_machine(work_parent: Path) -> None:
+def check_machine(work_parent: Path, only: str | None) -> None:
+    if only == "load":
+        return  # loopback HTTP only: no root, tools or loop devices needed
     require_root()
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
@@ -83,17 +98,21 @@ def header(args: argparse.Namespace, argv: list[str], load_before: tuple[float, 
     mode = (
         "cold (nginx reads the disk)" if args.cold_server else "warm (served files read into the page cache)"
     )
-    return "\n".join(
-        [
-            f"sledge benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}, {cpus} cores, kernel {kernel}",
-            f"command: {command}",
+    lines = [
+        f"sledge benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}, {cpus} cores, kernel {kernel}",
+        f"command: {command}",
+    ]
+    if args.only != "load":  # section D is one run, and moves no image bytes
+        lines += [
             f"repetitions: {args.reps}; MB/s = image bytes (10^6) per wall-clock second of the command;",
             f"caches dropped before every timed command; server side: {mode};",
             "every write is checked with `cmp -n SIZE IMAGE DEVICE` (caches dropped) before it counts.",
-            f"load average (1/5/15 min) at start {_load(load_before)}, at end {_load(os.getloadavg())}"
-            " (the cores are shared: other work on the machine shows up as noise).",
         ]
+    lines.append(
+        f"load average (1/5/15 min) at start {_load(load_before)}, at end {_load(os.getloadavg())}"
+        " (the cores are shared: other work on the machine shows up as noise)."
     )
+    return "\n".join(lines)
 
 
 def _load(avg: tuple[float, ...]) -> str:
@@ -108,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     work: Path | None = None
     load_before = os.getloadavg()
     try:
-        check_machine(args.tmpdir)
+        check_machine(args.tmpdir, args.only)
         work = Path(tempfile.mkdtemp(prefix="sledge-bench-", dir=args.tmpdir))
         (work / "tmp").mkdir()
         os.environ["TMPDIR"] = str(work / "tmp")  # the tools' temporaries (casync's .carem) go too
@@ -126,11 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "boot"):
             boot_lines, boot_targets = run_boot_bench(work / "boot", args.reps)
             targets += boot_targets
+        load_lines: list[str] = []
+        if args.only in (None, "load"):
+            load_cfg = LoadConfig(agents=args.agents, seconds=args.load_seconds)
+            load_lines, load_targets = run_load_bench(work / "load", load_cfg)
+            targets += load_targets
         print(header(args, argv, load_before) + "\n")
         if rows:
             print(table(rows))
         if boot_lines:
             print("\n**C. the live image (issue 7)**\n\n" + "\n".join(boot_lines))
+        if load_lines:
+            print("\n**D. controller load (issue 5)**\n\n" + "\n".join(load_lines))
         if targets:
             print("\n" + targets_table(targets))
         return 0
