@@ -37,3 +37,21 @@ def test_importing_every_agent_module_loads_no_controller_module() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_command_is_defined_by_the_module_the_cli_lists_for_it() -> None:
+    import argparse
+    import importlib
+
+    from agent.cli import COMMAND_MODULES, COMMANDS
+
+    for name, module_name in COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers(dest="cmd")
+        importlib.import_module(module_name).add_parser(sub)
+        assert name in sub.choices, f"{module_name} does not define {name!r}"
+    everything = argparse.ArgumentParser()
+    sub = everything.add_subparsers(dest="cmd")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(sub)
+    assert set(sub.choices) == set(COMMANDS)
