@@ -217,12 +217,12 @@ class Writer:
                 self.counters.add(done=chunk.length, inplace=1)
                 return None
         if action is Action.SKIP:
-            self.counters.add(done=chunk.length, skipped=1)
+            self.counters.add(done=step.size, skipped=step.count)
         elif action is Action.ZERO:
             t0 = time.perf_counter()
-            self._zero(chunk)
+            self._zero(chunk.offset, step.size)
             timing["zero"] = timing.get("zero", 0.0) + time.perf_counter() - t0
-            self.counters.add(done=chunk.length, zero=1, zeroed=chunk.length)
+            self.counters.add(done=step.size, zero=step.count, zeroed=step.size)
         else:
             view, source = self.sources.fetch(chunk, stored, raw, timing)
             self.counters.add_source_bytes(source, chunk.stored_len)
@@ -262,14 +262,24 @@ class Writer:
             n = os.pwrite(fd, view[done:], offset + done)
             done += n
 
-    def _zero(self, chunk: Chunk) -> None:
+    def _zero(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros: one BLKZEROOUT, else zero writes."""
         if self.target.is_block:
             try:
-                blockdev.zeroout(self.target.fd, chunk.offset, chunk.length)
+                blockdev.zeroout(self.target.fd, offset, length)
                 return
             except OSError:
                 pass  # no zeroout here: write zeros
-        self._pwrite(chunk, memoryview(self._zeros)[: chunk.length])
+        zeros = memoryview(self._zeros)
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            aligned = self.target.direct and n % DIRECT_ALIGN == 0
+            fd = self.target.fd if aligned else self.target.buffered_fd
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, zeros[done:n], offset + done)
+            offset += n
 
     # -- read-back -----------------------------------------------------------------
 

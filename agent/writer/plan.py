@@ -40,10 +40,19 @@ class PlanOptions:
     zero_mode: ZeroMode = ZeroMode.ZERO
 
 
+MAX_RUN = 256 << 20  # bytes of consecutive zero (or skipped) chunks handled as one step
+
+
 @dataclass(frozen=True)
 class Step:
-    chunk: Chunk
+    chunk: Chunk  # the first chunk of the step
     action: Action
+    count: int = 1  # consecutive chunks (ZERO and SKIP runs): one BLKZEROOUT for all of them
+    length: int = 0  # bytes the step covers (0: the chunk's own length)
+
+    @property
+    def size(self) -> int:
+        return self.length or self.chunk.length
 
 
 def plan_chunk(chunk: Chunk, target: Target, options: PlanOptions) -> Action:
@@ -61,7 +70,21 @@ def plan_chunk(chunk: Chunk, target: Target, options: PlanOptions) -> Action:
 
 
 def plan(manifest: Manifest, target: Target, options: PlanOptions) -> list[Step]:
-    return [Step(c, plan_chunk(c, target, options)) for c in manifest]
+    """One step per chunk, except that runs of ZERO or SKIP chunks (up to MAX_RUN bytes) are one step."""
+    steps: list[Step] = []
+    for chunk in manifest:
+        action = plan_chunk(chunk, target, options)
+        last = steps[-1] if steps else None
+        if (
+            last is not None
+            and action is last.action
+            and action in (Action.ZERO, Action.SKIP)
+            and last.size + chunk.length <= MAX_RUN
+        ):
+            steps[-1] = Step(last.chunk, action, last.count + 1, last.size + chunk.length)
+        else:
+            steps.append(Step(chunk, action))
+    return steps
 
 
 def after_check(chunk: Chunk, matches: bool) -> Action:
