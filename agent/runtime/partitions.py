@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-from agent.writer.gpt import SIGNATURE, _crc_header, relocate
+from agent.writer.gpt import is_gpt, relocate, seal_header
 
 MiB = 1 << 20
 ALIGN = MiB
@@ -82,16 +82,6 @@ class MbrEntry:
     @property
     def last(self) -> int:
         return self.start + self.sectors - 1
-
-
-def is_gpt(head: bytes, sector: int) -> bool:
-    return head[sector : sector + 8] == SIGNATURE
-
-
-def gpt_entries_extent(head: bytes, sector: int) -> tuple[int, int]:
-    """(byte offset, length) of the primary entry array named by the header in LBA1."""
-    entries_lba, count, entry_size = struct.unpack_from("<QII", head, sector + 72)
-    return entries_lba * sector, count * entry_size
 
 
 def plan_seed(
@@ -160,7 +150,7 @@ def _parse_header(raw: bytes, sector: int, disk: str) -> _Header:
     if not 92 <= hsize <= sector:
         raise TableError(f"{disk}: GPT header size {hsize}, expected 92..{sector}")
     check = bytearray(raw[:sector])
-    _crc_header(check, hsize)
+    seal_header(check, hsize)
     if check[16:20] != raw[16:20]:
         raise TableError(
             f"{disk}: GPT header CRC {raw[16:20][::-1].hex()}, calculated {check[16:20][::-1].hex()}"
@@ -248,8 +238,8 @@ def _plan_gpt(
     backup = bytearray(primary)
     struct.pack_into("<QQ", backup, 24, hdr.alt_lba, hdr.my_lba)
     struct.pack_into("<Q", backup, 72, backup_entries_lba)
-    _crc_header(primary, hdr.hsize)
-    _crc_header(backup, hdr.hsize)
+    seal_header(primary, hdr.hsize)
+    seal_header(backup, hdr.hsize)
     padded = bytes(table) + bytes(table_sectors * sector - table_bytes)
     writes += [
         (backup_entries_lba * sector, padded),

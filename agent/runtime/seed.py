@@ -34,12 +34,11 @@ from agent.runtime.partitions import (
     SeedError,
     TableError,
     TableType,
-    gpt_entries_extent,
-    is_gpt,
     mbr_partitions,
     plan_seed,
 )
 from agent.runtime.vfat import FatFile, SeedTooLarge, build_fat, volume_label
+from agent.writer.gpt import gpt_entries_extent, is_gpt
 
 __all__ = [
     "SEED_SIZE",

@@ -10,11 +10,11 @@ itself declares, it is "table updated", not drift.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.image.manifest import Chunk
+from agent.writer.gpt import gpt_entries_extent, is_gpt
 
 Range = tuple[int, int]  # [start, end) in image bytes
 
@@ -22,10 +22,10 @@ Range = tuple[int, int]  # [start, end) in image bytes
 def table_ranges(head: bytes, image_size: int) -> list[Range]:
     """Byte ranges sledge may rewrite, from the image's first bytes (its own, not the disk's)."""
     for sector in (512, 4096):
-        if head[sector : sector + 8] == b"EFI PART" and len(head) >= sector + 92:
-            entries_lba, count, size = struct.unpack_from("<QII", head, sector + 72)
-            table_sectors = -(-count * size // sector)
-            primary_end = max(2 * sector, (entries_lba + table_sectors) * sector)
+        if is_gpt(head, sector) and len(head) >= sector + 92:
+            offset, length = gpt_entries_extent(head, sector)
+            table_sectors = -(-length // sector)
+            primary_end = max(2 * sector, offset + table_sectors * sector)
             backup_start = image_size - (table_sectors + 1) * sector
             return [(0, primary_end), (max(primary_end, backup_start), image_size)]
     if head[510:512] == b"\x55\xaa":

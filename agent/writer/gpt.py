@@ -21,7 +21,34 @@ class Relocation:
     writes: list[tuple[int, bytes]]  # (byte offset, data)
 
 
-def _crc_header(header: bytearray, size: int) -> None:
+def is_gpt(head: bytes, sector: int) -> bool:
+    """Whether LBA 1 of `head` (the disk's first bytes) holds a GPT header."""
+    return head[sector : sector + 8] == SIGNATURE
+
+
+def gpt_entries_extent(head: bytes, sector: int) -> tuple[int, int]:
+    """(byte offset, length) of the primary entry array named by the header in LBA 1."""
+    entries_lba, count, entry_size = struct.unpack_from("<QII", head, sector + 72)
+    return entries_lba * sector, count * entry_size
+
+
+def gpt_partitions(head: bytes, sector: int, limit: int = 512) -> list[tuple[int, int]]:
+    """(first LBA, last LBA) of the used entries of the primary array held in `head`."""
+    offset, _ = gpt_entries_extent(head, sector)
+    count, entry_size = struct.unpack_from("<II", head, sector + 80)
+    used = []
+    for i in range(min(count, limit)):
+        entry = head[offset + i * entry_size : offset + i * entry_size + 56]
+        if len(entry) < 56 or entry[:16] == bytes(16):  # short, or an empty slot (no type GUID)
+            continue
+        first, last = struct.unpack_from("<QQ", entry, 32)
+        if last >= first:
+            used.append((first, last))
+    return used
+
+
+def seal_header(header: bytearray, size: int) -> None:
+    """Write the header's CRC32 (over its first `size` bytes, CRC field zeroed)."""
     header[16:20] = b"\0\0\0\0"
     header[16:20] = struct.pack("<I", zlib.crc32(bytes(header[:size])) & 0xFFFFFFFF)
 
@@ -39,7 +66,7 @@ def relocate(mbr: bytes, primary: bytes, entries: bytes, sector: int, disk_secto
     header = bytearray(primary[:sector])
     (crc,) = struct.unpack_from("<I", header, 16)
     check = bytearray(header)
-    _crc_header(check, hsize)
+    seal_header(check, hsize)
     if struct.unpack_from("<I", check, 16)[0] != crc:
         return None
     my_lba, alt_lba = struct.unpack_from("<QQ", header, 24)
@@ -55,11 +82,11 @@ def relocate(mbr: bytes, primary: bytes, entries: bytes, sector: int, disk_secto
     new_last_usable = backup_entries_lba - 1
     struct.pack_into("<Q", header, 32, new_alt)
     struct.pack_into("<Q", header, 48, new_last_usable)
-    _crc_header(header, hsize)
+    seal_header(header, hsize)
     backup = bytearray(header)
     struct.pack_into("<QQ", backup, 24, new_alt, my_lba)
     struct.pack_into("<Q", backup, 72, backup_entries_lba)
-    _crc_header(backup, hsize)
+    seal_header(backup, hsize)
     padded_entries = entries[:table_bytes] + bytes(table_sectors * sector - table_bytes)
     writes = [
         (backup_entries_lba * sector, padded_entries),
@@ -91,13 +118,12 @@ def _grow_protective_mbr(mbr: bytes, disk_sectors: int) -> bytes | None:
 def fix_backup_gpt(fd: int, sector: int, disk_size: int) -> bool:
     """Relocate the backup GPT on an open device; True if anything was written."""
     head = os.pread(fd, 2 * sector, 0)
-    if len(head) < 2 * sector or head[sector : sector + 8] != SIGNATURE:
+    if len(head) < 2 * sector or not is_gpt(head, sector):
         return False
-    entries_lba, count, entry_size = struct.unpack_from("<QII", head, sector + 72)
-    table = count * entry_size
-    if table > 16 << 20 or entries_lba * sector + table > disk_size:
+    offset, table = gpt_entries_extent(head, sector)
+    if table > 16 << 20 or offset + table > disk_size:
         return False
-    entries = os.pread(fd, table, entries_lba * sector)
+    entries = os.pread(fd, table, offset)
     plan = relocate(head[:sector], head[sector:], entries, sector, disk_size // sector)
     if plan is None:
         return False

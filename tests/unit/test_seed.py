@@ -26,7 +26,7 @@ from agent.runtime.partitions import (
 )
 from agent.runtime.seed import SeedContent
 from agent.runtime.vfat import FatFile, SeedTooLarge, _checksum, _short_names, build_fat, layout, volume_label
-from agent.writer.gpt import _crc_header
+from agent.writer.gpt import seal_header
 
 LINUX = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4").bytes_le
 WHEN = datetime(2024, 5, 6, 7, 8, 10, tzinfo=UTC)
@@ -90,8 +90,8 @@ def gpt_disk(size: int, sector: int, parts: list[Part], image_size: int | None =
     backup = bytearray(hdr)
     struct.pack_into("<QQ", backup, 24, alt, 1)
     struct.pack_into("<Q", backup, 72, alt - table_sectors)
-    _crc_header(hdr, 92)
-    _crc_header(backup, 92)
+    seal_header(hdr, 92)
+    seal_header(backup, 92)
     mbr = bytearray(sector)
     mbr[446:462] = bytes([0, 0, 2, 0, 0xEE, 0xFF, 0xFF, 0xFF]) + struct.pack("<II", 1, image_sectors - 1)
     mbr[510:512] = b"\x55\xaa"
@@ -115,7 +115,7 @@ def read_gpt(disk: Disk, lba: int) -> tuple[bytes, list[bytes]]:
     hdr = disk.read(lba * s, s)
     assert hdr[:8] == b"EFI PART"
     check = bytearray(hdr)
-    _crc_header(check, 92)
+    seal_header(check, 92)
     assert check == hdr, f"header CRC at LBA {lba}"
     entries_lba, count, esize, crc = struct.unpack_from("<QIII", hdr, 72)
     raw = disk.read(entries_lba * s, count * esize)

@@ -16,7 +16,6 @@ skipped with a note, disks holding the running system or mounted never touched.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,10 @@ from agent.hardware.hints import HintError, SelectionError, refusal, select_disk
 from agent.hardware.model import Disk
 from agent.progress import human_bytes
 from agent.runtime.jobs import JobContext, Outcome, failed
+from agent.runtime.partitions import mbr_partitions
 from agent.writer.device import OpenTarget, open_target
 from agent.writer.errors import WriteError
+from agent.writer.gpt import gpt_partitions, is_gpt
 
 MiB = 1 << 20
 EDGE = 16 * MiB
@@ -65,26 +66,11 @@ def table_partitions(head: bytes, sector: int) -> list[tuple[int, int]]:
     array). The erase reads the table itself rather than trusting the kernel's view:
     a kernel that did not parse the table (or a stale one) must not hide a partition.
     """
-    parts: list[tuple[int, int]] = []
-    gpt = head[sector : sector + 8] == b"EFI PART"
-    if gpt:
-        entries_lba, count, size = struct.unpack_from("<QII", head, sector + 72)
-        for i in range(min(count, 512)):
-            off = entries_lba * sector + i * size
-            entry = head[off : off + 56]
-            if len(entry) < 56 or entry[:16] == bytes(16):
-                continue
-            first, last = struct.unpack_from("<QQ", entry, 32)
-            if last >= first:
-                parts.append((first * sector, (last - first + 1) * sector))
-    elif head[510:512] == b"\x55\xaa":
-        for i in range(4):
-            entry = head[446 + 16 * i : 462 + 16 * i]
-            kind = entry[4]
-            start, count = struct.unpack_from("<II", entry, 8)
-            if kind not in (0, 0xEE) and count:
-                parts.append((start * sector, count * sector))
-    return parts
+    if is_gpt(head, sector):
+        return [(first * sector, (last - first + 1) * sector) for first, last in gpt_partitions(head, sector)]
+    if head[510:512] != b"\x55\xaa":
+        return []
+    return [(e.start * sector, e.sectors * sector) for e in mbr_partitions(head) if e.kind != 0xEE]
 
 
 def targets(ctx: JobContext) -> tuple[list[Disk], list[str]]:
