@@ -10,6 +10,7 @@ from agent.image.chunk import ChunkInvalid
 from agent.image.layout import LayoutError
 from agent.image.manifest import ManifestError
 from agent.image.store import StoreError
+from agent.writer.errors import WriteError
 from controller import image_cli, operator_cli, serve
 
 
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve.run(args)
         if args.cmd in operator_cli.COMMANDS:
             return operator_cli.run(args)
-    except (StoreError, ChunkInvalid, ManifestError, LayoutError, OSError, ValueError) as exc:
+    except (StoreError, ChunkInvalid, ManifestError, LayoutError, WriteError, OSError, ValueError) as exc:
         print(f"sledge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

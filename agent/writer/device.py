@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import stat
 from dataclasses import dataclass
@@ -19,6 +20,15 @@ from agent import blockdev
 from agent.writer.errors import TargetError
 
 DIRECT_ALIGN = 4096
+ZERO_BUFFER = 4 << 20
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 @dataclass
@@ -31,6 +41,35 @@ class OpenTarget:
     fresh: bool
     zeroout_cheap: bool
     direct: bool
+
+    def fd_for(self, length: int) -> int:
+        """The O_DIRECT fd for whole 4 KiB blocks from page-aligned buffers, else the buffered one."""
+        return self.fd if self.direct and length % DIRECT_ALIGN == 0 else self.buffered_fd
+
+    def write(self, data: bytes | memoryview, offset: int, aligned: bool = False) -> None:
+        """Write all of `data` at `offset`; `aligned`: the caller's buffer is page-aligned."""
+        pwrite_all(self.fd_for(len(data)) if aligned else self.buffered_fd, data, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros: one BLKZEROOUT on a device (which never
+        trusts discard), else zero writes where the device or file cannot."""
+        if self.is_block:
+            try:
+                blockdev.zeroout(self.fd, offset, length)
+                return
+            except OSError:
+                pass  # no zeroout here: write zeros
+        zeros = mmap.mmap(-1, min(length, ZERO_BUFFER))  # page-aligned, reads as zeros
+        try:
+            view = memoryview(zeros)
+            end = offset + length
+            while offset < end:
+                n = min(len(view), end - offset)
+                self.write(view[:n], offset, aligned=True)
+                offset += n
+            view.release()
+        finally:
+            zeros.close()
 
     def close(self) -> None:
         for fd in {self.fd, self.buffered_fd}:

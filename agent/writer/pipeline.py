@@ -22,7 +22,7 @@ import blake3
 from agent import blockdev
 from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.writer import gpt
-from agent.writer.device import DIRECT_ALIGN, OpenTarget
+from agent.writer.device import OpenTarget
 from agent.writer.drift import Drift, classify
 from agent.writer.errors import Cancelled, VerifyFailed, WriteError
 from agent.writer.events import Counters, Listener, Phase, SourceFailed, WriteReport
@@ -73,7 +73,6 @@ class Writer:
         self.workers = max(1, min(options.workers, (budget - self.write_threads - 1) // 2))
         self._lock = threading.Lock()
         self._error: BaseException | None = None
-        self._zeros = mmap.mmap(-1, manifest.chunk_size)
         # Fetching threads verify chunks and hand them to write threads through a bounded
         # queue; buffers come from a fixed pool, so memory is fixed and a slow disk holds
         # the fetching back (and a slow network the writing).
@@ -194,7 +193,7 @@ class Writer:
             try:
                 if self._error is None:  # after a failure, only drain: nothing more is written
                     t0 = time.perf_counter()
-                    self._pwrite(chunk, view)
+                    self.target.write(view, chunk.offset, aligned=True)
                     timing["write"] = timing.get("write", 0.0) + time.perf_counter() - t0
                     self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
             except BaseException as exc:
@@ -220,7 +219,7 @@ class Writer:
             self.counters.add(done=step.size, skipped=step.count)
         elif action is Action.ZERO:
             t0 = time.perf_counter()
-            self._zero(chunk.offset, step.size)
+            self.target.zero(chunk.offset, step.size)
             timing["zero"] = timing.get("zero", 0.0) + time.perf_counter() - t0
             self.counters.add(done=step.size, zero=step.count, zeroed=step.size)
         else:
@@ -234,15 +233,10 @@ class Writer:
             return buf
         return None
 
-    def _fd_for(self, chunk: Chunk) -> int:
-        if self.target.direct and chunk.length % DIRECT_ALIGN == 0:
-            return self.target.fd
-        return self.target.buffered_fd
-
     def _matches(self, chunk: Chunk, buf: memoryview, timing: dict[str, float]) -> bool:
         t0 = time.perf_counter()
         view = buf[: chunk.length]
-        fd = self._fd_for(chunk)
+        fd = self.target.fd_for(chunk.length)
         got = 0
         while got < chunk.length:
             n = os.preadv(fd, [view[got:]], chunk.offset + got)
@@ -254,32 +248,6 @@ class Writer:
         timing["inplace_read"] = timing.get("inplace_read", 0.0) + t1 - t0
         timing["inplace_hash"] = timing.get("inplace_hash", 0.0) + time.perf_counter() - t1
         return same
-
-    def _pwrite(self, chunk: Chunk, view: memoryview) -> None:
-        fd = self._fd_for(chunk)
-        offset, done = chunk.offset, 0
-        while done < chunk.length:
-            n = os.pwrite(fd, view[done:], offset + done)
-            done += n
-
-    def _zero(self, offset: int, length: int) -> None:
-        """Make [offset, offset+length) read as zeros: one BLKZEROOUT, else zero writes."""
-        if self.target.is_block:
-            try:
-                blockdev.zeroout(self.target.fd, offset, length)
-                return
-            except OSError:
-                pass  # no zeroout here: write zeros
-        zeros = memoryview(self._zeros)
-        end = offset + length
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            aligned = self.target.direct and n % DIRECT_ALIGN == 0
-            fd = self.target.fd if aligned else self.target.buffered_fd
-            done = 0
-            while done < n:
-                done += os.pwrite(fd, zeros[done:n], offset + done)
-            offset += n
 
     # -- read-back -----------------------------------------------------------------
 

@@ -3,12 +3,11 @@
 To a file: a sparse temporary file beside the destination, renamed into place
 only when every chunk has verified, so a damaged store leaves the destination
 untouched. To a block device: every chunk is verified first, then written
-(O_EXCL), zero chunks with BLKZEROOUT.
+(with the writer's refusals, then O_EXCL), zero chunks with BLKZEROOUT.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -16,9 +15,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import blockdev
 from agent.image.manifest import ChunkKind, Manifest
 from agent.image.store import LocalStore
+from agent.writer.device import open_target, pwrite_all
 
 
 class ExportError(OSError):
@@ -54,7 +53,7 @@ def _to_file(
         os.ftruncate(fd, manifest.image_size)  # zero chunks stay holes
         for chunk in manifest:
             if chunk.kind is ChunkKind.DATA:
-                _pwrite_all(fd, store.read_chunk(chunk), chunk.offset)
+                pwrite_all(fd, store.read_chunk(chunk), chunk.offset)
             if progress:
                 progress(chunk.length)
         os.fsync(fd)
@@ -71,36 +70,16 @@ def _to_device(
 ) -> None:
     for chunk in manifest.data_chunks():
         store.read_chunk(chunk)  # raises ChunkInvalid before anything is written
+    # the writer's own refusals: mounted, held, read-only or too small; then O_EXCL
+    target = open_target(dest, manifest.image_size)
     try:
-        fd = os.open(dest, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ExportError(exc.errno, f"cannot open {dest} exclusively: {exc.strerror} (in use?)") from None
-    try:
-        size = blockdev.size_of(fd)
-        if size < manifest.image_size:
-            raise ExportError(
-                errno.ENOSPC,
-                f"{dest}: expected at least {manifest.image_size} bytes, device has {size}",
-            )
         for chunk in manifest:
             if chunk.kind is ChunkKind.ZERO:
-                try:
-                    blockdev.zeroout(fd, chunk.offset, chunk.length)
-                except OSError:
-                    _pwrite_all(fd, bytes(chunk.length), chunk.offset)
+                target.zero(chunk.offset, chunk.length)
             else:
-                _pwrite_all(fd, store.read_chunk(chunk), chunk.offset)
+                target.write(store.read_chunk(chunk), chunk.offset)
             if progress:
                 progress(chunk.length)
-        os.fsync(fd)
+        os.fsync(target.buffered_fd)
     finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+        target.close()

@@ -279,4 +279,4 @@ def test_block_device_import_and_export(
         assert f.read() == b"\xff" * 2 * MiB  # past the image: untouched
     small = loop_device(4 * MiB)
     rc, _, err = sledge(capsys, "image", "export", "dev:1", small, "--store", str(store))
-    assert rc == 1 and "expected at least" in err
+    assert rc == 1 and f"image needs {8 * MiB} bytes, device has {4 * MiB}" in err

@@ -27,7 +27,7 @@ from agent.hardware.model import Disk
 from agent.progress import human_bytes
 from agent.runtime.jobs import JobContext, Outcome, failed
 from agent.runtime.partitions import mbr_partitions
-from agent.writer.device import OpenTarget, open_target
+from agent.writer.device import open_target
 from agent.writer.errors import WriteError
 from agent.writer.gpt import gpt_partitions, is_gpt
 
@@ -103,18 +103,6 @@ class _Progress:
         self.ctx.progress(f"erased {human_bytes(done)} of {human_bytes(self.total)}", done, self.total)
 
 
-def _zero(target: OpenTarget, offset: int, length: int) -> None:
-    try:
-        if not target.is_block:
-            raise OSError("not a block device")
-        blockdev.zeroout(target.fd, offset, length)
-    except OSError:
-        zeros = bytes(min(length, 4 * MiB))
-        done = 0
-        while done < length:
-            done += os.pwrite(target.buffered_fd, zeros[: length - done], offset + done)
-
-
 def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progress) -> str:
     target = open_target(disk.path, 0)
     try:
@@ -129,7 +117,7 @@ def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progre
         for off, length in ranges:
             if ctx.cancel.is_set():
                 raise WriteError(f"erase of {disk.path} cancelled at offset {off}")
-            _zero(target, off, length)
+            target.zero(off, length)
             progress.add(length)
         os.fsync(target.buffered_fd)
         os.fsync(target.fd)
