@@ -134,10 +134,12 @@ class Writer:
 
     # -- threads -----------------------------------------------------------------
 
-    def _run_threads(self, steps: Iterator[Step], work: object) -> None:
+    def _run_threads(self, steps: Iterator[Step], work: object, writing: bool = True) -> None:
+        """Run `work` on every step in the checking/fetching threads, with write threads only
+        when the work hands chunks over to be written (not for a read-back)."""
         writers = [
             threading.Thread(target=self._write_main, name=f"write-{i}", daemon=True)
-            for i in range(self.write_threads)
+            for i in range(self.write_threads if writing else 0)
         ]
         threads = [
             threading.Thread(target=self._thread_main, args=(steps, work), name=f"fetch-{i}", daemon=True)
@@ -262,7 +264,7 @@ class Writer:
                     bad.append(step.chunk)
 
         chunks = [c for c in self.manifest if not (skip_zero and c.kind is ChunkKind.ZERO)]
-        self._run_threads(iter(Step(c, Action.CHECK) for c in chunks), check)
+        self._run_threads(iter(Step(c, Action.CHECK) for c in chunks), check, writing=False)
         if bad:
             raise VerifyFailed(sorted(bad, key=lambda c: c.index))
 
