@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import ssl
 import urllib.parse
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from agent import protocol as p
+from agent.endpoint import Endpoint
 from agent.hardware.model import Inventory
 
 USER_AGENT = "sledge-agent"
@@ -58,19 +58,9 @@ class HttpTransport:
     """JSON over HTTP(S) with http.client; a fresh connection per call keeps failure handling simple."""
 
     def __init__(self, base_url: str, ca_file: str = "", timeout: float = 10.0) -> None:
-        parsed = urllib.parse.urlsplit(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"controller {base_url!r}: expected an http:// or https:// URL")
-        self.base = base_url.rstrip("/")
-        self._scheme = parsed.scheme
-        self._host = parsed.hostname
-        self._port = parsed.port
-        self._prefix = parsed.path.rstrip("/")
+        self._endpoint = Endpoint.parse(base_url, "controller", ca_file)
+        self.base = self._endpoint.url
         self._timeout = timeout
-        self._ssl: ssl.SSLContext | None = None
-        if parsed.scheme == "https":
-            # A pinned CA replaces the system store: only the controller's CA is trusted.
-            self._ssl = ssl.create_default_context(cafile=ca_file or None)
 
     def _call(
         self, method: str, path: str, token: str = "", body: object = None, timeout: float | None = None
@@ -82,15 +72,9 @@ class HttpTransport:
         if body is not None:
             data = p.encode_body(body)
             headers["Content-Type"] = p.JSON
-        conn: http.client.HTTPConnection
-        if self._ssl is not None:
-            conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout or self._timeout, context=self._ssl
-            )
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout or self._timeout)
+        conn = self._endpoint.connection(timeout or self._timeout)
         try:
-            conn.request(method, self._prefix + path, body=data, headers=headers)
+            conn.request(method, self._endpoint.prefix + path, body=data, headers=headers)
             resp = conn.getresponse()
             payload = resp.read(p.MAX_BODY + 1)
             status = resp.status

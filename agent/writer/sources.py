@@ -10,14 +10,13 @@ import contextlib
 import http.client
 import os
 import socket
-import ssl
 import struct
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.endpoint import Endpoint
 from agent.image import layout
 from agent.image.manifest import Chunk
 from agent.writer.errors import FetchError
@@ -100,32 +99,19 @@ class HttpSource:
         headers: dict[str, str] | None = None,
         ca_file: str = "",
     ) -> None:
-        parsed = urllib.parse.urlsplit(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"chunk source {base_url!r}: expected an http:// or https:// URL")
-        self.name = base_url.rstrip("/")
-        self._scheme = parsed.scheme
-        self._host = parsed.hostname
-        self._port = parsed.port
-        self._prefix = parsed.path.rstrip("/")
+        self._endpoint = Endpoint.parse(base_url, "chunk source", ca_file)
+        self.name = self._endpoint.url
         self._timeouts = timeouts or Timeouts()
         self._headers = {"User-Agent": "sledge-agent", **(headers or {})}
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._watchdog = _Watchdog()
-        # https: a pinned CA (the agent's sledge.ca) replaces the system store
-        self._ssl = ssl.create_default_context(cafile=ca_file or None) if parsed.scheme == "https" else None
 
     def _conn(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self._ssl is not None:
-                conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeouts.connect, context=self._ssl
-                )
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeouts.connect)
+            conn = self._endpoint.connection(self._timeouts.connect)
             conn.connect()
             if conn.sock is not None:
                 _stall_timeout(conn.sock, self._timeouts.stall)
@@ -145,7 +131,7 @@ class HttpSource:
                     self._all.remove(conn)
 
     def _request(self, relative: str) -> http.client.HTTPResponse:
-        url = f"{self._prefix}/{relative}"
+        url = f"{self._endpoint.prefix}/{relative}"
         try:
             conn = self._conn()
             conn.request("GET", url, headers=self._headers)

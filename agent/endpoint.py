@@ -1,0 +1,35 @@
+"""An http(s) base URL, checked and parsed once, that opens connections to it.
+
+Shared by the controller transport and the chunk sources: for https a pinned CA
+(the agent's sledge.ca) replaces the system store, so only that CA is trusted.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import urllib.parse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # without a trailing slash
+    host: str
+    port: int | None
+    prefix: str  # the URL's path, without a trailing slash
+    tls: ssl.SSLContext | None
+
+    @classmethod
+    def parse(cls, url: str, what: str, ca_file: str = "") -> Endpoint:
+        """`what` names the URL in the error ("controller", "chunk source")."""
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"{what} {url!r}: expected an http:// or https:// URL")
+        tls = ssl.create_default_context(cafile=ca_file or None) if parsed.scheme == "https" else None
+        return cls(url.rstrip("/"), parsed.hostname, parsed.port, parsed.path.rstrip("/"), tls)
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.tls is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
