@@ -1,4 +1,4 @@
-"""erase, inventory and reboot."""
+"""inventory and reboot."""
 
 from __future__ import annotations
 
