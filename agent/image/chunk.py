@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import blake3
-import zstandard
 
 from agent.image.manifest import Chunk, ChunkKind, Encoding
 
@@ -35,6 +34,8 @@ def decompress_bounded(chunk: Chunk, stored: bytes | bytearray | memoryview) -> 
     The declared size is checked before any memory is allocated for it, so a zstd
     bomb cannot grow past a chunk.
     """
+    import zstandard  # here, not at the top: a write of raw chunks never needs it (start-up time)
+
     data = bytes(stored)
     try:
         declared = zstandard.frame_content_size(data)

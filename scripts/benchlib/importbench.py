@@ -9,8 +9,8 @@ from pathlib import Path
 from benchlib.images import make_image
 from benchlib.proc import BenchError, Timed, log, timed
 from benchlib.report import Row, heading
-from benchlib.sledge import import_image
-from benchlib.system import MB, data_bytes, disk_usage, drop_caches, human
+from benchlib.sledge import import_image, tool
+from benchlib.system import MB, data_bytes, disk_usage, drop_caches, human, warm_programs
 
 
 @dataclass
@@ -58,6 +58,7 @@ def _rows(size: int) -> ImportRows:
 
 def _timed_cold(argv: list[str], *, discard_stdout: bool = False) -> Timed:
     drop_caches()
+    warm_programs([argv])
     return timed(argv, discard_stdout=discard_stdout)
 
 
@@ -77,6 +78,7 @@ def _sledge(rows: ImportRows, src: Path, size: int, data: int, work: Path, rep: 
     store = work / "sledge-store"
     shutil.rmtree(store, ignore_errors=True)
     drop_caches()
+    warm_programs([[tool("sledge"), "image"]])
     try:
         imported = import_image(src, "bench", str(rep), store)
     except BenchError as exc:

@@ -6,7 +6,7 @@ import errno
 import os
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from benchlib.proc import BenchError, run
@@ -36,6 +36,17 @@ def warm(paths: Iterable[Path]) -> int:
             while n := f.readinto(buf):
                 total += n
     return total
+
+
+def warm_programs(stages: Iterable[Sequence[str]]) -> None:
+    """Run each stage's program once, untimed, so its code is in the page cache (what the live
+    image has: the agent runs from RAM). `--version` for the peers; for sledge's commands, the
+    command's `--help`, which imports that command's modules."""
+    for argv in stages:
+        name = Path(argv[0]).name
+        ours = name in ("sledge", "sledge-agent") and len(argv) > 1
+        probe = [argv[0], argv[1], "--help"] if ours else [argv[0], "--version"]
+        subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, check=False)
 
 
 def files_under(root: Path) -> list[Path]:

@@ -21,7 +21,17 @@ from benchlib.sledge import (
     write_argv,
     write_report,
 )
-from benchlib.system import MB, MiB, discard, drop_caches, files_under, human, same_prefix, warm
+from benchlib.system import (
+    MB,
+    MiB,
+    discard,
+    drop_caches,
+    files_under,
+    human,
+    same_prefix,
+    warm,
+    warm_programs,
+)
 
 CHUNK = 4 * MiB  # sledge's default chunk size
 V2_FRACTION = 0.05
@@ -248,11 +258,13 @@ class WriteBench:
         fresh: bool = True,
     ) -> Timed | None:
         """Discard the device (a fresh disk) unless told not to, drop the caches, warm what the server
-        will send, time the command, and verify the device with cmp before counting the run."""
+        will send and the contender's programs, time the command, and verify the device with cmp
+        before counting the run."""
         if fresh:
             discard(self.device)
         drop_caches()
         self.warm_for(*served)
+        warm_programs(stages)
         t = timed_pipeline(stages)
         if self._rate(row, t, verify=img) is None:
             return None
