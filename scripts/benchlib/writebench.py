@@ -346,6 +346,13 @@ class WriteBench:
             return None
         return max(fetched) if worst else median(fetched)
 
+    def _read_bound(self, img: Image, row: Row) -> str:
+        data = sum(c["length"] for c in img.table if c["kind"] == "data")
+        usable = row.rates and self.fio_read.rates and self.line.rates
+        if not usable:
+            return ""
+        return _read_bound_text(self.size, data, self.fio_read.rate, self.line.rate, row.rate)
+
     def targets(self) -> list[Target]:
         rnd, hs = self.rows["random"], self.rows["halfsparse"]
 
@@ -361,12 +368,13 @@ class WriteBench:
                 "half-sparse: sledge fresh vs line rate (image bytes/s)", ratio(hs.sledge, self.line), 1.6
             ),
         ]
-        for rows in (rnd, hs):
+        for img, rows in ((self.random, rnd), (self.sparse, hs)):
             got = ratio(rows.sledge_same, self.line)
             fetched = self._downloaded(rows.sledge_same, worst=True)
             ok = got >= 2.0 and fetched == 0
             what = rows.sledge_same.label.replace("sledge, ", "")
             measured = f"{got:.2f}x, downloaded at most {human(fetched) if fetched is not None else '?'}"
+            measured += self._read_bound(img, rows.sledge_same)
             out.append(Target(what, ">= 2x line rate, 0 B downloaded", measured, ok))
         downloaded = self._downloaded(self.v2_row)
         v2 = (
@@ -385,6 +393,19 @@ class WriteBench:
             )
         )
         return out
+
+
+def _read_bound_text(size: int, data: int, fio_read: float, line: float, sledge: float) -> str:
+    """What the device's read rate allows a writer that hashes every data byte in place: the data
+    read at fio's read rate (zero ranges are zeroed alongside, not read), in image bytes/s."""
+    if not (data and fio_read and line and sledge):
+        return ""
+    bound = fio_read * size / data
+    return (
+        f"; the device reads at {fio_read / line:.2f}x line rate (fio), so reading the "
+        f"{human(data)} of data bounds this row at {bound / line:.2f}x; "
+        f"sledge: {sledge / bound:.2f}x of that bound"
+    )
 
 
 def _at_least(label: str, got: float, need: float) -> Target:
