@@ -19,6 +19,13 @@ class Endpoint:
     port: int | None
     prefix: str  # the URL's path, without a trailing slash
     tls: ssl.SSLContext | None
+    query: str = ""  # the URL's query string (a signed or tokenised store URL): sent with every request
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port], without the path."""
+        parsed = urllib.parse.urlsplit(self.url)
+        return f"{parsed.scheme}://{parsed.netloc}"
 
     @classmethod
     def parse(cls, url: str, what: str, ca_file: str = "") -> Endpoint:
@@ -27,7 +34,12 @@ class Endpoint:
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"{what} {url!r}: expected an http:// or https:// URL")
         tls = ssl.create_default_context(cafile=ca_file or None) if parsed.scheme == "https" else None
-        return cls(url.rstrip("/"), parsed.hostname, parsed.port, parsed.path.rstrip("/"), tls)
+        try:
+            port = parsed.port
+        except ValueError:
+            raise ValueError(f"{what} {url!r}: invalid port") from None
+        base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
+        return cls(base, parsed.hostname, port, parsed.path.rstrip("/"), tls, parsed.query)
 
     def connection(self, timeout: float) -> http.client.HTTPConnection:
         if self.tls is not None:

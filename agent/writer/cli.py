@@ -21,6 +21,19 @@ from agent.writer.plan import ZeroMode
 from agent.writer.sources import ChunkSource, Timeouts, open_source
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a value > 0, got {text}")
+        return value
+
+    return parse
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("write", help="write an image from chunk stores to a device or file")
     p.add_argument("--manifest", required=True, help="manifest URL, path, or digest (fetched from --source)")
@@ -30,24 +43,39 @@ def add_parser(sub: Any) -> None:
         default=[],
         help="chunk store base URL or directory; repeat for mirrors (default: the manifest's store)",
     )
+    p.add_argument(
+        "--digest", help="the manifest's blake3 digest: pins a manifest URL or path not named by it"
+    )
     p.add_argument("--device", required=True, help="block device or file to write")
     p.add_argument("--verify", action="store_true", help="read every chunk back past the cache")
     p.add_argument("--no-inplace", action="store_true", help="skip reading the target first (fresh disks)")
     p.add_argument("--zeros-dont-care", action="store_true", help="leave zero chunks' ranges as they are")
     p.add_argument("--no-gpt-fix", action="store_true", help="leave a backup GPT where the image put it")
-    p.add_argument("--workers", type=int, default=WriteOptions().workers, help="threads fetching chunks")
-    p.add_argument("--write-threads", type=int, default=WriteOptions().write_threads)
-    p.add_argument("--retries", type=int, default=RetryPolicy().retries)
-    p.add_argument("--stall-timeout", type=float, default=Timeouts().stall)
+    p.add_argument(
+        "--workers", type=_positive(int), default=WriteOptions().workers, help="threads fetching chunks"
+    )
+    p.add_argument("--write-threads", type=_positive(int), default=WriteOptions().write_threads)
+    p.add_argument(
+        "--retries", type=_positive(int), default=RetryPolicy().retries, help="rounds over all sources"
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=_positive(float),
+        default=Timeouts().stall,
+        help="seconds without a byte before a source counts as stalled",
+    )
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.set_defaults(run=run)
 
     v = sub.add_parser("verify", help="check that a device or file holds an image (drift); writes nothing")
     v.add_argument("--manifest", required=True, help="manifest URL, path, or digest (fetched from --source)")
     v.add_argument("--source", action="append", default=[], help="chunk store (only to fetch a manifest)")
+    v.add_argument(
+        "--digest", help="the manifest's blake3 digest: pins a manifest URL or path not named by it"
+    )
     v.add_argument("--device", required=True)
     v.add_argument("--skip-zero", action="store_true", help="do not check ranges the image has as zeros")
-    v.add_argument("--workers", type=int, default=WriteOptions().workers)
+    v.add_argument("--workers", type=_positive(int), default=WriteOptions().workers)
     v.set_defaults(run=run_verify)
 
 
@@ -65,30 +93,44 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    """Exit 0 if the target holds the image (chunks that differ only in the partition-table
+    sectors sledge rewrites at deploy count as holding it), 1 if it drifted, 2 on error."""
     sources: list[ChunkSource] = []
     try:
         sources = [open_source(s) for s in args.source]
-        loaded = load_manifest(args.manifest, sources)
+        loaded = load_manifest(args.manifest, sources, expect=args.digest)
+        if not sources and loaded.default_source is not None:
+            sources = [open_source(loaded.default_source)]
         target = open_for_read(args.device)
         try:
-            writer = Writer(loaded.manifest, loaded.digest, [], target, WriteOptions(workers=args.workers))
-            writer.verify(skip_zero=args.skip_zero)
+            writer = Writer(
+                loaded.manifest, loaded.digest, sources, target, WriteOptions(workers=args.workers)
+            )
+            drift = writer.drift(skip_zero=args.skip_zero)
         finally:
             target.close()
-    except VerifyFailed as exc:
-        print(f"sledge-agent: {args.device} does not hold the image: {exc}", file=sys.stderr)
-        for chunk in exc.bad:
-            print(
-                f"differs: chunk {chunk.index} offset {chunk.offset} length {chunk.length} blake3 {chunk.hex}"
-            )
-        return 1
     except (WriteError, FetchError, ValueError, OSError) as exc:
         print(f"sledge-agent: verify failed: {exc}", file=sys.stderr)
         return 2
     finally:
         for s in sources:
             s.close()
+    for chunk in drift.table_only:
+        print(
+            f"table: chunk {chunk.index} offset {chunk.offset} length {chunk.length} differs only in "
+            "the partition-table sectors sledge updates at deploy"
+        )
     m = loaded.manifest
+    if drift.drifted:
+        print(
+            f"sledge-agent: {args.device} does not hold the image: {VerifyFailed(drift.drifted)}",
+            file=sys.stderr,
+        )
+        for chunk in drift.drifted:
+            print(
+                f"differs: chunk {chunk.index} offset {chunk.offset} length {chunk.length} blake3 {chunk.hex}"
+            )
+        return 1
     print(f"{args.device} holds {m.meta.name}:{m.meta.version} ({loaded.digest}): {len(m)} chunks match")
     return 0
 
@@ -96,7 +138,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def _write(args: argparse.Namespace) -> WriteReport:
     timeouts = Timeouts(stall=args.stall_timeout)
     sources: list[ChunkSource] = [open_source(s, timeouts) for s in args.source]
-    loaded = load_manifest(args.manifest, sources, timeouts)
+    loaded = load_manifest(args.manifest, sources, timeouts, expect=args.digest)
     if not sources:
         if loaded.default_source is None:
             raise ValueError("no --source given and the manifest's location is not a chunk store")

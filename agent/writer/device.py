@@ -198,8 +198,14 @@ def _open_file(path: str, st: os.stat_result | None, image_size: int) -> OpenTar
         buffered = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise TargetError(f"target {path}: {exc.strerror}") from None
-    if os.fstat(buffered).st_size < image_size:
-        os.ftruncate(buffered, image_size)
+    try:
+        if os.fstat(buffered).st_size < image_size:
+            os.ftruncate(buffered, image_size)
+    except OSError as exc:
+        os.close(buffered)
+        raise TargetError(
+            f"target {path}: cannot grow it to the image's {image_size} bytes: {exc.strerror}"
+        ) from None
     try:
         fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         direct = True

@@ -56,8 +56,16 @@ class VerifyFailed(WriteError):
 class FetchError(Exception):
     """One failed attempt; `bad_bytes` marks a source that served wrong data (not just failed)."""
 
-    def __init__(self, source: str, message: str, bad_bytes: bool = False, missing: bool = False) -> None:
+    def __init__(
+        self,
+        source: str,
+        message: str,
+        bad_bytes: bool = False,
+        missing: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         self.source = source
         self.bad_bytes = bad_bytes
         self.missing = missing
+        self.retry_after = retry_after  # seconds the server asked us to wait (429/503 Retry-After)
         super().__init__(message)

@@ -28,6 +28,24 @@ class RetryPolicy:
     backoff: float = 0.2  # seconds before the second round; x4 each round after
     max_bad: int = 3  # bad-byte answers before a source is dropped
     max_backoff: float = 10.0  # the longest wait between rounds
+    max_retry_after: float = 60.0  # the longest a server's Retry-After (429/503) is honoured
+
+    def __post_init__(self) -> None:
+        if self.retries < 1:
+            raise ValueError(
+                f"retry policy: retries (rounds over the sources) must be >= 1, got {self.retries}"
+            )
+        if self.max_bad < 1:
+            raise ValueError(f"retry policy: max_bad must be >= 1, got {self.max_bad}")
+
+    def delay(self, round_: int, retry_after: float | None) -> float:
+        """Seconds to wait before round `round_` (1-based after the first): exponential backoff
+        with jitter, or the longest Retry-After a source sent in the last round if longer."""
+        delay = min(self.max_backoff, self.backoff * 4 ** (round_ - 1))
+        wait = random.uniform(delay / 2, delay)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_retry_after))
+        return wait
 
 
 class SourceSet:
@@ -63,11 +81,12 @@ class SourceSet:
     ) -> tuple[memoryview, str]:
         """Return a view of the verified raw bytes (in `stored` or `raw`) and the source's name."""
         errors: dict[str, str] = {}
+        retry_after: float | None = None
         for round_ in range(self.policy.retries):
             if round_:
-                delay = min(self.policy.max_backoff, self.policy.backoff * 4 ** (round_ - 1))
-                if self.cancel.wait(random.uniform(delay / 2, delay)):
+                if self.cancel.wait(self.policy.delay(round_, retry_after)):
                     raise Cancelled(f"cancelled while retrying {chunk.describe()}")
+                retry_after = None
             sources = self.usable()
             if not sources:
                 break
@@ -78,6 +97,10 @@ class SourceSet:
                     view = self._attempt(source, chunk, stored, raw, timing)
                     return view, source.name
                 except FetchError as exc:
+                    if self.cancel.is_set():
+                        raise Cancelled(f"cancelled while fetching {chunk.describe()}") from None
+                    if exc.retry_after is not None:
+                        retry_after = max(retry_after or 0.0, exc.retry_after)
                     errors[source.name] = str(exc)
                     dropped = self._strike(source) if exc.bad_bytes else False
                     self.on_failure(SourceFailed(source.name, chunk.index, str(exc), dropped))

@@ -31,28 +31,47 @@ class LoadedManifest:
 
 
 def load_manifest(
-    spec: str, sources: Sequence[ChunkSource], timeouts: Timeouts | None = None, limits: Limits | None = None
+    spec: str,
+    sources: Sequence[ChunkSource],
+    timeouts: Timeouts | None = None,
+    limits: Limits | None = None,
+    expect: str | None = None,
 ) -> LoadedManifest:
+    """`expect`: a digest the manifest must have, wherever it comes from (pins any URL or path)."""
     limits = limits or Limits()
-    if _HEX64.fullmatch(spec):
-        return _from_sources(spec, sources, limits)
+    if expect is not None:
+        if not _HEX64.fullmatch(expect.lower()):
+            raise ValueError(f"expected manifest digest {expect!r}: expected 64 hex characters")
+        loaded = load_manifest(spec, sources, timeouts, limits)
+        if loaded.digest != expect.lower():
+            raise BadManifest(
+                f"manifest {spec}: expected blake3 {expect.lower()}, got {loaded.digest}; refusing it"
+            )
+        return LoadedManifest(loaded.manifest, loaded.digest, True, loaded.default_source)
+    if _HEX64.fullmatch(spec.lower()):
+        return _from_sources(spec.lower(), sources, limits)
     if spec.startswith(("http://", "https://")):
         parsed = urllib.parse.urlsplit(spec)
         base = f"{parsed.scheme}://{parsed.netloc}"
-        head, _, last = parsed.path.rpartition("/")
-        data = _get(HttpSource(base, timeouts), parsed.path.lstrip("/"), limits)
+        path = parsed.path.rstrip("/")
+        head, _, last = path.rpartition("/")
+        relative = path.lstrip("/") + (f"?{parsed.query}" if parsed.query else "")
+        data = _get(HttpSource(base, timeouts), relative, limits)
         store = base + head.rpartition("/")[0] if head.endswith("/manifests") else None
+        last = urllib.parse.unquote(last)
     else:
         try:
             with open(spec, "rb") as f:
                 data = f.read(limits.max_manifest_bytes + 1)
         except OSError as exc:
             raise ManifestUnavailable(f"manifest {spec}: {exc.strerror}") from None
-        last = os.path.basename(spec)
+        last = os.path.basename(spec.rstrip("/"))
         parent = os.path.dirname(os.path.abspath(spec))
         store = os.path.dirname(parent) if os.path.basename(parent) == "manifests" else None
-    pinned = bool(_HEX64.fullmatch(last))
-    return _decode(spec, data, last if pinned else None, limits, store)
+    # Pinned by any spelling of a digest (case, percent-encoding, a trailing slash): a URL that
+    # names a digest must never be read as unpinned because of how it was written.
+    pin = last.lower() if _HEX64.fullmatch(last.lower()) else None
+    return _decode(spec, data, pin, limits, store)
 
 
 def _get(source: HttpSource, relative: str, limits: Limits) -> bytes:

@@ -9,6 +9,7 @@ SKIP   nothing to do (a zero chunk on a fresh sparse file, or zeros as don't-car
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from agent.image.manifest import Chunk, ChunkKind, Manifest
@@ -69,22 +70,30 @@ def plan_chunk(chunk: Chunk, target: Target, options: PlanOptions) -> Action:
     return Action.CHECK
 
 
-def plan(manifest: Manifest, target: Target, options: PlanOptions) -> list[Step]:
-    """One step per chunk, except that runs of ZERO or SKIP chunks (up to MAX_RUN bytes) are one step."""
-    steps: list[Step] = []
+def iter_plan(manifest: Manifest, target: Target, options: PlanOptions) -> Iterator[Step]:
+    """One step per chunk, except that runs of ZERO or SKIP chunks (up to MAX_RUN bytes) are one
+    step. Lazy: a manifest at the decoder's limit (2^21 chunks) costs no memory per chunk here."""
+    last: Step | None = None
     for chunk in manifest:
         action = plan_chunk(chunk, target, options)
-        last = steps[-1] if steps else None
         if (
             last is not None
             and action is last.action
             and action in (Action.ZERO, Action.SKIP)
             and last.size + chunk.length <= MAX_RUN
         ):
-            steps[-1] = Step(last.chunk, action, last.count + 1, last.size + chunk.length)
-        else:
-            steps.append(Step(chunk, action))
-    return steps
+            last = Step(last.chunk, action, last.count + 1, last.size + chunk.length)
+            continue
+        if last is not None:
+            yield last
+        last = Step(chunk, action)
+    if last is not None:
+        yield last
+
+
+def plan(manifest: Manifest, target: Target, options: PlanOptions) -> list[Step]:
+    """iter_plan as a list (tests, and callers that want the whole plan)."""
+    return list(iter_plan(manifest, target, options))
 
 
 def after_check(chunk: Chunk, matches: bool) -> Action:

@@ -125,13 +125,27 @@ def test_backup_gpt_moves_to_the_end_of_a_larger_disk(
     assert sgdisk_ok(str(src))
     root, manifest, digest = make_store(tmp_path, src)
     dev = loop_device(64 * MiB)
-    report = write(manifest, digest, [DirectorySource(str(root))], dev, WriteOptions(fix_gpt=fix))
-    assert report.gpt_relocated is fix
+    # --verify reads back after the move: the table sectors sledge rewrote are not drift
+    report = write(
+        manifest, digest, [DirectorySource(str(root))], dev, WriteOptions(fix_gpt=fix, verify=True)
+    )
+    assert report.gpt_relocated is fix and report.verified
     assert sgdisk_ok(dev) is fix  # without the move, sgdisk reports the misplaced backup
     if fix:
         # the partitions are unchanged
         table = subprocess.run(["sgdisk", "-p", dev], capture_output=True, text=True).stdout
         assert "8.0 KiB" not in table and " 1 " in table and " 2 " in table
+    # `sledge-agent verify` agrees, and still sees drift outside the table in the same chunk
+    manifest_path = str(root / "manifests" / digest)
+    verify = [sys.executable, "-m", "agent.cli", "verify", "--manifest", manifest_path, "--device", dev]
+    held = subprocess.run(verify, capture_output=True, text=True)
+    assert held.returncode == 0, held.stderr
+    assert ("table: chunk 0" in held.stdout) is fix
+    with open(dev, "r+b") as f:
+        f.seek(64 * 1024)  # chunk 0 again, past the GPT's entries
+        f.write(b"drift")
+    drifted = subprocess.run(verify, capture_output=True, text=True)
+    assert drifted.returncode == 1 and "differs: chunk 0 " in drifted.stdout
 
 
 def test_resume_after_a_killed_write_fetches_only_what_is_missing(

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from agent.image.manifest import ChunkEntry, ChunkKind, Encoding, Manifest, Metadata, zero_digest
-from agent.writer.plan import MAX_RUN, Action, PlanOptions, Target, ZeroMode, after_check, plan, plan_chunk
+from agent.writer.plan import (
+    MAX_RUN,
+    Action,
+    PlanOptions,
+    Target,
+    ZeroMode,
+    after_check,
+    iter_plan,
+    plan,
+    plan_chunk,
+)
 
 MiB = 1 << 20
 
@@ -72,3 +82,22 @@ def test_runs_are_capped() -> None:
     steps = plan(manifest("z" * n), FRESH, PlanOptions())
     assert [s.count for s in steps] == [MAX_RUN // (4 * MiB), 3]
     assert all(s.action is Action.SKIP for s in steps)
+
+
+def test_the_plan_is_lazy() -> None:
+    """Steps come as the chunks are read: a huge manifest costs no memory per chunk up front."""
+
+    class Counting:
+        def __init__(self, m: Manifest) -> None:
+            self.m, self.read = m, 0
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for chunk in self.m:
+                self.read += 1
+                yield chunk
+
+    m = Counting(manifest("d" * 200))
+    steps = iter_plan(m, DISK, PlanOptions())  # type: ignore[arg-type]
+    assert next(steps).action is Action.CHECK
+    assert m.read <= 2
+    assert len(list(steps)) == 199
