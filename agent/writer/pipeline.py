@@ -181,12 +181,22 @@ class Writer:
         ]
         for t in writers + threads:
             t.start()
-        for t in threads:
-            t.join()
-        for _ in writers:
-            self._writes.put(None)
-        for t in writers:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:
+            # Ctrl-C in the caller's thread: the others stop at a chunk boundary, and none may
+            # outlive run() (the caller closes the target's fds next)
+            self._fail(Cancelled(f"write to {self.target.path} interrupted"))
+            self.cancel.set()
+            raise
+        finally:
+            for t in threads:
+                t.join()
+            for _ in writers:
+                self._writes.put(None)
+            for t in writers:
+                t.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error

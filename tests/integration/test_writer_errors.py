@@ -4,8 +4,10 @@ the thing and the expectation, exit codes a script can rely on."""
 from __future__ import annotations
 
 import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from controller.images.importer import ImportOptions, import_image
 from controller.images.sources import RawSource
 from controller.images.store import WritableStore
+from tests.chunkserver import serve
 from tests.images import MiB, random_bytes, write_image
 
 
@@ -92,3 +95,34 @@ def test_write_pins_a_manifest_by_digest(tmp_path: Path, store: tuple[Path, str]
     assert wrong.returncode == 1 and f"expected blake3 {'0' * 64}, got {digest}" in wrong.stderr
     assert not dest.exists() or dest.stat().st_size == 0
     assert agent(*base, "--digest", digest.upper()).returncode == 0
+
+
+def test_ctrl_c_stops_every_thread_before_the_target_is_closed(tmp_path: Path) -> None:
+    """SIGINT mid-write: exit 130 soon, every chunk-sized region old or new (no thread writes after
+    the fds are closed), and a re-run finishes the job."""
+    data = random_bytes(24 * MiB, 6)
+    src = write_image(tmp_path / "img.raw", 24 * MiB, [(0, data)])
+    writable = WritableStore(tmp_path / "store")
+    raw = RawSource(str(src))
+    try:
+        digest = import_image(writable, raw, ImportOptions("c", "1", chunk_size=MiB)).digest
+    finally:
+        raw.close()
+    dest = tmp_path / "out.img"
+    old = random_bytes(24 * MiB, 7)
+    dest.write_bytes(old)
+    with serve(writable.root) as server:
+        server.delay = 0.3  # 24 chunks over 4 threads: ~1.8 s of work
+        argv = [sys.executable, "-m", "agent.cli", "write", "--manifest", f"{server.url}/manifests/{digest}"]
+        proc = subprocess.Popen([*argv, "--device", str(dest)], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while sum(server.requests.values()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)  # mid-write: some chunks asked for, most not
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        written = dest.read_bytes()
+        for off in range(0, len(data), MiB):
+            assert written[off : off + MiB] in (old[off : off + MiB], data[off : off + MiB]), off
+        assert agent("write", *argv[4:], "--device", str(dest)).returncode == 0
+    assert dest.read_bytes() == data
