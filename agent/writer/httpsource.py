@@ -23,6 +23,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from agent.endpoint import Endpoint
 from agent.image import layout
@@ -32,6 +33,7 @@ from agent.writer.errors import FetchError
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
 MAX_ORIGINS = 4  # connections one thread keeps (the source, plus where it redirects)
+MAX_KNOWN_ORIGINS = 16  # redirect targets whose endpoint (and TLS context) is kept
 # A failure on a reused connection before any response: the server closed it while idle.
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -106,13 +108,21 @@ class HttpSource:
             if resp.length is not None and resp.length != expected:
                 ex.fail(f"Content-Length {resp.length}, expected {expected}", bad_bytes=True)
             target = buf[:expected]
-            while got < expected:
-                n: int | None = resp.readinto(target[got:])
-                if n is None:  # SO_RCVTIMEO expired: the socket reads as "would block"
-                    ex.fail(f"timed out (stalled) after {got} bytes")
-                if not n:
-                    break
-                got += n
+            fast = resp.length is not None and ex.conn is not None
+            if fast:  # a plain body: the kernel's SO_RCVTIMEO, no poll before every recv
+                assert ex.conn is not None
+                ex.conn.sock.settimeout(None)
+            try:
+                while got < expected:
+                    n: int | None = resp.readinto(target[got:])
+                    if n is None:  # SO_RCVTIMEO expired: the socket reads as "would block"
+                        ex.fail(f"timed out (stalled) after {got} bytes")
+                    if not n:
+                        break
+                    got += n
+            finally:
+                if fast and ex.conn is not None:
+                    ex.conn.sock.settimeout(self._timeouts.stall)
             if got < expected:
                 ex.fail(f"body ended after {got} of {expected} bytes", progress=got)
             if resp.length is None and resp.read(1):  # chunked or close-delimited: check it ends
@@ -121,7 +131,6 @@ class HttpSource:
             return got
         except (OSError, http.client.HTTPException) as exc:
             ex.fail(_describe(exc), progress=got)
-            raise AssertionError("unreachable") from None
 
     def get(self, relative: str, limit: int) -> bytes:
         ex = _Exchange(self, relative, self._timeouts.deadline(limit))
@@ -141,7 +150,6 @@ class HttpSource:
             return data
         except (OSError, http.client.HTTPException) as exc:
             ex.fail(_describe(exc))
-            raise AssertionError("unreachable") from None
 
     def interrupt(self) -> None:
         """Abort every exchange in flight and refuse new ones (a cancelled job)."""
@@ -182,9 +190,13 @@ class HttpSource:
         _stall_timeout(h.sock, self._timeouts.stall)
         with contextlib.suppress(OSError):
             h.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = pool[endpoint.origin] = _Conn(h, h.sock)
+        conn = _Conn(h, h.sock)
         with self._lock:
+            if self._interrupted:  # interrupt() came while this one was connecting
+                h.close()
+                raise FetchError(self.name, "interrupted")
             self._all.add(conn)
+        pool[endpoint.origin] = conn
         return conn
 
     def _drop(self, conn: _Conn) -> None:
@@ -207,6 +219,8 @@ class HttpSource:
         if endpoint is None:
             endpoint = Endpoint.parse(origin, "redirect target", self._ca_file)
             with self._lock:
+                if len(self._origins) >= MAX_KNOWN_ORIGINS:  # a server redirecting everywhere
+                    del self._origins[next(o for o in self._origins if o != self._endpoint.origin)]
                 self._origins.setdefault(origin, endpoint)
         return endpoint
 
@@ -236,17 +250,7 @@ class _Exchange:
             retry_after = _retry_after(resp.getheader("Retry-After")) if status in (429, 503) else None
             self._release(reusable=False)  # its body is not read: the connection cannot carry another
             if status in REDIRECTS and location:
-                url = urllib.parse.urljoin(endpoint.origin + target, location)
-                parsed = urllib.parse.urlsplit(url)
-                if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                    self.fail(f"HTTP {status} redirect to {location!r}: expected an http(s) URL")
-                if endpoint.tls is not None and parsed.scheme != "https":
-                    self.fail(f"HTTP {status} redirect from https to {url}: refusing to drop TLS")
-                try:
-                    endpoint = src._endpoint_for(url)
-                except ValueError as exc:
-                    self.fail(f"HTTP {status} redirect: {exc}")
-                target = urllib.parse.urlunsplit(("", "", parsed.path or "/", parsed.query, ""))
+                endpoint, target = self._redirect(status, endpoint, target, location)
                 continue
             raise FetchError(
                 src.name,
@@ -255,7 +259,28 @@ class _Exchange:
                 retry_after=retry_after,
             )
         self.fail(f"more than {MAX_REDIRECTS} redirects")
-        raise AssertionError("unreachable")
+
+    def _redirect(self, status: int, endpoint: Endpoint, target: str, location: str) -> tuple[Endpoint, str]:
+        """Where a redirect points: its endpoint and request target (percent-encoded, no fragment)."""
+        try:
+            url = urllib.parse.urljoin(endpoint.origin + target, location.strip())
+            parsed = urllib.parse.urlsplit(url)
+            ok = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+            if ok:
+                parsed.port  # noqa: B018 (raises ValueError on a bad port)
+        except ValueError:
+            ok = False
+        if not ok:
+            self.fail(f"HTTP {status} redirect to {location!r}: expected an http(s) URL")
+        if endpoint.tls is not None and parsed.scheme != "https":
+            self.fail(f"HTTP {status} redirect from https to {url}: refusing to drop TLS")
+        try:
+            new = self.source._endpoint_for(url)
+        except ValueError as exc:
+            self.fail(f"HTTP {status} redirect: {exc}")
+        path = urllib.parse.quote(parsed.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        query = urllib.parse.quote(parsed.query, safe="/%:@!$&'()*+,;=-._~?")
+        return new, urllib.parse.urlunsplit(("", "", path, query, ""))
 
     def _send(self, endpoint: Endpoint, target: str) -> http.client.HTTPResponse:
         src = self.source
@@ -304,7 +329,7 @@ class _Exchange:
 
     def fail(
         self, reason: str, bad_bytes: bool = False, progress: int | None = None, fired: bool = False
-    ) -> None:
+    ) -> NoReturn:
         """Release the connection and raise FetchError; a cut exchange is named as too slow."""
         fired = self._release(reusable=False) or fired
         src = self.source
@@ -331,11 +356,11 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -387,17 +412,20 @@ class _Watchdog:
 
 
 def _stall_timeout(sock: socket.socket, seconds: float) -> None:
-    """A blocking socket whose reads and writes give up after `seconds` without progress.
+    """Both ways of giving up after `seconds` without a byte, for the two kinds of reading.
 
-    The kernel's SO_RCVTIMEO/SO_SNDTIMEO rather than Python's settimeout(): the latter
-    makes the socket non-blocking and polls before every recv, a system call per
-    read that a 4 MiB chunk pays dozens of times. (A zero timeval would mean "never".)
+    Python's settimeout() (the mode the socket is left in) for what http.client parses itself:
+    status line, headers, chunk sizes, trailers, manifests. A stall there raises a timeout
+    instead of reading as a short line or an early end. The kernel's SO_RCVTIMEO/SO_SNDTIMEO,
+    set here too, take over while fetch_into reads a Content-Length body with the socket in
+    blocking mode: settimeout polls before every recv, a system call per read that a 4 MiB
+    chunk pays dozens of times. (A zero timeval would mean "never".)
     """
-    sock.settimeout(None)
     usec = max(1000, round(seconds * 1_000_000))
     tv = struct.pack("ll", usec // 1_000_000, usec % 1_000_000)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.settimeout(usec / 1_000_000)
 
 
 def _describe(exc: BaseException) -> str:

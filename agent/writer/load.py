@@ -9,6 +9,7 @@ digest reported.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -54,24 +55,31 @@ def load_manifest(
         parsed = urllib.parse.urlsplit(spec)
         base = f"{parsed.scheme}://{parsed.netloc}"
         path = parsed.path.rstrip("/")
-        head, _, last = path.rpartition("/")
+        head, _, _ = path.rpartition("/")
         relative = path.lstrip("/") + (f"?{parsed.query}" if parsed.query else "")
         data = _get(HttpSource(base, timeouts), relative, limits)
         store = base + head.rpartition("/")[0] if head.endswith("/manifests") else None
-        last = urllib.parse.unquote(last)
+        last = _last_segment(urllib.parse.unquote(parsed.path))
     else:
         try:
             with open(spec, "rb") as f:
                 data = f.read(limits.max_manifest_bytes + 1)
         except OSError as exc:
             raise ManifestUnavailable(f"manifest {spec}: {exc.strerror}") from None
-        last = os.path.basename(spec.rstrip("/"))
+        last = _last_segment(spec)
         parent = os.path.dirname(os.path.abspath(spec))
         store = os.path.dirname(parent) if os.path.basename(parent) == "manifests" else None
     # Pinned by any spelling of a digest (case, percent-encoding, a trailing slash): a URL that
     # names a digest must never be read as unpinned because of how it was written.
     pin = last.lower() if _HEX64.fullmatch(last.lower()) else None
     return _decode(spec, data, pin, limits, store)
+
+
+def _last_segment(path: str) -> str:
+    """The name a path resolves to, as a server or filesystem would read it: dot segments and a
+    trailing slash resolved, `;params` and surrounding blanks dropped (a digest so written pins)."""
+    name = posixpath.basename(posixpath.normpath(path or "/"))
+    return name.split(";", 1)[0].strip()
 
 
 def _get(source: HttpSource, relative: str, limits: Limits) -> bytes:

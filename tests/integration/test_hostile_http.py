@@ -13,7 +13,7 @@ import pytest
 
 from agent.image.manifest import Manifest
 from agent.writer.device import open_target
-from agent.writer.errors import BadManifest, Cancelled, FetchError
+from agent.writer.errors import BadManifest, Cancelled, FetchError, ManifestUnavailable
 from agent.writer.events import Event, SourceFailed
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
@@ -270,8 +270,16 @@ def test_cancel_aborts_a_request_stuck_on_the_server(
 
 @pytest.mark.parametrize(
     "spelling",
-    [str.upper, lambda d: d + "/", lambda d: "%" + format(ord(d[0]), "02X") + d[1:]],
-    ids=["upper-case", "trailing-slash", "percent-encoded"],
+    [
+        str.upper,
+        lambda d: d + "/",
+        lambda d: "%" + format(ord(d[0]), "02X") + d[1:],
+        lambda d: d + "%2F",
+        lambda d: d + "/.",
+        lambda d: d + ";v=1",
+        lambda d: d + "%20",
+    ],
+    ids=["upper-case", "trailing-slash", "percent-encoded", "encoded-slash", "dot", "params", "blank"],
 )
 def test_any_spelling_of_a_digest_pins_the_manifest(
     tmp_path: Path, store: tuple[Path, Manifest, str, bytes], spelling: object
@@ -299,3 +307,73 @@ def test_any_spelling_of_a_digest_pins_the_manifest(
         with pytest.raises(BadManifest, match=f"expected blake3 {digest}"):
             load_manifest(f"{server.url}/latest.manifest", [], T, expect=digest.upper())
         assert load_manifest(f"{server.url}/latest.manifest", [], T, expect=forged).pinned
+
+
+def test_garbage_from_a_server_is_a_failed_attempt_not_a_crash(
+    tmp_path: Path, store: tuple[Path, Manifest, str, bytes]
+) -> None:
+    """Odd header values (a superscript Retry-After, a Location no URL parser takes) fail that
+    source's attempt cleanly: the next source serves the chunk and the write completes."""
+    root, manifest, digest, data = store
+    answers = [
+        b"HTTP/1.1 503 Busy\r\nRetry-After: \xc2\xb2\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: http://[::1/x\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 302 Found\r\nLocation: /caf\xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+    ]
+
+    def odd(server: RawServer, conn: socket.socket) -> None:
+        while server.read_request(conn) is not None:
+            conn.sendall(answers[len(server.requests) % len(answers)])
+
+    def good(server: RawServer, conn: socket.socket) -> None:
+        keep_serving(server, conn)
+
+    dest = tmp_path / "out.img"
+    seen: list[Event] = []
+    options = WriteOptions(workers=1, retry=RetryPolicy(retries=1))
+    with raw_server(odd, root) as bad, raw_server(good, root) as mirror:
+        sources: list[ChunkSource] = [HttpSource(bad.url, T), HttpSource(mirror.url, T)]
+        write_file(manifest, digest, sources, dest, options=options, listener=seen.append)
+    assert dest.read_bytes() == data
+    errors = [e.error for e in seen if isinstance(e, SourceFailed)]
+    assert errors and all(e.startswith("GET chunks/") for e in errors), errors
+
+
+def test_a_stall_inside_headers_is_a_stall_not_bad_bytes(store: tuple[Path, Manifest, str, bytes]) -> None:
+    root, manifest, _, _ = store
+
+    def half_header(server: RawServer, conn: socket.socket) -> None:
+        server.read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10")  # ... and the rest never comes
+        while server.alive():
+            time.sleep(0.05)
+
+    with raw_server(half_header, root) as server:
+        source = HttpSource(server.url, T)
+        chunk = manifest.chunk(0)
+        try:
+            with pytest.raises(FetchError) as caught:
+                source.fetch_into(chunk, memoryview(bytearray(chunk.stored_len)))
+        finally:
+            source.close()
+    assert not caught.value.bad_bytes  # a slow network is not a lying source (3 strikes drop one)
+    assert "stalled" in str(caught.value) or "too slow" in str(caught.value)
+
+
+def test_a_manifest_stalled_after_its_headers_is_unavailable_not_bad(
+    store: tuple[Path, Manifest, str, bytes],
+) -> None:
+    root, _, digest, _ = store
+
+    def half_manifest(server: RawServer, conn: socket.socket) -> None:
+        line = server.read_request(conn)
+        assert line is not None
+        body = server.file_for(line)
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + body[: len(body) // 2])  # close-delimited, then silence
+        while server.alive():
+            time.sleep(0.05)
+
+    with raw_server(half_manifest, root) as server, pytest.raises(ManifestUnavailable) as caught:
+        load_manifest(f"{server.url}/manifests/{digest}", [], T)
+    assert not isinstance(caught.value, BadManifest)  # a deploy retries an unavailable manifest
+    assert "stalled" in str(caught.value) or "too slow" in str(caught.value)
