@@ -19,11 +19,9 @@ from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
 from agent.writer.pipeline import WriteOptions, Writer
 from agent.writer.sources import ChunkSource, HttpSource, Timeouts
-from controller.images.importer import ImportOptions, import_image
-from controller.images.sources import RawSource
-from controller.images.store import WritableStore
 from tests.images import MiB, random_bytes, write_image
 from tests.rawserver import RawServer, raw_server
+from tests.stores import import_store
 
 T = Timeouts(connect=2.0, stall=0.5, min_rate=1 << 20)  # a 1 MiB chunk: 1.5 s for the whole exchange
 SLACK = 1.5  # the watchdog looks every 0.1 s; a loaded CI machine adds more
@@ -33,13 +31,8 @@ SLACK = 1.5  # the watchdog looks every 0.1 s; a loaded CI machine adds more
 def store(tmp_path: Path) -> tuple[Path, Manifest, str, bytes]:
     data = random_bytes(2 * MiB, 31)
     src = write_image(tmp_path / "img.raw", 2 * MiB, [(0, data)])
-    writable = WritableStore(tmp_path / "store")
-    raw = RawSource(str(src))
-    try:
-        result = import_image(writable, raw, ImportOptions("h", "1", chunk_size=MiB))
-    finally:
-        raw.close()
-    return writable.root, result.manifest, result.digest, data
+    root, manifest, digest = import_store(tmp_path / "store", src, "h")
+    return root, manifest, digest, data
 
 
 def ok_response(server: RawServer, conn: socket.socket, line: str, extra: bytes = b"") -> None:
@@ -287,13 +280,8 @@ def test_any_spelling_of_a_digest_pins_the_manifest(
     root, _, digest, _ = store
     other = tmp_path / "other.raw"
     write_image(other, MiB, [(0, random_bytes(MiB, 99))])
-    writable = WritableStore(tmp_path / "other-store")
-    raw = RawSource(str(other))
-    try:
-        forged = import_image(writable, raw, ImportOptions("forged", "1", chunk_size=MiB)).digest
-    finally:
-        raw.close()
-    forged_bytes = (writable.root / "manifests" / forged).read_bytes()
+    other_root, _, forged = import_store(tmp_path / "other-store", other, "forged")
+    forged_bytes = (other_root / "manifests" / forged).read_bytes()
 
     def attacker(server: RawServer, conn: socket.socket) -> None:  # the same manifest for any path
         while server.read_request(conn) is not None:

@@ -19,11 +19,9 @@ from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
 from agent.writer.pipeline import WriteOptions, Writer
 from agent.writer.sources import ChunkSource, DirectorySource, HttpSource, Timeouts
-from controller.images.importer import ImportOptions, import_image
-from controller.images.sources import RawSource
-from controller.images.store import WritableStore
 from tests.chunkserver import FAULTS, serve
 from tests.images import MiB, half_sparse_image, random_bytes, write_image
+from tests.stores import import_store
 
 FAST = WriteOptions(workers=3, retry=RetryPolicy(retries=2, backoff=0.01, max_bad=3))
 TIMEOUTS = Timeouts(connect=2.0, stall=0.5, min_rate=4 << 20)
@@ -32,13 +30,7 @@ TIMEOUTS = Timeouts(connect=2.0, stall=0.5, min_rate=4 << 20)
 def make_store(
     tmp_path: Path, src: Path, name: str = "img", version: str = "1"
 ) -> tuple[Path, Manifest, str]:
-    store = WritableStore(tmp_path / "store")
-    source = RawSource(str(src))
-    try:
-        result = import_image(store, source, ImportOptions(name, version, chunk_size=MiB))
-    finally:
-        source.close()
-    return store.root, result.manifest, result.digest
+    return import_store(tmp_path / "store", src, name, version)
 
 
 def write(

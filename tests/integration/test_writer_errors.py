@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.images.importer import ImportOptions, import_image
-from controller.images.sources import RawSource
-from controller.images.store import WritableStore
 from tests.chunkserver import serve
 from tests.images import MiB, random_bytes, write_image
+from tests.stores import import_store
 
 
 def agent(*args: str, preexec: object = None) -> subprocess.CompletedProcess[str]:
@@ -31,13 +29,8 @@ def agent(*args: str, preexec: object = None) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def store(tmp_path: Path) -> tuple[Path, str]:
     src = write_image(tmp_path / "img.raw", 4 * MiB, [(0, random_bytes(4 * MiB, 5))])
-    writable = WritableStore(tmp_path / "store")
-    raw = RawSource(str(src))
-    try:
-        digest = import_image(writable, raw, ImportOptions("e", "1", chunk_size=MiB)).digest
-    finally:
-        raw.close()
-    return writable.root, digest
+    root, _, digest = import_store(tmp_path / "store", src, "e")
+    return root, digest
 
 
 @pytest.mark.parametrize(
@@ -102,16 +95,11 @@ def test_ctrl_c_stops_every_thread_before_the_target_is_closed(tmp_path: Path) -
     the fds are closed), and a re-run finishes the job."""
     data = random_bytes(24 * MiB, 6)
     src = write_image(tmp_path / "img.raw", 24 * MiB, [(0, data)])
-    writable = WritableStore(tmp_path / "store")
-    raw = RawSource(str(src))
-    try:
-        digest = import_image(writable, raw, ImportOptions("c", "1", chunk_size=MiB)).digest
-    finally:
-        raw.close()
+    root, _, digest = import_store(tmp_path / "store", src, "c")
     dest = tmp_path / "out.img"
     old = random_bytes(24 * MiB, 7)
     dest.write_bytes(old)
-    with serve(writable.root) as server:
+    with serve(root) as server:
         server.delay = 0.3  # 24 chunks over 4 threads: ~1.8 s of work
         argv = [sys.executable, "-m", "agent.cli", "write", "--manifest", f"{server.url}/manifests/{digest}"]
         proc = subprocess.Popen([*argv, "--device", str(dest)], stderr=subprocess.PIPE, text=True)
