@@ -167,7 +167,7 @@ def _write(args: argparse.Namespace) -> WriteReport:
                 file=sys.stderr,
             )
 
-    target = open_target(args.device, manifest.image_size)
+    target = open_target(args.device, manifest.image_size, exact_file=True)
     try:
         writer = Writer(manifest, loaded.digest, sources, target, options, listener, threading.Event())
         report = writer.run()

@@ -141,7 +141,11 @@ def zeroout_is_cheap(st: os.stat_result, paths: SysPaths = SysPaths()) -> bool:
         return False
 
 
-def open_target(path: str, image_size: int, paths: SysPaths = SysPaths()) -> OpenTarget:
+def open_target(
+    path: str, image_size: int, paths: SysPaths = SysPaths(), exact_file: bool = False
+) -> OpenTarget:
+    """`exact_file`: a regular file is made exactly `image_size` bytes, cut if longer (what
+    `bmaptool copy` and `dd` leave: the file *is* the image afterwards)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -149,7 +153,7 @@ def open_target(path: str, image_size: int, paths: SysPaths = SysPaths()) -> Ope
     if st is not None and stat.S_ISBLK(st.st_mode):
         return _open_block(path, st, image_size, paths)
     if st is None or stat.S_ISREG(st.st_mode):
-        return _open_file(path, st, image_size)
+        return _open_file(path, st, image_size, exact_file)
     raise TargetError(f"target {path}: expected a block device or a regular file")
 
 
@@ -192,19 +196,20 @@ def _open_block(path: str, st: os.stat_result, image_size: int, paths: SysPaths)
     return OpenTarget(path, fd, buffered, size, True, False, zeroout_is_cheap(st, paths), True)
 
 
-def _open_file(path: str, st: os.stat_result | None, image_size: int) -> OpenTarget:
+def _open_file(path: str, st: os.stat_result | None, image_size: int, exact: bool) -> OpenTarget:
     fresh = st is None or st.st_size == 0
     try:
         buffered = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise TargetError(f"target {path}: {exc.strerror}") from None
     try:
-        if os.fstat(buffered).st_size < image_size:
+        size = os.fstat(buffered).st_size
+        if size < image_size or (exact and size > image_size):
             os.ftruncate(buffered, image_size)
     except OSError as exc:
         os.close(buffered)
         raise TargetError(
-            f"target {path}: cannot grow it to the image's {image_size} bytes: {exc.strerror}"
+            f"target {path}: cannot make it the image's {image_size} bytes: {exc.strerror}"
         ) from None
     try:
         fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)

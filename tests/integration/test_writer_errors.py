@@ -114,3 +114,14 @@ def test_ctrl_c_stops_every_thread_before_the_target_is_closed(tmp_path: Path) -
             assert written[off : off + MiB] in (old[off : off + MiB], data[off : off + MiB]), off
         assert agent("write", *argv[4:], "--device", str(dest)).returncode == 0
     assert dest.read_bytes() == data
+
+
+def test_a_file_target_ends_exactly_the_image(tmp_path: Path, store: tuple[Path, str]) -> None:
+    """Like `bmaptool copy` and `dd`: a longer file is cut, so the file is the image afterwards."""
+    root, digest = store
+    dest = tmp_path / "out.img"
+    dest.write_bytes(random_bytes(6 * MiB, 8))  # longer than the 4 MiB image, with old bytes
+    out = agent("write", "--manifest", str(root / "manifests" / digest), "--device", str(dest))
+    assert out.returncode == 0, out.stderr
+    assert dest.stat().st_size == 4 * MiB
+    assert dest.read_bytes() == random_bytes(4 * MiB, 5)  # the store fixture's image
