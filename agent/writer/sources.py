@@ -8,6 +8,7 @@ they are good.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol
 
 from agent.image import layout
@@ -43,14 +44,17 @@ class DirectorySource:
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
         path = os.path.join(self.root, layout.chunk_path(chunk.hex))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a FIFO planted in a store must not hold the open forever
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise FetchError(self.name, f"{path}: no such chunk", missing=True) from None
         except OSError as exc:
             raise FetchError(self.name, f"{path}: {exc.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FetchError(self.name, f"{path}: expected a regular file", bad_bytes=True)
+            size = st.st_size
             if size != chunk.stored_len:
                 raise FetchError(
                     self.name, f"{path}: expected {chunk.stored_len} bytes, file has {size}", bad_bytes=True

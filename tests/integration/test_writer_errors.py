@@ -3,6 +3,7 @@ the thing and the expectation, exit codes a script can rely on."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -23,6 +24,7 @@ def agent(*args: str, preexec: object = None) -> subprocess.CompletedProcess[str
         capture_output=True,
         text=True,
         preexec_fn=preexec,  # type: ignore[arg-type]
+        timeout=120,  # a hang is a failure, not a stuck suite
     )
 
 
@@ -125,3 +127,16 @@ def test_a_file_target_ends_exactly_the_image(tmp_path: Path, store: tuple[Path,
     assert out.returncode == 0, out.stderr
     assert dest.stat().st_size == 4 * MiB
     assert dest.read_bytes() == random_bytes(4 * MiB, 5)  # the store fixture's image
+
+
+def test_a_fifo_planted_in_a_store_is_a_bad_chunk_not_a_hang(tmp_path: Path, store: tuple[Path, str]) -> None:
+    root, digest = store
+    chunk = next(p for p in (root / "chunks").rglob("*") if p.is_file())
+    chunk.unlink()
+    os.mkfifo(chunk)
+    dest = tmp_path / "out.img"
+    out = agent(
+        "write", "--manifest", str(root / "manifests" / digest), "--device", str(dest), "--retries", "1"
+    )
+    assert out.returncode == 1
+    assert f"{chunk}: expected a regular file" in out.stderr
