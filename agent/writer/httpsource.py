@@ -179,8 +179,10 @@ class HttpSource:
             raise FetchError(self.name, "interrupted")
         pool = self._pool()
         conn = pool.get(endpoint.origin)
-        if conn is not None:
+        if conn is not None and conn.http.sock is not None:
             return conn
+        if conn is not None:  # closed under us (close()): never let http.client reopen it untimed
+            del pool[endpoint.origin]
         if len(pool) >= MAX_ORIGINS:
             self._drop(next(iter(pool.values())))
         h = endpoint.connection(self._timeouts.connect)

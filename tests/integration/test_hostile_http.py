@@ -365,3 +365,19 @@ def test_a_manifest_stalled_after_its_headers_is_unavailable_not_bad(
         load_manifest(f"{server.url}/manifests/{digest}", [], T)
     assert not isinstance(caught.value, BadManifest)  # a deploy retries an unavailable manifest
     assert "stalled" in str(caught.value) or "too slow" in str(caught.value)
+
+
+def test_a_source_used_after_close_opens_a_fresh_timed_connection(
+    store: tuple[Path, Manifest, str, bytes],
+) -> None:
+    root, manifest, _, _ = store
+    with raw_server(keep_serving, root) as server:
+        source = HttpSource(server.url, T)
+        chunk = manifest.chunk(0)
+        try:
+            source.fetch_into(chunk, memoryview(bytearray(chunk.stored_len)))
+            source.close()
+            source.fetch_into(chunk, memoryview(bytearray(chunk.stored_len)))
+        finally:
+            source.close()
+    assert server.connections == 2
