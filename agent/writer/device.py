@@ -115,7 +115,45 @@ def busy_reasons(path: str, st: os.stat_result, paths: SysPaths = SysPaths()) ->
             dev = line.split()[0] if line.split() else ""
             if dev in names or (dev and os.path.realpath(dev) == os.path.realpath(path)):
                 reasons.append(f"{dev} is in use as swap")
+    for d in devs[1:]:  # the whole device's own flag is checked on the open fd
+        with contextlib.suppress(OSError):
+            if (d / "ro").read_text().strip() == "1":
+                reasons.append(f"{d.name} is read-only")
+    for loop, backing in _loop_backers(paths):
+        with contextlib.suppress(OSError):
+            bst = os.stat(backing)
+            number = f"{os.major(bst.st_rdev)}:{os.minor(bst.st_rdev)}"
+            if stat.S_ISBLK(bst.st_mode) and number in numbers:
+                reasons.append(f"{numbers[number]} backs loop device {loop}")
     return reasons
+
+
+def file_busy_reasons(st: os.stat_result, paths: SysPaths = SysPaths()) -> list[str]:
+    """Why a regular file must not be written: it backs a loop device, or is a swap file."""
+    reasons: list[str] = []
+    same = (st.st_dev, st.st_ino)
+    for loop, backing in _loop_backers(paths):
+        with contextlib.suppress(OSError):
+            bst = os.stat(backing)
+            if (bst.st_dev, bst.st_ino) == same:
+                reasons.append(f"it backs loop device {loop}")
+    with contextlib.suppress(OSError):
+        for line in Path(paths.proc, "swaps").read_text().splitlines()[1:]:
+            name = line.split()[0] if line.split() else ""
+            with contextlib.suppress(OSError):
+                sst = os.stat(name.replace("\\040", " "))
+                if (sst.st_dev, sst.st_ino) == same:
+                    reasons.append("it is in use as swap")
+    return reasons
+
+
+def _loop_backers(paths: SysPaths) -> list[tuple[str, str]]:
+    """(loop device, its backing file) for every attached loop device."""
+    out = []
+    for backing in sorted(Path(paths.sys, "block").glob("loop*/loop/backing_file")):
+        with contextlib.suppress(OSError):
+            out.append((backing.parent.parent.name, backing.read_text().strip().removesuffix(" (deleted)")))
+    return out
 
 
 def _holder_kind(holder: Path) -> str:
@@ -150,10 +188,16 @@ def open_target(
         st = os.stat(path)
     except FileNotFoundError:
         st = None
+        if os.path.lexists(path):
+            raise TargetError(f"target {path} is a dangling symlink (the device it named is gone)") from None
+        if os.path.abspath(path).startswith("/dev/"):
+            raise TargetError(
+                f"target {path} does not exist (refusing to create a regular file under /dev)"
+            ) from None
     if st is not None and stat.S_ISBLK(st.st_mode):
         return _open_block(path, st, image_size, paths)
     if st is None or stat.S_ISREG(st.st_mode):
-        return _open_file(path, st, image_size, exact_file)
+        return _open_file(path, st, image_size, exact_file, paths)
     raise TargetError(f"target {path}: expected a block device or a regular file")
 
 
@@ -196,7 +240,12 @@ def _open_block(path: str, st: os.stat_result, image_size: int, paths: SysPaths)
     return OpenTarget(path, fd, buffered, size, True, False, zeroout_is_cheap(st, paths), True)
 
 
-def _open_file(path: str, st: os.stat_result | None, image_size: int, exact: bool) -> OpenTarget:
+def _open_file(
+    path: str, st: os.stat_result | None, image_size: int, exact: bool, paths: SysPaths
+) -> OpenTarget:
+    reasons = file_busy_reasons(st, paths) if st is not None else []
+    if reasons:
+        raise TargetError(f"target {path} is in use, refusing to write: " + "; ".join(reasons))
     fresh = st is None or st.st_size == 0
     try:
         buffered = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

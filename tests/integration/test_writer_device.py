@@ -103,6 +103,40 @@ def test_too_small_device_is_refused_before_writing(tmp_path: Path, loop_device:
     assert read_dev(dev, 4 * MiB) == b"\xab" * 4 * MiB
 
 
+def test_a_device_backing_another_loop_device_is_refused(tmp_path: Path, loop_device: LoopFactory) -> None:
+    """The stack is visible nowhere else (no holder, no mount of the device itself)."""
+    lower = loop_device(8 * MiB)
+    upper = subprocess.run(["losetup", "-f", "--show", lower], check=True, capture_output=True, text=True)
+    name = upper.stdout.strip()
+    try:
+        with pytest.raises(TargetError, match=f"{Path(lower).name} backs loop device {Path(name).name}"):
+            open_target(lower, MiB)
+    finally:
+        subprocess.run(["losetup", "-d", name], check=False)
+
+
+def test_a_file_backing_a_loop_device_is_refused(tmp_path: Path, loop_device: LoopFactory) -> None:
+    dev = loop_device(8 * MiB, name="backing.img")
+    backing = next(tmp_path.glob("*-backing.img"))
+    with pytest.raises(TargetError, match=f"it backs loop device {Path(dev).name}"):
+        open_target(str(backing), MiB, exact_file=True)
+    assert backing.stat().st_size == 8 * MiB  # not cut to the image's size
+
+
+def test_a_read_only_partition_refuses_the_whole_disk(tmp_path: Path, loop_device: LoopFactory) -> None:
+    dev = loop_device(16 * MiB)
+    subprocess.run(["sgdisk", "-n", "1:2048:+4M", dev], check=True, capture_output=True)
+    subprocess.run(["partx", "-a", dev], check=True, capture_output=True)  # this kernel parses no tables
+    part = f"{dev}p1"
+    try:
+        subprocess.run(["blockdev", "--setro", part], check=True)
+        with pytest.raises(TargetError, match=f"{Path(part).name} is read-only"):
+            open_target(dev, MiB)
+    finally:
+        subprocess.run(["blockdev", "--setrw", part], check=False)
+        subprocess.run(["partx", "-d", dev], check=False, capture_output=True)
+
+
 def sgdisk_ok(dev: str) -> bool:
     out = subprocess.run(["sgdisk", "-v", dev], capture_output=True, text=True).stdout
     return "No problems found" in out

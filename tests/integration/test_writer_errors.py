@@ -140,3 +140,18 @@ def test_a_fifo_planted_in_a_store_is_a_bad_chunk_not_a_hang(tmp_path: Path, sto
     )
     assert out.returncode == 1
     assert f"{chunk}: expected a regular file" in out.stderr
+
+
+def test_a_missing_device_path_is_not_created(tmp_path: Path, store: tuple[Path, str]) -> None:
+    """A typo in /dev, or a /dev/disk/by-id link whose disk is gone, must not become a file."""
+    root, digest = store
+    manifest = str(root / "manifests" / digest)
+    missing = "/dev/sledge-test-no-such-disk"
+    out = agent("write", "--manifest", manifest, "--device", missing)
+    assert out.returncode == 1 and "does not exist" in out.stderr
+    assert not os.path.lexists(missing)
+    link = tmp_path / "by-id-link"
+    link.symlink_to("/dev/sledge-test-gone")
+    out = agent("write", "--manifest", manifest, "--device", str(link))
+    assert out.returncode == 1 and "dangling symlink" in out.stderr
+    assert not os.path.lexists("/dev/sledge-test-gone")
