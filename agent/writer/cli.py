@@ -82,7 +82,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         report = _write(args)
-    except (WriteError, FetchError, ChunkInvalid, ValueError, OSError) as exc:
+    except ValueError as exc:  # a bad --source, --digest...: nothing was touched
+        print(f"sledge-agent: write: {exc}", file=sys.stderr)
+        return 2
+    except (WriteError, FetchError, ChunkInvalid, OSError) as exc:
         print(f"sledge-agent: write failed: {exc}", file=sys.stderr)
         return 1
     if args.json:

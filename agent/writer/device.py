@@ -41,10 +41,11 @@ class OpenTarget:
     fresh: bool
     zeroout_cheap: bool
     direct: bool
+    align: int = DIRECT_ALIGN  # O_DIRECT lengths: 4 KiB, or the device's logical block if larger
 
     def fd_for(self, length: int) -> int:
-        """The O_DIRECT fd for whole 4 KiB blocks from page-aligned buffers, else the buffered one."""
-        return self.fd if self.direct and length % DIRECT_ALIGN == 0 else self.buffered_fd
+        """The O_DIRECT fd for whole blocks from page-aligned buffers, else the buffered one."""
+        return self.fd if self.direct and length % self.align == 0 else self.buffered_fd
 
     def write(self, data: bytes | memoryview, offset: int, aligned: bool = False) -> None:
         """Write all of `data` at `offset`; `aligned`: the caller's buffer is page-aligned."""
@@ -212,7 +213,8 @@ def open_for_read(path: str) -> OpenTarget:
     except OSError:
         fd, direct = buffered, False
     is_block = blockdev.is_block_device(buffered)
-    return OpenTarget(path, fd, buffered, blockdev.size_of(buffered), is_block, False, False, direct)
+    align = max(DIRECT_ALIGN, blockdev.logical_sector_size(buffered)) if is_block else DIRECT_ALIGN
+    return OpenTarget(path, fd, buffered, blockdev.size_of(buffered), is_block, False, False, direct, align)
 
 
 def _open_block(path: str, st: os.stat_result, image_size: int, paths: SysPaths) -> OpenTarget:
@@ -237,7 +239,8 @@ def _open_block(path: str, st: os.stat_result, image_size: int, paths: SysPaths)
     except BaseException:
         os.close(fd)
         raise
-    return OpenTarget(path, fd, buffered, size, True, False, zeroout_is_cheap(st, paths), True)
+    align = max(DIRECT_ALIGN, blockdev.logical_sector_size(fd))
+    return OpenTarget(path, fd, buffered, size, True, False, zeroout_is_cheap(st, paths), True, align)
 
 
 def _open_file(

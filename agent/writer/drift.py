@@ -10,6 +10,7 @@ itself declares, it is "table updated", not drift.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,14 +21,20 @@ Range = tuple[int, int]  # [start, end) in image bytes
 
 
 def table_ranges(head: bytes, image_size: int) -> list[Range]:
-    """Byte ranges sledge may rewrite, from the image's first bytes (its own, not the disk's)."""
+    """Byte ranges sledge may rewrite, from the image's first bytes (its own, not the disk's):
+    for a GPT, the MBR's partition entries, the primary header, the primary entry array and the
+    backup header and array where the image's header says they are; for an MBR disk, its
+    signature and entries. Nothing else: boot code and the gaps between are drift if changed."""
     for sector in (512, 4096):
         if is_gpt(head, sector) and len(head) >= sector + 92:
             offset, length = gpt_entries_extent(head, sector)
-            table_sectors = -(-length // sector)
-            primary_end = max(2 * sector, offset + table_sectors * sector)
-            backup_start = image_size - (table_sectors + 1) * sector
-            return [(0, primary_end), (max(primary_end, backup_start), image_size)]
+            table = -(-length // sector) * sector
+            (alt_lba,) = struct.unpack_from("<Q", head, sector + 32)
+            backup_end = min(image_size, (alt_lba + 1) * sector)
+            ranges = [(446, 512), (sector, 2 * sector), (offset, offset + table)]
+            if backup_end > 2 * sector:
+                ranges.append((max(2 * sector, backup_end - sector - table), backup_end))
+            return ranges
     if head[510:512] == b"\x55\xaa":
         return [(440, 512)]  # disk signature and the four MBR entries
     return []

@@ -105,6 +105,9 @@ def _grow_protective_mbr(mbr: bytes, disk_sectors: int) -> bytes | None:
     if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
         return None
     out = bytearray(mbr)
+    types = [out[446 + 16 * i + 4] for i in range(4)]
+    if sum(1 for t in types if t != 0) != 1:
+        return None  # a hybrid MBR (other entries beside 0xEE): grown, 0xEE would overlap them
     changed = False
     for i in range(4):
         entry = 446 + 16 * i

@@ -25,7 +25,7 @@ from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.writer import gpt
 from agent.writer.device import OpenTarget
 from agent.writer.drift import Drift, classify
-from agent.writer.errors import Cancelled, TargetError, VerifyFailed, WriteError
+from agent.writer.errors import Cancelled, ChunkUnavailable, TargetError, VerifyFailed, WriteError
 from agent.writer.events import Counters, Listener, Phase, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy, SourceSet
 from agent.writer.plan import Action, PlanOptions, Step, Target, ZeroMode, after_check, iter_plan
@@ -355,7 +355,16 @@ class Writer:
             self.verify(skip_zero)
         except VerifyFailed as exc:
             first = self.manifest.chunk(0)
-            return classify(
-                exc.bad, self.manifest.image_size, self.image_bytes(first), self.read_back, self.image_bytes
-            )
+            try:
+                return classify(
+                    exc.bad,
+                    self.manifest.image_size,
+                    self.image_bytes(first),
+                    self.read_back,
+                    self.image_bytes,
+                )
+            except ChunkUnavailable:
+                # the image's own bytes cannot be had (no source given, or none answers): every
+                # chunk that differs counts as drift, the conservative answer
+                return Drift(list(exc.bad), [])
         return Drift([], [])

@@ -16,6 +16,7 @@ import pytest
 from agent.image.manifest import ChunkKind
 from agent.writer.device import open_target
 from agent.writer.errors import TargetError
+from agent.writer.pipeline import WriteOptions
 from agent.writer.sources import DirectorySource, HttpSource
 from tests.chunkserver import serve
 from tests.images import MiB, half_sparse_image, random_bytes, write_image
@@ -180,6 +181,47 @@ def test_backup_gpt_moves_to_the_end_of_a_larger_disk(
         f.write(b"drift")
     drifted = subprocess.run(verify, capture_output=True, text=True)
     assert drifted.returncode == 1 and "differs: chunk 0 " in drifted.stdout
+
+
+def test_a_hybrid_mbr_is_left_as_sgdisk_leaves_it(tmp_path: Path, loop_device: LoopFactory) -> None:
+    """Growing the 0xEE entry of a hybrid MBR would overlap its other entries."""
+    src = tmp_path / "hybrid.img"
+    src.write_bytes(b"")
+    os.truncate(src, 16 * MiB)
+    run = ["sgdisk", "-n", "1:2048:+4M", "-t", "1:0700", "-n", "2:0:0", "-h", "1", str(src)]
+    subprocess.run(run, check=True, capture_output=True)
+    mbr = src.read_bytes()[:512]
+    root, manifest, digest = make_store(tmp_path, src)
+    dev = loop_device(64 * MiB)
+    report = write(manifest, digest, [DirectorySource(str(root))], dev, WriteOptions(verify=True))
+    assert report.gpt_relocated and report.verified
+    assert read_dev(dev, 512) == mbr
+    assert sgdisk_ok(dev)
+
+
+def test_a_device_with_8_kib_logical_blocks_takes_a_4_kib_tail(tmp_path: Path) -> None:
+    """O_DIRECT lengths follow the device's logical block: a 4 KiB tail goes through the page cache."""
+    size = 3 * MiB + 12 * 1024
+    src = write_image(tmp_path / "t.img", size, [(0, random_bytes(size, 12))])
+    root, manifest, digest = make_store(tmp_path, src)
+    backing = tmp_path / "8k.img"
+    backing.write_bytes(b"")
+    os.truncate(backing, 8 * MiB)
+    made = subprocess.run(
+        ["losetup", "-f", "--show", "--direct-io=on", "--sector-size", "8192", str(backing)],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.fail(f"losetup --sector-size 8192: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        write(manifest, digest, [DirectorySource(str(root))], dev, WriteOptions(verify=True))
+        again = write(manifest, digest, [DirectorySource(str(root))], dev)
+        assert again.chunks_inplace == len(manifest) and again.fetched_bytes == 0
+        assert read_dev(dev, size) == src.read_bytes()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_resume_after_a_killed_write_fetches_only_what_is_missing(

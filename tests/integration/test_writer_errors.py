@@ -155,3 +155,23 @@ def test_a_missing_device_path_is_not_created(tmp_path: Path, store: tuple[Path,
     out = agent("write", "--manifest", manifest, "--device", str(link))
     assert out.returncode == 1 and "dangling symlink" in out.stderr
     assert not os.path.lexists("/dev/sledge-test-gone")
+
+
+def test_verify_without_a_source_counts_every_difference_as_drift(
+    tmp_path: Path, store: tuple[Path, str]
+) -> None:
+    """With the manifest alone (outside its store, no --source), the image's bytes cannot be had
+    to tell table edits from drift: a differing chunk is drift (exit 1), not an error (exit 2)."""
+    root, digest = store
+    loose = tmp_path / "loose.manifest"
+    loose.write_bytes((root / "manifests" / digest).read_bytes())
+    dest = tmp_path / "disk.img"
+    assert (
+        agent("write", "--manifest", str(root / "manifests" / digest), "--device", str(dest)).returncode == 0
+    )
+    with open(dest, "r+b") as f:
+        f.seek(3 * MiB + 7)
+        f.write(b"drift")
+    out = agent("verify", "--manifest", str(loose), "--digest", digest, "--device", str(dest))
+    assert out.returncode == 1, out.stderr
+    assert "differs: chunk 3 " in out.stdout

@@ -14,17 +14,37 @@ def chunk(index: int, size: int = MiB) -> Chunk:
     return Chunk(index, index * size, size, b"\0" * 32, ChunkKind.DATA, Encoding.RAW, size)
 
 
-def gpt_head(sector: int = 512) -> bytes:
+def gpt_head(sector: int = 512, image_size: int = 4 * MiB, backup_at: int | None = None) -> bytes:
+    """An image's first MiB: protective MBR, a GPT header naming 128 entries of 128 bytes at LBA 2
+    and its backup at the image's last LBA (or at `backup_at` bytes, an image grown after)."""
     head = bytearray(MiB)
     head[510:512] = b"\x55\xaa"
     head[sector : sector + 8] = b"EFI PART"
+    alt = (backup_at if backup_at is not None else image_size) // sector - 1
+    struct.pack_into("<Q", head, sector + 32, alt)
     struct.pack_into("<QII", head, sector + 72, 2, 128, 128)
     return bytes(head)
 
 
 def test_table_ranges_of_gpt_mbr_and_bare_images() -> None:
-    assert table_ranges(gpt_head(), 64 * MiB) == [(0, 34 * 512), (64 * MiB - 33 * 512, 64 * MiB)]
-    assert table_ranges(gpt_head(4096), 64 * MiB) == [(0, 6 * 4096), (64 * MiB - 5 * 4096, 64 * MiB)]
+    size = 64 * MiB
+    assert table_ranges(gpt_head(512, size), size) == [
+        (446, 512),  # the MBR's entries, not its boot code
+        (512, 1024),  # primary header
+        (1024, 1024 + 16384),  # primary entries
+        (size - 512 - 16384, size),  # backup entries and header
+    ]
+    assert table_ranges(gpt_head(4096, size), size) == [
+        (446, 512),
+        (4096, 8192),
+        (8192, 8192 + 16384),
+        (size - 4096 - 16384, size),
+    ]
+    # grown after partitioning: the backup is where the header says, not at the image's end
+    assert table_ranges(gpt_head(512, size, backup_at=32 * MiB), size)[-1] == (
+        32 * MiB - 512 - 16384,
+        32 * MiB,
+    )
     mbr = bytearray(MiB)
     mbr[510:512] = b"\x55\xaa"
     assert table_ranges(bytes(mbr), 64 * MiB) == [(440, 512)]
@@ -63,10 +83,12 @@ def test_classify_splits_table_edits_from_drift() -> None:
     result = classify(bad, size, head, lambda c: disk[c.index], lambda c: image[c.index])
     assert [c.index for c in result.drifted] == [2]
     assert [c.index for c in result.table_only] == [0, 3]
-    d0[20000] ^= 1  # past the primary table: drift, even in chunk 0
-    disk[0] = bytes(d0)
-    result = classify(bad, size, head, lambda c: disk[c.index], lambda c: image[c.index])
-    assert [c.index for c in result.drifted] == [0, 2]
+    for where in (20000, 100):  # past the primary table, or in the MBR's boot code: drift
+        d0b = bytearray(d0)
+        d0b[where] ^= 1
+        disk[0] = bytes(d0b)
+        result = classify(bad, size, head, lambda c: disk[c.index], lambda c: image[c.index])
+        assert [c.index for c in result.drifted] == [0, 2], where
 
 
 def test_a_range_starting_before_the_chunk_is_clipped() -> None:
