@@ -36,7 +36,7 @@ def decompress_bounded(chunk: Chunk, stored: bytes | bytearray | memoryview) -> 
     """
     import zstandard  # here, not at the top: a write of raw chunks never needs it (start-up time)
 
-    data = bytes(stored)
+    data = stored  # zstandard reads any buffer: no copy of the stored bytes
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
@@ -49,7 +49,7 @@ def decompress_bounded(chunk: Chunk, stored: bytes | bytearray | memoryview) -> 
         raise ChunkInvalid(chunk, f"zstd: {exc}") from None
     if len(raw) != chunk.length:
         raise ChunkInvalid(chunk, f"expected {chunk.length} bytes after zstd, got {len(raw)}")
-    return bytes(raw)
+    return raw
 
 
 def verify_raw(chunk: Chunk, raw: bytes | bytearray | memoryview) -> None:
