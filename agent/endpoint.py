@@ -10,6 +10,7 @@ import http.client
 import ssl
 import urllib.parse
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Endpoint:
     tls: ssl.SSLContext | None
     query: str = ""  # the URL's query string (a signed or tokenised store URL): sent with every request
 
-    @property
+    @cached_property  # asked on every request (the connection pool's key)
     def origin(self) -> str:
         """scheme://host[:port], without the path."""
         parsed = urllib.parse.urlsplit(self.url)

@@ -110,12 +110,10 @@ def busy_reasons(path: str, st: os.stat_result, paths: SysPaths = SysPaths()) ->
             fields = line.split()
             if len(fields) > 4 and fields[2] in numbers:
                 reasons.append(f"{numbers[fields[2]]} is mounted on {fields[4]}")
-    with contextlib.suppress(OSError):
-        names = {f"/dev/{n}" for n in numbers.values()}
-        for line in Path(paths.proc, "swaps").read_text().splitlines()[1:]:
-            dev = line.split()[0] if line.split() else ""
-            if dev in names or (dev and os.path.realpath(dev) == os.path.realpath(path)):
-                reasons.append(f"{dev} is in use as swap")
+    names = {f"/dev/{n}" for n in numbers.values()}
+    for dev in _swaps(paths):
+        if dev in names or os.path.realpath(dev) == os.path.realpath(path):
+            reasons.append(f"{dev} is in use as swap")
     for d in devs[1:]:  # the whole device's own flag is checked on the open fd
         with contextlib.suppress(OSError):
             if (d / "ro").read_text().strip() == "1":
@@ -138,14 +136,21 @@ def file_busy_reasons(st: os.stat_result, paths: SysPaths = SysPaths()) -> list[
             bst = os.stat(backing)
             if (bst.st_dev, bst.st_ino) == same:
                 reasons.append(f"it backs loop device {loop}")
-    with contextlib.suppress(OSError):
-        for line in Path(paths.proc, "swaps").read_text().splitlines()[1:]:
-            name = line.split()[0] if line.split() else ""
-            with contextlib.suppress(OSError):
-                sst = os.stat(name.replace("\\040", " "))
-                if (sst.st_dev, sst.st_ino) == same:
-                    reasons.append("it is in use as swap")
+    for name in _swaps(paths):
+        with contextlib.suppress(OSError):
+            sst = os.stat(name)
+            if (sst.st_dev, sst.st_ino) == same:
+                reasons.append("it is in use as swap")
     return reasons
+
+
+def _swaps(paths: SysPaths) -> list[str]:
+    """The devices and files in use as swap (/proc/swaps, its octal escapes undone)."""
+    try:
+        lines = Path(paths.proc, "swaps").read_text().splitlines()[1:]
+    except OSError:
+        return []
+    return [line.split()[0].replace("\\040", " ") for line in lines if line.split()]
 
 
 def _loop_backers(paths: SysPaths) -> list[tuple[str, str]]:

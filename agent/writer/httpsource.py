@@ -108,10 +108,10 @@ class HttpSource:
             if resp.length is not None and resp.length != expected:
                 ex.fail(f"Content-Length {resp.length}, expected {expected}", bad_bytes=True)
             target = buf[:expected]
-            fast = resp.length is not None and ex.conn is not None
-            if fast:  # a plain body: the kernel's SO_RCVTIMEO, no poll before every recv
-                assert ex.conn is not None
-                ex.conn.sock.settimeout(None)
+            # a Content-Length body: blocking reads under the kernel's SO_RCVTIMEO, no poll per recv
+            fast = ex.conn.sock if resp.length is not None and ex.conn is not None else None
+            if fast is not None:
+                fast.settimeout(None)
             try:
                 while got < expected:
                     n: int | None = resp.readinto(target[got:])
@@ -121,8 +121,8 @@ class HttpSource:
                         break
                     got += n
             finally:
-                if fast and ex.conn is not None:
-                    ex.conn.sock.settimeout(self._timeouts.stall)
+                if fast is not None and ex.conn is not None:  # not after a failure closed it
+                    fast.settimeout(self._timeouts.stall)
             if got < expected:
                 ex.fail(f"body ended after {got} of {expected} bytes", progress=got)
             if resp.length is None and resp.read(1):  # chunked or close-delimited: check it ends
