@@ -17,11 +17,12 @@ from aiohttp import web
 
 from controller import auth
 from controller.api import agent, boot, files, openapi, operator
-from controller.api.context import MACHINE_ID, SERVICES, Config, Handler, Hub, Route, Services, services
+from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Services, services
 from controller.api.wire import errors_middleware, respond
+from controller.config import Config
+from controller.fleet.agents import Fleet, Policy
+from controller.fleet.operators import Operations
 from controller.metrics import Metrics
-from controller.state.operations import Operations
-from controller.state.service import Fleet, Policy
 from controller.state.store import Store
 
 __all__ = ["Config", "make_app", "routes"]

@@ -1,19 +1,92 @@
-"""Where the controller keeps its data; one place decides it."""
+"""The controller's one config object, and the one place that reads the environment.
+
+`sledge` builds a Config in controller.cli.main: defaults, then the environment
+(SLEDGE_DATA, SLEDGE_URL, SLEDGE_TOKEN, SOURCE_DATE_EPOCH) through `from_environ`, then each
+command's flags (dataclasses.replace). Everything below the CLI takes its values from it.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.protocol import MAX_BODY
 
-def default_data_dir(environ: dict[str, str] | None = None, euid: int | None = None) -> Path:
-    """$SLEDGE_DATA, else /var/lib/sledge as root, else ~/.local/share/sledge."""
+DEFAULT_PORT = 8470
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of `sledge serve` and of the operator and image commands."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    public_url: str = ""  # the URL agents are told; default http(s)://host:port
+    mirrors: tuple[str, ...] = ()  # more chunk store base URLs handed to agents (nginx, caches)
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    max_poll_seconds: float = 30.0
+    enrollment_ttl: float = 600.0
+    reap_interval: float = 2.0
+    max_body: int = MAX_BODY
+    kernel: str = "vmlinuz"  # under DATA/boot/
+    initrd: str = "initrd.img"
+    kernel_args: str = "console=ttyS0,115200 console=tty0"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # The operator commands' side: where the controller is, and the token to show it.
+    controller_url: str = DEFAULT_URL
+    operator_token: str = field(default="", repr=False)  # else read from DATA/operator.token
+    # Reproducible imports: the `created` time of an image (unix seconds); None is now.
+    source_date_epoch: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def store_dir(self) -> Path:
+        return store_dir(self.data_dir)
+
+    @property
+    def boot_dir(self) -> Path:
+        return self.data_dir / "boot"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (f"{self.url}/v1/store/", *self.mirrors)
+
+
+def from_environ(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Config:
+    """The defaults as this process's environment sets them (flags override them later)."""
     env = os.environ if environ is None else environ
-    if env.get("SLEDGE_DATA"):
-        return Path(env["SLEDGE_DATA"])
+    epoch = env.get("SOURCE_DATE_EPOCH", "")
+    return Config(
+        data_dir=default_data_dir(env, euid),
+        controller_url=env.get("SLEDGE_URL") or DEFAULT_URL,
+        operator_token=env.get("SLEDGE_TOKEN", ""),
+        source_date_epoch=int(epoch) if epoch.isdigit() else None,
+    )
+
+
+def default_data_dir(environ: Mapping[str, str], euid: int | None = None) -> Path:
+    """$SLEDGE_DATA, else /var/lib/sledge as root, else ~/.local/share/sledge."""
+    if environ.get("SLEDGE_DATA"):
+        return Path(environ["SLEDGE_DATA"])
     if (os.geteuid() if euid is None else euid) == 0:
         return Path("/var/lib/sledge")
-    home = env.get("HOME") or str(Path.home())
+    home = environ.get("HOME") or str(Path.home())
     return Path(home) / ".local" / "share" / "sledge"
 
 

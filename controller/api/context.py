@@ -6,65 +6,18 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from aiohttp import web
 
-from agent.protocol import MAX_BODY
 from controller.auth import OperatorKey
-from controller.config import store_dir
+from controller.config import Config
+from controller.fleet.agents import Fleet
+from controller.fleet.operators import Operations
 from controller.metrics import Metrics
-from controller.state.operations import Operations
-from controller.state.service import Fleet
 
 Auth = Literal["none", "agent", "operator"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class Config:
-    """The controller's one config object; `sledge serve` builds it from flags."""
-
-    data_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8470
-    public_url: str = ""  # the URL agents are told; default http(s)://host:port
-    mirrors: tuple[str, ...] = ()  # more chunk store base URLs handed to agents (nginx, caches)
-    lease_seconds: float = 60.0
-    heartbeat_seconds: float = 10.0
-    max_poll_seconds: float = 30.0
-    enrollment_ttl: float = 600.0
-    reap_interval: float = 2.0
-    max_body: int = MAX_BODY
-    kernel: str = "vmlinuz"  # under DATA/boot/
-    initrd: str = "initrd.img"
-    kernel_args: str = "console=ttyS0,115200 console=tty0"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-
-    @property
-    def url(self) -> str:
-        if self.public_url:
-            return self.public_url.rstrip("/")
-        scheme = "https" if self.tls_cert else "http"
-        return f"{scheme}://{self.host}:{self.port}"
-
-    @property
-    def store_dir(self) -> Path:
-        return store_dir(self.data_dir)
-
-    @property
-    def boot_dir(self) -> Path:
-        return self.data_dir / "boot"
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "state.db"
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        return (f"{self.url}/v1/store/", *self.mirrors)
 
 
 class Hub:

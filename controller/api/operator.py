@@ -15,10 +15,10 @@ from agent.protocol import DiskHints, Fields, JobKind, JobParams, ProtocolError
 from controller.api import views
 from controller.api.context import Route, services
 from controller.api.wire import query_int, read_body, respond
+from controller.fleet.operators import MAX_LIST, Operations
 from controller.jobs import JobState
 from controller.state.errors import Invalid, NotFound
 from controller.state.model import Image
-from controller.state.operations import MAX_LIST, Operations
 
 
 async def list_machines(request: web.Request) -> web.StreamResponse:

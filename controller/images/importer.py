@@ -44,7 +44,7 @@ class ImportOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     workers: int = 0  # 0: one per core
     zstd_level: int = 3
-    created: int | None = None  # unix seconds; default SOURCE_DATE_EPOCH or now
+    created: int | None = None  # unix seconds; default now (the CLI passes SOURCE_DATE_EPOCH)
 
 
 @dataclass
@@ -187,7 +187,4 @@ def import_image(
 
 
 def _created(options: ImportOptions) -> int:
-    if options.created is not None:
-        return options.created
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    return int(epoch) if epoch and epoch.isdigit() else int(time.time())
+    return options.created if options.created is not None else int(time.time())

@@ -3,7 +3,7 @@
 `Store.transaction()` yields a `Tx` whose reads see the transaction's own writes;
 leaving the block commits, an exception rolls everything back. Implementations:
 state.sqlite.SqliteStore (WAL, migrations) and state.memory.MemoryStore (tests).
-The store holds records; deciding what changes is state.service's job.
+The store holds records; deciding what changes is the fleet services' job (controller.fleet).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.protocol import EventBatch, FinishRequest, Heartbeat, ProtocolError, RegisterRequest
-from controller.api.context import Config
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
+from controller.config import Config
 from controller.state.sqlite import SqliteStore
 from tests.unit.test_controller_kit import event, inventory
 

@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestClient
 from agent.hardware.model import Cpu, Inventory, Memory, Nic, System
 from agent.image.manifest import ChunkEntry, ChunkKind, Encoding, Manifest, Metadata
 from agent.protocol import Event, EventKind
-from controller.api.context import Config
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
+from controller.config import Config
 from controller.images.store import WritableStore
 from controller.state.sqlite import SqliteStore
 from controller.state.store import Store

@@ -55,3 +55,53 @@ def test_every_command_is_defined_by_the_module_the_cli_lists_for_it() -> None:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(sub)
     assert set(sub.choices) == set(COMMANDS)
+
+
+# The controller may use the agent's shared pieces (wire formats, image format, hardware model,
+# the writer and its block-device helpers, progress display), never its runtime or its CLIs.
+CONTROLLER_MAY_USE = (
+    "agent.protocol",
+    "agent.codec",
+    "agent.image",
+    "agent.hardware.model",
+    "agent.hardware.wire",
+    "agent.hardware.hints",
+    "agent.writer",
+    "agent.disk",
+    "agent.blockdev",
+    "agent.endpoint",
+    "agent.progress",
+    "agent.errors",
+)
+
+
+def _agent_imports(root: Path) -> list[tuple[str, str]]:
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] if node.module != "agent" else [f"agent.{a.name}" for a in node.names]
+            found += [(f"{path}:{node.lineno}", n) for n in names if n.split(".")[0] == "agent"]
+    return found
+
+
+def test_the_controller_uses_only_the_agents_shared_pieces() -> None:
+    controller_dir = AGENT_DIR.parent / "controller"
+    imports = _agent_imports(controller_dir)
+    assert any(name == "agent.protocol" for _, name in imports)  # the scan sees imports at all
+    offenders = [
+        f"{where} {name}"
+        for where, name in imports
+        if not any(name == ok or name.startswith(ok + ".") for ok in CONTROLLER_MAY_USE)
+    ]
+    assert offenders == []
+
+
+def test_the_layering_rule_catches_a_runtime_import(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text("from agent.runtime.loop import Agent\nimport agent.cli\n")
+    names = {name for _, name in _agent_imports(tmp_path)}
+    assert names == {"agent.runtime.loop", "agent.cli"}
+    assert not any(n.startswith(ok) for n in names for ok in CONTROLLER_MAY_USE)

@@ -6,18 +6,16 @@ import argparse
 import logging
 import resource
 import ssl
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from controller.api.context import Config
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
-from controller.config import default_data_dir
+from controller.config import DEFAULT_PORT, Config
 from controller.state.sqlite import SqliteStore
-
-DEFAULT_PORT = 8470
 
 
 def listen_arg(text: str) -> tuple[str, int]:
@@ -48,12 +46,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("TLS: expected both --tls-cert and --tls-key, or neither")
-    return Config(
-        data_dir=args.data or default_data_dir(),
+    return replace(
+        base,
+        data_dir=args.data or base.data_dir,
         host=host,
         port=port,
         public_url=args.url,
@@ -84,8 +83,8 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+def run(args: argparse.Namespace, base: Config) -> int:
+    config = config_from_args(args, base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = raise_open_file_limit()
     if files != resource.RLIM_INFINITY and files < 4096:

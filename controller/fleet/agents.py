@@ -1,7 +1,7 @@
 """Fleet operations for boot and agents: each method is one store transaction.
 
 controller.jobs decides, the store records; a method that fails changes nothing.
-Operator operations are in state.operations. `notify(machine_id)` is called after
+Operator operations are in fleet.operators. `notify(machine_id)` is called after
 every commit that could wake a long-poll or an event stream.
 """
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 from agent.protocol import DiskHints, EventKind, JobKind, JobParams, ProtocolError, normalize_mac
 from controller import jobs
+from controller.fleet.agents import controller_event, end_job, new_id
 from controller.jobs import JobState, JobStatus
 from controller.state.errors import Conflict, Invalid, NotFound
 from controller.state.model import Counts, EventRecord, Image, InventoryRecord, Job, Machine
-from controller.state.service import controller_event, end_job, new_id
 from controller.state.store import Store, Tx
 
 MAX_LIST = 1000

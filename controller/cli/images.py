@@ -12,7 +12,7 @@ from typing import Any
 from agent.image.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from agent.image.store import CatalogEntry
 from agent.progress import ProgressBar, human_bytes
-from controller.config import default_data_dir, store_dir
+from controller.config import Config, store_dir
 from controller.images.export import export_image
 from controller.images.importer import ImportOptions, import_image
 from controller.images.sources import open_source
@@ -80,11 +80,12 @@ def add_parser(sub: Any) -> None:
     isub.add_parser("prune", parents=[common], help="remove chunks no manifest references")
 
 
-def run(args: argparse.Namespace) -> int:
-    root = args.store or store_dir(default_data_dir())
+def run(args: argparse.Namespace, config: Config) -> int:
+    root = args.store or store_dir(config.data_dir)
     store = WritableStore(root)
+    if args.image_cmd == "import":
+        return _import(store, args, config.source_date_epoch)
     handler = {
-        "import": _import,
         "list": _list,
         "show": _show,
         "verify": _verify,
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     return handler(store, args)
 
 
-def _import(store: WritableStore, args: argparse.Namespace) -> int:
+def _import(store: WritableStore, args: argparse.Namespace, created: int | None) -> int:
     version = args.version or datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     options = ImportOptions(
         name=args.name,
@@ -103,6 +104,7 @@ def _import(store: WritableStore, args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         labels=dict(args.label),
         workers=args.workers,
+        created=created,
     )
     from agent.image import layout
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -22,9 +21,8 @@ from typing import Any
 from agent.progress import ProgressBar, human_bytes
 from agent.protocol import DiskHints, ProtocolError
 from controller.auth import AuthError, operator_token_path, read_operator_token
-from controller.config import default_data_dir
+from controller.config import Config
 
-DEFAULT_URL = "http://127.0.0.1:8470"
 COMMANDS = (
     "machines",
     "machine",
@@ -85,10 +83,10 @@ class Client:
                     yield json.loads(line[6:])
 
 
-def _token(args: argparse.Namespace) -> str:
-    if os.environ.get("SLEDGE_TOKEN"):
-        return os.environ["SLEDGE_TOKEN"]
-    path = args.token_file or operator_token_path(args.data or default_data_dir())
+def _token(args: argparse.Namespace, config: Config) -> str:
+    if config.operator_token and not args.token_file:
+        return config.operator_token
+    path = args.token_file or operator_token_path(args.data or config.data_dir)
     try:
         return read_operator_token(path)
     except FileNotFoundError:
@@ -102,7 +100,7 @@ def _token(args: argparse.Namespace) -> str:
 def add_parsers(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--controller", default=os.environ.get("SLEDGE_URL", DEFAULT_URL), help="controller URL"
+        "--controller", default=None, help="controller URL (default: $SLEDGE_URL, else this machine)"
     )
     common.add_argument("--data", type=Path, default=None, help="data directory holding operator.token")
     common.add_argument("--token-file", type=Path, default=None)
@@ -161,9 +159,9 @@ def _hints(text: str) -> DiskHints:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, config: Config) -> int:
     try:
-        client = Client(args.controller, _token(args))
+        client = Client(args.controller or config.controller_url, _token(args, config))
         return _COMMANDS[args.cmd](client, args)
     except CliError as exc:
         print(f"sledge: {exc}", file=sys.stderr)

@@ -11,27 +11,29 @@ from agent.image.layout import LayoutError
 from agent.image.manifest import ManifestError
 from agent.image.store import StoreError
 from agent.writer.errors import WriteError
-from controller import image_cli, operator_cli, serve
+from controller.cli import images, operator, serve
+from controller.config import from_environ
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sledge", description="sledge controller and operator CLI")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    image_cli.add_parser(sub)
+    images.add_parser(sub)
     serve.add_parser(sub)
-    operator_cli.add_parsers(sub)
+    operator.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = from_environ()
     try:
         if args.cmd == "image":
-            return image_cli.run(args)
+            return images.run(args, config)
         if args.cmd == "serve":
-            return serve.run(args)
-        if args.cmd in operator_cli.COMMANDS:
-            return operator_cli.run(args)
+            return serve.run(args, config)
+        if args.cmd in operator.COMMANDS:
+            return operator.run(args, config)
     except (StoreError, ChunkInvalid, ManifestError, LayoutError, WriteError, OSError, ValueError) as exc:
         print(f"sledge: {exc}", file=sys.stderr)
         return 1
@@ -41,5 +43,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
