@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.protocol import MAX_BODY
+from controller.boot.settings import DhcpOptions
 
 DEFAULT_PORT = 8470
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -38,6 +39,7 @@ class Config:
     kernel_args: str = "console=ttyS0,115200 console=tty0"
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    dhcp: DhcpOptions = field(default_factory=DhcpOptions)  # off unless --dhcp; see controller/boot
     # The operator commands' side: where the controller is, and the token to show it.
     controller_url: str = DEFAULT_URL
     operator_token: str = field(default="", repr=False)  # else read from DATA/operator.token

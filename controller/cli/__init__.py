@@ -11,7 +11,8 @@ from agent.image.layout import LayoutError
 from agent.image.manifest import ManifestError
 from agent.image.store import StoreError
 from agent.writer.errors import WriteError
-from controller.cli import images, operator, serve
+from controller.boot.errors import BootError
+from controller.cli import boot, images, operator, serve
 from controller.config import from_environ
 
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     images.add_parser(sub)
     serve.add_parser(sub)
+    boot.add_parser(sub)
     operator.add_parsers(sub)
     return parser
 
@@ -32,14 +34,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return images.run(args, config)
         if args.cmd == "serve":
             return serve.run(args, config)
+        if args.cmd == "dhcp-config":
+            return boot.run(args, config)
         if args.cmd in operator.COMMANDS:
             return operator.run(args, config)
-    except (StoreError, ChunkInvalid, ManifestError, LayoutError, WriteError, OSError, ValueError) as exc:
+    except (
+        BootError,
+        StoreError,
+        ChunkInvalid,
+        ManifestError,
+        LayoutError,
+        WriteError,
+        OSError,
+        ValueError,
+    ) as exc:
         print(f"sledge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sledge: interrupted", file=sys.stderr)
         return 130
     return 2
-
-

@@ -14,6 +14,9 @@ from aiohttp import web
 
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
+from controller.boot.prepare import BootNetwork, default_url, prepare
+from controller.boot.settings import DhcpOptions, parse_efi, parse_lease_time, parse_mode, parse_range
+from controller.boot.supervisor import Supervisor, cleanup_ctx
 from controller.config import DEFAULT_PORT, Config
 from controller.state.sqlite import SqliteStore
 
@@ -44,6 +47,31 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tls-key", type=Path, default=None)
     p.add_argument("--lease", type=float, default=60.0, help="seconds a job survives without a heartbeat")
     p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    add_dhcp_arguments(p)
+
+
+def add_dhcp_arguments(p: argparse.ArgumentParser) -> None:
+    """The network-boot flags, shared with `sledge dhcp-config`."""
+    g = p.add_argument_group("network boot (dnsmasq: DHCP/proxyDHCP and TFTP)")
+    g.add_argument(
+        "--dhcp",
+        default="off",
+        help="proxy: PXE answers beside the site's DHCP server; full: also lease addresses; off (default)",
+    )
+    g.add_argument("--interface", default="", help="the provisioning network's interface, e.g. br0")
+    g.add_argument("--dhcp-range", default="", help="FIRST,LAST addresses to lease (--dhcp full)")
+    g.add_argument("--lease-time", default="3600", help="lease seconds, or 90m, 12h (default %(default)s)")
+    g.add_argument("--ipxe-efi", default="snponly", help="UEFI iPXE binary: snponly (default) or ipxe")
+
+
+def dhcp_from_args(args: argparse.Namespace) -> DhcpOptions:
+    return DhcpOptions(
+        mode=parse_mode(args.dhcp),
+        interface=args.interface,
+        range=parse_range(args.dhcp_range) if args.dhcp_range else None,
+        lease_time=parse_lease_time(args.lease_time),
+        ipxe_efi=parse_efi(args.ipxe_efi),
+    )
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -62,6 +90,7 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         kernel_args=args.kernel_args,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        dhcp=dhcp_from_args(args),
     )
 
 
@@ -83,9 +112,22 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+def describe(boot: BootNetwork) -> str:
+    plan = boot.plan
+    leases = f", leasing {plan.range}" if plan.range else ""
+    return (
+        f"{plan.mode} DHCP on {plan.interface} ({plan.address}{leases}); TFTP {plan.tftp_root};"
+        f" iPXE chains {plan.boot_url}; dnsmasq configuration {boot.conf_file}"
+    )
+
+
 def run(args: argparse.Namespace, base: Config) -> int:
     config = config_from_args(args, base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if config.dhcp.mode != "off" and config.host in ("0.0.0.0", "::") and not config.public_url:
+        # machines on the provisioning network reach us on its interface's address
+        config = replace(config, public_url=default_url(config.dhcp, config.port, bool(config.tls_cert)))
+    boot_network = prepare(config.dhcp, config.data_dir, config.url) if config.dhcp.mode != "off" else None
     files = raise_open_file_limit()
     if files != resource.RLIM_INFINITY and files < 4096:
         print(f"sledge: warning: open-file limit {files}: at most ~{files - 64} agents connect", flush=True)
@@ -105,9 +147,13 @@ def run(args: argparse.Namespace, base: Config) -> int:
         f" operator token {operator_token_path(config.data_dir)})",
         flush=True,
     )
+    app = make_app(config, store, operator_key=key)
+    if boot_network is not None:
+        app.cleanup_ctx.append(cleanup_ctx(Supervisor(boot_network.argv)))
+        print(f"sledge: {describe(boot_network)}", flush=True)
     try:
         web.run_app(
-            make_app(config, store, operator_key=key),
+            app,
             host=config.host,
             port=config.port,
             ssl_context=ssl_context,
