@@ -26,6 +26,7 @@ class BootNetwork:
 
     plan: dnsmasq.DnsmasqPlan
     conf_file: Path
+    pid_file: Path
     argv: tuple[str, ...]
 
     @property
@@ -108,7 +109,7 @@ def prepare(options: DhcpOptions, data_dir: Path, controller_url: str) -> BootNe
         raise OptionError("dnsmasq", f"{options.dnsmasq} (Debian package dnsmasq-base)", str(exc)) from exc
     if test.returncode != 0:
         raise BootError(f"dnsmasq refused {conf}: {(test.stderr or test.stdout).strip()}")
-    return BootNetwork(plan, conf, argv)
+    return BootNetwork(plan, conf, here / "dnsmasq.pid", argv)
 
 
 def lease_file(data_dir: Path) -> Path:

@@ -1,24 +1,24 @@
 """Run a child (dnsmasq) for as long as the controller runs: its output in our log, restarted
 with a bounded backoff when it dies, stopped with us.
 
-The child gets SIGTERM if the controller itself dies (PR_SET_PDEATHSIG), so a killed
-controller never leaves a DHCP server answering for it.
+A controller killed with SIGKILL cannot stop its child (and PR_SET_PDEATHSIG does not survive
+dnsmasq dropping its privileges), so the next start ends the stale dnsmasq found through its
+pid file before starting its own: two DHCP servers never answer for one controller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
-
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,26 @@ class Backoff:
         return min(self.limit, previous * 2)
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def end_stale(pid_file: Path, conf_file: Path, grace: float = 5.0) -> int | None:
+    """End a dnsmasq left running by a previous controller (its pid file names it and its command
+    line names our configuration); return its pid, or None when there was none."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if f"--conf-file={conf_file}".encode() not in cmdline:
+        return None  # the pid was reused by some other process: not ours to end
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return pid
 
 
 class Supervisor:
@@ -79,7 +96,6 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             return f"a start failure ({exc})"

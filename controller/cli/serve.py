@@ -16,7 +16,7 @@ from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
 from controller.boot.prepare import BootNetwork, default_url, prepare
 from controller.boot.settings import DhcpOptions, parse_efi, parse_lease_time, parse_mode, parse_range
-from controller.boot.supervisor import Supervisor, cleanup_ctx
+from controller.boot.supervisor import Supervisor, cleanup_ctx, end_stale
 from controller.config import DEFAULT_PORT, Config
 from controller.state.sqlite import SqliteStore
 
@@ -149,6 +149,9 @@ def run(args: argparse.Namespace, base: Config) -> int:
     )
     app = make_app(config, store, operator_key=key)
     if boot_network is not None:
+        stale = end_stale(boot_network.pid_file, boot_network.conf_file)
+        if stale is not None:
+            print(f"sledge: ended dnsmasq {stale} left running by a previous controller", flush=True)
         app.cleanup_ctx.append(cleanup_ctx(Supervisor(boot_network.argv)))
         print(f"sledge: {describe(boot_network)}", flush=True)
     try:
