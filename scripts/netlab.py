@@ -51,6 +51,8 @@ class Lan:
         self.run("ip", "link", "set", "lo", "up")
         self.run("ip", "link", "add", "br0", "type", "bridge")
         self.run("ip", "addr", "add", self.address, "dev", "br0")
+        # an IPv6 prefix too, so dnsmasq sends router adverts and iPXE need not wait for one
+        self.run("ip", "addr", "add", "fd77::1/64", "dev", "br0", "nodad")
         self.run("ip", "link", "set", "br0", "up")
         return self
 
@@ -111,10 +113,18 @@ class NetController(Controller):
     The host cannot reach the namespace (by design), so calls go through curl inside it.
     """
 
-    def __init__(self, data: Path, lan: Lan, dhcp: Sequence[str], lease: float = 60.0) -> None:
+    def __init__(
+        self,
+        data: Path,
+        lan: Lan,
+        dhcp: Sequence[str],
+        lease: float = 60.0,
+        kernel_args: str = "console=ttyS0,115200 quiet loglevel=3",
+    ) -> None:
         super().__init__(data, port=PORT, lease=lease)
         self.lan = lan
         self.dhcp = list(dhcp)
+        self.kernel_args = kernel_args
 
     @property
     def url(self) -> str:
@@ -138,7 +148,7 @@ class NetController(Controller):
                     "--lease",
                     str(self.lease),
                     "--kernel-args",
-                    "console=ttyS0,115200 quiet loglevel=3",
+                    self.kernel_args,
                     *self.dhcp,
                 ],
                 stdout=log,
@@ -202,6 +212,7 @@ class NetVm(Vm):
         echo: Callable[[str], None] | None = None,
         disk_size: int = 4 << 30,
     ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir, 0, mac, disk_size=disk_size, echo=echo)
         self.tap = lan.tap()
         nic = f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"

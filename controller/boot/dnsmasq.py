@@ -32,6 +32,7 @@ class DnsmasqPlan:
     lease_time: int = 3600
     lease_file: Path | None = None
     user: str = ""  # run as; empty: dnsmasq's default
+    router_adverts: bool = False  # full mode on an interface with an IPv6 prefix
 
 
 def render(plan: DnsmasqPlan) -> str:
@@ -45,6 +46,12 @@ def render(plan: DnsmasqPlan) -> str:
     if plan.user:
         lines.append(f"user={plan.user}")
     lines += _range_lines(plan)
+    if plan.mode == "full" and plan.router_adverts and plan.interface:
+        lines += [
+            "# iPXE waits ~15 s for IPv6 autoconfiguration when no router answers: advertise the prefix",
+            "enable-ra",
+            f"dhcp-range=::,constructor:{plan.interface},ra-only",
+        ]
     if plan.lease_file is not None:
         lines.append(f"dhcp-leasefile={plan.lease_file}")
     lines += [
@@ -80,6 +87,8 @@ def _range_lines(plan: DnsmasqPlan) -> list[str]:
 def _boot_lines(plan: DnsmasqPlan) -> list[str]:
     if plan.mode == "full":
         return [
+            "# no proxyDHCP here: iPXE need not wait for one (else ~10 s of dots at every boot)",
+            "dhcp-option=tag:ipxe,encap:175,176,1b",
             f"dhcp-boot=tag:ipxe,{plan.boot_url}",
             f"dhcp-boot=tag:!ipxe,tag:efi64,{plan.efi_file}",
             f"dhcp-boot=tag:!ipxe,tag:!efi64,{BIOS_FILE}",

@@ -22,10 +22,11 @@ SYS_NET = Path("/sys/class/net")
 class Link:
     name: str
     addresses: tuple[IPv4Interface, ...]  # address with its prefix, e.g. 10.0.0.1/24
+    ipv6_prefixes: bool = False  # a global or ULA IPv6 address: dnsmasq can advertise its prefix
 
 
 def parse_ip_json(text: str) -> list[Link]:
-    """`ip -j -4 addr show` output -> links with their IPv4 addresses."""
+    """`ip -j addr show` output -> links with their IPv4 addresses (and whether IPv6 has a prefix)."""
     try:
         entries = json.loads(text)
     except ValueError as exc:
@@ -35,10 +36,13 @@ def parse_ip_json(text: str) -> list[Link]:
         if not isinstance(entry, dict) or not isinstance(entry.get("ifname"), str):
             continue
         addresses = []
+        ipv6 = False
         for info in entry.get("addr_info") or []:
             if isinstance(info, dict) and info.get("family") == "inet":
                 addresses.append(IPv4Interface(f"{info['local']}/{info['prefixlen']}"))
-        links.append(Link(entry["ifname"], tuple(addresses)))
+            elif isinstance(info, dict) and info.get("family") == "inet6" and info.get("scope") == "global":
+                ipv6 = True
+        links.append(Link(entry["ifname"], tuple(addresses), ipv6))
     return links
 
 
@@ -53,7 +57,7 @@ def read_link(name: str) -> Link:
         )
     try:
         out = subprocess.run(
-            ["ip", "-j", "-4", "addr", "show", "dev", name], check=True, capture_output=True, text=True
+            ["ip", "-j", "addr", "show", "dev", name], check=True, capture_output=True, text=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BootError(f"`ip addr show dev {name}`: {exc}") from exc

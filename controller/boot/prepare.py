@@ -81,6 +81,7 @@ def build_plan(options: DhcpOptions, data_dir: Path, controller_url: str) -> dns
         lease_time=options.lease_time,
         lease_file=lease_file(data_dir) if options.mode == "full" else None,
         user=pwd.getpwuid(os.geteuid()).pw_name,  # tftp-secure: the owner of the copies
+        router_adverts=link.ipv6_prefixes,
     )
 
 

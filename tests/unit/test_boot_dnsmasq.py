@@ -89,10 +89,12 @@ def test_interface_without_address_is_refused() -> None:
 def test_ip_json_parsing_keeps_ipv4_only_and_skips_junk() -> None:
     text = """[{"ifindex":3,"ifname":"br0","addr_info":[
         {"family":"inet","local":"10.0.0.1","prefixlen":24},
-        {"family":"inet6","local":"fe80::1","prefixlen":64}]},
+        {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]},
+        {"ifname":"br1","addr_info":[{"family":"inet6","local":"fd77::1","prefixlen":64,"scope":"global"}]},
         {"ifname":"eth1"}, {"nothing":1}, 7]"""
     assert network.parse_ip_json(text) == [
-        network.Link("br0", (IPv4Interface("10.0.0.1/24"),)),
+        network.Link("br0", (IPv4Interface("10.0.0.1/24"),), ipv6_prefixes=False),
+        network.Link("br1", (), ipv6_prefixes=True),
         network.Link("eth1", ()),
     ]
 
@@ -138,10 +140,20 @@ def settings(text: str) -> list[str]:
                 "dhcp-boot=tag:ipxe,http://10.0.0.1:8470/boot.ipxe",
                 "dhcp-boot=tag:!ipxe,tag:efi64,snponly.efi",
                 "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe",
+                "dhcp-option=tag:ipxe,encap:175,176,1b",
                 "interface=br0",
                 "bind-interfaces",
             ],
-            ["pxe-service", "proxy"],
+            ["pxe-service", "proxy", "enable-ra"],
+        ),
+        (
+            "full",
+            {
+                "range": DhcpRange(IPv4Address("10.0.0.100"), IPv4Address("10.0.0.200")),
+                "router_adverts": True,
+            },
+            ["enable-ra", "dhcp-range=::,constructor:br0,ra-only"],
+            [],
         ),
         (
             "full",
@@ -164,7 +176,7 @@ def settings(text: str) -> list[str]:
                 'pxe-service=tag:!ipxe,BC_EFI,"sledge iPXE (UEFI)",snponly.efi',
                 "dhcp-boot=tag:ipxe,http://10.0.0.1:8470/boot.ipxe",
             ],
-            ["dhcp-authoritative", "dhcp-leasefile", "user="],
+            ["dhcp-authoritative", "dhcp-leasefile", "user=", "encap:175", "enable-ra"],
         ),
         (
             "proxy",
