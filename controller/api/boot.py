@@ -1,7 +1,8 @@
 """Network boot: a per-machine iPXE script, and the agent's kernel and initramfs.
 
-A machine that is deployed and has nothing queued boots its disk (`exit` hands
-back to the firmware's next boot entry); any other machine, known or not, chains
+A machine that is deployed and has nothing queued boots its disk (`exit 1` hands
+back to the firmware's next boot entry: a UEFI boot manager whose entry returns
+EFI_SUCCESS stops at its menu instead, so the status must be an error); any other machine, known or not, chains
 the agent with a fresh one-time enrollment token bound to its MAC.
 """
 
@@ -22,7 +23,7 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
     mac = normalize_mac(mac)
     decision = svc.fleet.boot(mac)
     if decision.from_disk:
-        script = f"#!ipxe\necho sledge: machine {decision.machine_id} is deployed, booting from disk\nexit\n"
+        script = f"#!ipxe\necho sledge: machine {decision.machine_id} is deployed, booting from disk\nexit 1\n"
     else:
         cfg = svc.config
         args = (

@@ -22,7 +22,7 @@ from tests.tools import need
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from lab import build_live_image  # noqa: E402
+from lab import build_demo_image, build_live_image  # noqa: E402
 from netlab import OVMF_CODE, Lan, NetController, NetVm  # noqa: E402
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu]
@@ -97,6 +97,44 @@ def test_bios_pxe_boots_to_registered(lan: Lan, tmp_path: Path, live_image: tupl
         vm.stop()
     assert "http://10.77.0.1:8470/boot.ipxe" in "\n".join(vm.lines)  # DHCP named the script
     print(f"\nBIOS power-on to registered (DHCP + iPXE ROM): {seconds:.1f} s")
+
+
+def uefi_image(work: Path) -> Path:
+    out = work / "uefi-v1.img"
+    subprocess.run([str(REPO / "scripts" / "build-uefi-demo-image"), str(out)], check=True)
+    return out
+
+
+@pytest.mark.parametrize("firmware", ["uefi", "bios"])
+def test_imaged_then_boots_its_disk_when_the_controller_says_exit(
+    lan: Lan, tmp_path: Path, live_image: tuple[Path, Path], firmware: str
+) -> None:
+    """After a deploy the agent reboots; iPXE gets `exit 1` and the firmware's next entry, the disk,
+    boots. Under UEFI the status matters: an entry returning EFI_SUCCESS stops at the boot menu."""
+    need("grub-mkstandalone", "sgdisk", "mformat")
+    if firmware == "uefi":
+        image, marker = uefi_image(tmp_path), "SLEDGE-UEFI-DISK-BOOTED v1"
+    else:
+        image, marker = build_demo_image("v1"), "SLEDGE-DEMO-IMAGE-BOOTED v1"
+    c = controller(lan, tmp_path, live_image, FULL)
+    c.import_image(image, "disk", "v1")
+    mac = "52:54:00:12:00:1" + ("1" if firmware == "uefi" else "2")
+    vm = NetVm(tmp_path / "vm", lan, mac, firmware)
+    try:
+        boot_to_registered(vm, c, mac)
+        status, job = c.call("POST", "/v1/jobs", {"machine": mac, "kind": "deploy", "image": "disk:v1"})
+        assert status == 201, job
+        deadline = time.monotonic() + BOOT
+        while (state := c.job(str(job["id"]))["state"]) not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"deploy still {state}"
+            time.sleep(1)
+        assert state == "succeeded", c.job(str(job["id"]))
+        vm.wait_for(r"is deployed, booting from disk", BOOT)
+        vm.wait_for(marker, BOOT)
+    finally:
+        vm.stop()
+    machine = c.machine(mac)
+    assert machine is not None and machine["state"] == "deployed"
 
 
 def test_dnsmasq_killed_mid_boot_is_restarted_and_the_boot_completes(

@@ -158,7 +158,7 @@ def test_kill_9_mid_deploy_loses_and_doubles_nothing(
     assert job["state"] == "succeeded" and job["attempts"] == 1 and (job["done"], job["total"]) == (8, 8)
     assert [e["seq"] for e in job["events"] if e["source"] == "agent"] == list(range(1, 9))
     status, script = server.call("GET", f"/boot/ipxe?mac={MAC}")
-    assert script.decode().endswith("exit\n")
+    assert script.decode().endswith("\nexit 1\n")
 
     rc, out, _ = sledge(capsys, server, "machines")
     assert rc == 0 and machine_id in out and "deployed" in out and "tiny:1" in out

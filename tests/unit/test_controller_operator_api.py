@@ -92,7 +92,7 @@ async def test_a_deployed_machine_boots_from_disk_until_given_work(
     finish = {"attempt": 1, "result": {"outcome": "succeeded", "bytes_written": 4200}}
     await h.client.post(f"/v1/agent/jobs/{job['id']}/finish", json=finish, headers=h.agent(machine_id))
     script = await (await h.client.get("/boot/ipxe", params={"mac": MAC1})).text()
-    assert script.endswith("\nexit\n") and "sledge.token" not in script
+    assert script.endswith("\nexit 1\n") and "sledge.token" not in script
     await h.create_job(machine_id, "erase")
     assert "sledge.token=" in await (await h.client.get("/boot/ipxe", params={"mac": MAC1})).text()
 
