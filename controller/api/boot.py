@@ -2,8 +2,8 @@
 
 A machine that is deployed and has nothing queued boots its disk (`exit 1` hands
 back to the firmware's next boot entry: a UEFI boot manager whose entry returns
-EFI_SUCCESS stops at its menu instead, so the status must be an error); any other machine, known or not, chains
-the agent with a fresh one-time enrollment token bound to its MAC.
+EFI_SUCCESS stops at its menu instead, so the status must be an error); any other
+machine, known or not, chains the agent with a fresh one-time enrollment token bound to its MAC.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
     mac = normalize_mac(mac)
     decision = svc.fleet.boot(mac)
     if decision.from_disk:
-        script = f"#!ipxe\necho sledge: machine {decision.machine_id} is deployed, booting from disk\nexit 1\n"
+        echo = f"echo sledge: machine {decision.machine_id} is deployed, booting from disk"
+        script = f"#!ipxe\n{echo}\nexit 1\n"
     else:
         cfg = svc.config
         args = (
