@@ -8,6 +8,7 @@ straight to the script. Each case boots to "registered" and prints its power-on 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,3 +198,23 @@ def test_proxy_mode_beside_a_plain_dhcp_server(
         assert machine is not None and machine["state"] == "ready"
     assert not (c.data / "dnsmasq" / "leases").exists() or not (c.data / "dnsmasq" / "leases").read_text()
     assert "DHCPACK" not in c.log.read_text()  # sledge leased nothing
+
+
+def test_three_machines_boot_at_once(lan: Lan, tmp_path: Path, live_image: tuple[Path, Path]) -> None:
+    c = controller(lan, tmp_path, live_image, FULL)
+    machines = [("52:54:00:12:00:21", "uefi"), ("52:54:00:12:00:22", "bios"), ("52:54:00:12:00:23", "uefi")]
+    vms = [NetVm(tmp_path / f"vm{i}", lan, mac, fw) for i, (mac, fw) in enumerate(machines)]
+    try:
+        for vm in vms:
+            vm.start()
+        for vm in vms:
+            vm.wait_for(REGISTERED, 2 * BOOT)  # three TCG guests share two cores
+    finally:
+        for vm in vms:
+            vm.stop()
+    acks = dict(re.findall(r"DHCPACK\(br0\) (\S+) (\S+)", c.log.read_text()))  # address -> MAC
+    for mac, _ in machines:
+        machine = c.machine(mac)
+        assert machine is not None and machine["state"] == "ready", machine
+    assert sorted(set(acks.values())) == sorted(mac for mac, _ in machines)
+    assert len(acks) == 3  # one address each, none handed out twice
