@@ -6,6 +6,8 @@ every line is read as untrusted: bad lines are skipped, never raised.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -38,3 +40,15 @@ def lookup(lease_file: Path | None, mac: str, now: float) -> IPv4Address | None:
     except FileNotFoundError:
         return None
     return parse(data.decode("ascii", errors="replace"), mac.lower(), now)
+
+
+class DnsmasqLeases:
+    """controller.trust.leases.Leases over dnsmasq's lease file: `address(mac)` for enrollment."""
+
+    def __init__(self, lease_file: Path, clock: Callable[[], float] = time.time) -> None:
+        self.lease_file = lease_file
+        self.clock = clock
+
+    def address(self, mac: str) -> str | None:
+        found = lookup(self.lease_file, mac, self.clock())
+        return str(found) if found is not None else None

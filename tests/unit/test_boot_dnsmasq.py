@@ -235,3 +235,14 @@ def test_lease_lookup_from_file(tmp_path: Path) -> None:
     path.write_text("2000 52:54:00:00:00:01 10.0.0.101 * *\n")
     assert leases.lookup(path, "52:54:00:00:00:01", 1000) == IPv4Address("10.0.0.101")
     assert leases.lookup(path, "52:54:00:00:00:01".upper(), 1000) == IPv4Address("10.0.0.101")
+
+
+def test_dnsmasq_leases_answer_address_by_mac(tmp_path: Path) -> None:
+    path = tmp_path / "leases"
+    path.write_text("2000 52:54:00:00:00:01 10.0.0.101 * *\n1500 52:54:00:00:00:02 10.0.0.102 * *\n")
+    now = [1000.0]
+    view = leases.DnsmasqLeases(path, clock=lambda: now[0])
+    assert view.address("52:54:00:00:00:01") == "10.0.0.101"
+    assert view.address("52:54:00:00:00:03") is None
+    now[0] = 1600.0
+    assert view.address("52:54:00:00:00:02") is None  # expired since
