@@ -16,21 +16,16 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from agent.errors import FieldError
+
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 MAX_BODY = 1 << 20
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(FieldError):
     """A message that does not match the protocol; names the field, the expectation and the value."""
-
-    def __init__(self, field_name: str, expected: str, actual: object) -> None:
-        self.field = field_name
-        self.expected = expected
-        shown = repr(actual)
-        self.actual = shown if len(shown) <= 80 else shown[:77] + "..."
-        super().__init__(f"field {field_name!r}: expected {expected}, got {self.actual}")
 
 
 def normalize_mac(value: str, where: str = "mac") -> str:

@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from agent.protocol import JobKind, Outcome
+from controller.errors import ControllerError
 
 
 class JobState(enum.StrEnum):
@@ -47,7 +48,7 @@ RETRYABLE = frozenset({JobKind.DEPLOY, JobKind.ERASE, JobKind.VERIFY, JobKind.IN
 DEFAULT_MAX_ATTEMPTS = 3
 
 
-class TransitionError(Exception):
+class TransitionError(ControllerError):
     """A change the state machine does not allow; the message names the job and its state."""
 
 

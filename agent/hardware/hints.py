@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from urllib.parse import quote
 
+from agent.errors import FieldError
+from agent.hardware.errors import HardwareError
 from agent.hardware.model import Disk
 
 GiB = 1 << 30
@@ -58,14 +60,14 @@ _FALSE = ("0", "f", "false", "off", "n", "no")
 _PREFIX = {"name": "/dev/", "by_path": "/dev/disk/by-path/", "by_id": "/dev/disk/by-id/"}
 
 
-class HintError(ValueError):
+class HintError(FieldError, HardwareError):
     """An invalid hint; names the hint, what was expected and what was given."""
 
-    def __init__(self, hint: str, expected: str, actual: object) -> None:
-        self.hint = hint
-        self.expected = expected
-        self.actual = actual
-        super().__init__(f"root device hint {hint!r}: expected {expected}, got {actual!r}")
+    label = "root device hint {field!r}"
+
+    @property
+    def hint(self) -> str:
+        return self.field
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ def describe(hint: Hint) -> str:
 # -- choosing one disk ---------------------------------------------------------------------------
 
 
-class SelectionError(Exception):
+class SelectionError(HardwareError):
     """No disk, or more than one, fits; lists every disk seen and why it was not taken."""
 
     def __init__(self, message: str, candidates: Sequence[Candidate]) -> None:

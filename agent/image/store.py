@@ -12,10 +12,11 @@ from pathlib import Path
 
 from agent.image import layout
 from agent.image.chunk import decode_stored
+from agent.image.errors import ImageError
 from agent.image.manifest import Chunk, Limits, Manifest, ManifestError, decode
 
 
-class StoreError(Exception):
+class StoreError(ImageError):
     """A store that does not hold what was asked for, or holds it damaged."""
 
 

@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 
+from agent.runtime.errors import AgentError
 from agent.writer.gpt import is_gpt, relocate, seal_header
 
 MiB = 1 << 20
@@ -33,7 +34,7 @@ MBR_EXTENDED = frozenset({0x05, 0x0F, 0x85})
 MBR_FAT = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E})
 
 
-class SeedError(Exception):
+class SeedError(AgentError):
     pass
 
 

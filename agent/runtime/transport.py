@@ -17,12 +17,13 @@ from typing import Protocol, TypeVar
 from agent import protocol as p
 from agent.endpoint import Endpoint
 from agent.hardware.model import Inventory
+from agent.runtime.errors import AgentError
 
 USER_AGENT = "sledge-agent"
 T = TypeVar("T")
 
 
-class TransportError(Exception):
+class TransportError(AgentError):
     pass
 
 

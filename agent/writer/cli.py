@@ -9,10 +9,10 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from agent.image.chunk import ChunkInvalid
+from agent.image.errors import ImageError
 from agent.progress import ProgressBar, human_bytes
 from agent.writer.device import open_for_read, open_target
-from agent.writer.errors import FetchError, VerifyFailed, WriteError
+from agent.writer.errors import VerifyFailed, WriteError
 from agent.writer.events import Event, Progress, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad --source, --digest...: nothing was touched
         print(f"sledge-agent: write: {exc}", file=sys.stderr)
         return 2
-    except (WriteError, FetchError, ChunkInvalid, OSError) as exc:
+    except (WriteError, ImageError, OSError) as exc:
         print(f"sledge-agent: write failed: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -112,7 +112,7 @@ def run_verify(args: argparse.Namespace) -> int:
             drift = writer.drift(skip_zero=args.skip_zero)
         finally:
             target.close()
-    except (WriteError, FetchError, ValueError, OSError) as exc:
+    except (WriteError, ImageError, ValueError, OSError) as exc:
         print(f"sledge-agent: verify failed: {exc}", file=sys.stderr)
         return 2
     finally:

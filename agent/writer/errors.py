@@ -6,19 +6,21 @@ WriteError
 │   └── BadManifest      ... or is not the one asked for, or is invalid
 ├── ChunkUnavailable     every source failed a chunk (names the chunk and each source's error)
 ├── VerifyFailed         read-back found chunks that differ
-└── Cancelled            stopped at a chunk boundary on request
-FetchError               one attempt at one source failed (kept per source, retried)
+├── Cancelled            stopped at a chunk boundary on request
+└── FetchError           one attempt at one source failed (kept per source, retried; a caller
+                         that fails over catches it before WriteError)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agent.errors import SledgeError
 from agent.image.manifest import Chunk
 
 
-class WriteError(Exception):
-    pass
+class WriteError(SledgeError):
+    """The root of the writer's errors."""
 
 
 class TargetError(WriteError):
@@ -53,7 +55,7 @@ class VerifyFailed(WriteError):
         super().__init__(f"read-back verification: {len(bad)} chunks differ from the image: {names}{more}")
 
 
-class FetchError(Exception):
+class FetchError(WriteError):
     """One failed attempt; `bad_bytes` marks a source that served wrong data (not just failed)."""
 
     def __init__(

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from agent.protocol import ProtocolError, normalize_mac
 from controller.api.context import SERVED, Route, services
-from controller.state.errors import NotFound
+from controller.fleet.errors import NotFound
 
 
 async def ipxe(request: web.Request) -> web.StreamResponse:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from agent.image import layout
 from controller.api.context import ETAG, SERVED, Route, services
-from controller.state.errors import NotFound
+from controller.fleet.errors import NotFound
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 

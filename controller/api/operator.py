@@ -15,9 +15,9 @@ from agent.protocol import DiskHints, Fields, JobKind, JobParams, ProtocolError
 from controller.api import views
 from controller.api.context import Route, services
 from controller.api.wire import query_int, read_body, respond
+from controller.fleet.errors import Invalid, NotFound
 from controller.fleet.operators import MAX_LIST, Operations
 from controller.jobs import JobState
-from controller.state.errors import Invalid, NotFound
 from controller.state.model import Image
 
 

@@ -13,7 +13,7 @@ from agent.image.layout import LayoutError
 from agent.protocol import JSON, MSGPACK, ProtocolError, decode_body, encode_body, media_type
 from controller.api.context import Handler, services
 from controller.auth import AuthError
-from controller.state.errors import Conflict, Denied, Invalid, NotFound
+from controller.fleet.errors import Conflict, Denied, Invalid, NotFound
 
 log = logging.getLogger("sledge.api")
 T = TypeVar("T")

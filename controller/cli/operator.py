@@ -22,6 +22,7 @@ from agent.progress import ProgressBar, human_bytes
 from agent.protocol import DiskHints, ProtocolError
 from controller.auth import AuthError, operator_token_path, read_operator_token
 from controller.config import Config
+from controller.errors import ControllerError
 
 COMMANDS = (
     "machines",
@@ -40,7 +41,7 @@ COMMANDS = (
 Json = dict[str, Any]
 
 
-class CliError(Exception):
+class CliError(ControllerError):
     """Anything that ends a command: printed as one line."""
 
 

@@ -26,8 +26,8 @@ from agent.protocol import (
     identity,
 )
 from controller import auth, jobs
+from controller.fleet.errors import Conflict, Denied, NotFound
 from controller.jobs import JobState, MachineState
-from controller.state.errors import Conflict, Denied, NotFound
 from controller.state.model import EventRecord, InventoryRecord, Job, Machine, Source, Token, TokenKind
 from controller.state.store import Store, Tx
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 from agent.protocol import DiskHints, EventKind, JobKind, JobParams, ProtocolError, normalize_mac
 from controller import jobs
 from controller.fleet.agents import controller_event, end_job, new_id
+from controller.fleet.errors import Conflict, Invalid, NotFound
 from controller.jobs import JobState, JobStatus
-from controller.state.errors import Conflict, Invalid, NotFound
 from controller.state.model import Counts, EventRecord, Image, InventoryRecord, Job, Machine
 from controller.state.store import Store, Tx
 

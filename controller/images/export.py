@@ -18,9 +18,10 @@ from pathlib import Path
 from agent.image.manifest import ChunkKind, Manifest
 from agent.image.store import LocalStore
 from agent.writer.device import open_target, pwrite_all
+from controller.images.errors import ImageToolError
 
 
-class ExportError(OSError):
+class ExportError(ImageToolError):
     pass
 
 

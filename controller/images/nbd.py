@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from controller.images.errors import ImageToolError
+
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
 OPT_EXPORT_NAME = 1
@@ -32,7 +34,7 @@ CMD_DISC = 2
 MAX_REQUEST = 8 << 20
 
 
-class NbdError(OSError):
+class NbdError(ImageToolError):
     pass
 
 

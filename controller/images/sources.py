@@ -7,6 +7,7 @@ import os
 from typing import Protocol
 
 from agent.blockdev import is_block_device, size_of
+from controller.images.errors import ImageToolError
 from controller.images.nbd import NbdClient, QemuNbdServer, data_ranges, image_info
 
 # (offset, magic) -> qemu format name; anything else is raw.
@@ -21,7 +22,7 @@ _MAGICS = (
 )
 
 
-class SourceError(OSError):
+class SourceError(ImageToolError):
     pass
 
 

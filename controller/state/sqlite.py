@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.hardware.model import Inventory
 from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult
+from controller.errors import ControllerError
 from controller.jobs import JobState, JobStatus, MachineState
 from controller.state.migrations import MIGRATIONS
 from controller.state.model import (
@@ -30,7 +31,7 @@ from controller.state.model import (
 )
 
 
-class StateError(Exception):
+class StateError(ControllerError):
     """The state database cannot be used (newer schema, unreadable file)."""
 
 
