@@ -27,7 +27,6 @@ from agent.hardware.model import Disk
 from agent.progress import human_bytes
 from agent.runtime.jobs import JobContext, Outcome, failed
 from agent.runtime.partitions import mbr_partitions
-from agent.writer.device import open_target
 from agent.writer.errors import WriteError
 from agent.writer.gpt import gpt_partitions, is_gpt
 
@@ -104,7 +103,7 @@ class _Progress:
 
 
 def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progress) -> str:
-    target = open_target(disk.path, 0)
+    target = ctx.disks.open_write(disk.path, 0)
     try:
         size = target.size
         if mode is p.EraseMode.METADATA:
