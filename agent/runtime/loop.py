@@ -21,7 +21,7 @@ from agent.hardware.model import Inventory
 from agent.runtime.backoff import Backoff
 from agent.runtime.config import AgentConfig
 from agent.runtime.eventlog import EventLog
-from agent.runtime.jobs import JobContext, Machine, Outcome, failed
+from agent.runtime.jobs import Disks, JobContext, Machine, Outcome, Sources, check_io, failed
 from agent.runtime.jobs.deploy import deploy, verify
 from agent.runtime.jobs.erase import erase
 from agent.runtime.jobs.simple import inventory, reboot
@@ -47,10 +47,16 @@ class Agent:
         log: Callable[[str], None] = print,
         stop: threading.Event | None = None,
         backoff: Backoff | None = None,
+        *,
+        sources: Sources,
+        disks: Disks,
     ) -> None:
+        check_io(machine, sources, disks)
         self.config = config
         self.transport = transport
         self.machine = machine
+        self.sources = sources
+        self.disks = disks
         self.log = log
         self.stop = stop or threading.Event()
         self.backoff = backoff or Backoff(cap=config.max_backoff)
@@ -195,7 +201,16 @@ class Agent:
             events.add(kind, message, done, total)
             self.log(f"[{assignment.kind.value} {assignment.job_id}] {kind.value}: {message}")
 
-        ctx = JobContext(assignment, self.config, self.machine, emit, cancel, self._post_inventory)
+        ctx = JobContext(
+            assignment,
+            self.config,
+            self.machine,
+            self.sources,
+            self.disks,
+            emit,
+            cancel,
+            self._post_inventory,
+        )
         emit(p.EventKind.STAGE, f"{assignment.kind.value} started (attempt {assignment.attempt})", None, None)
         try:
             outcome = JOBS[assignment.kind](ctx)

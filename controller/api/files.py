@@ -8,9 +8,12 @@ content digest and, the content being addressed by it, it is cached forever.
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 
 from agent.image import layout
+from agent.image.store import NotInStore, StoreFileError, open_store_file
 from controller.api.context import ETAG, SERVED, Route, services
 from controller.fleet.errors import NotFound
 
@@ -19,8 +22,13 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 
 async def _serve(request: web.Request, digest: str, relative: str) -> web.StreamResponse:
     path = services(request).config.store_dir / relative
-    if not path.is_file():
-        raise NotFound(f"{relative}: not in the chunk store")
+    try:  # the store's one guarded opener: a FIFO or device planted in the store is refused, not served
+        fd, _ = open_store_file(path)
+        os.close(fd)
+    except NotInStore:
+        raise NotFound(f"{relative}: not in the chunk store") from None
+    except StoreFileError as exc:  # the reason only: the store's place on disk is not the client's business
+        raise NotFound(f"{relative}: not servable from the chunk store: {exc.reason}") from None
     etag = f'"{digest}"'
     headers = {"Cache-Control": IMMUTABLE, "ETag": etag, "Content-Type": "application/octet-stream"}
     if request.headers.get("If-None-Match", "").strip() in (etag, "*"):

@@ -210,7 +210,7 @@ def _export(store: WritableStore, args: argparse.Namespace) -> int:
     entry = store.resolve(args.ref)
     manifest = store.manifest(entry.digest)
     bar = ProgressBar(manifest.image_size, f"export {args.ref}")
-    export_image(store, manifest, args.dest, bar.advance)
+    export_image(store, manifest, entry.digest, args.dest, bar.update)
     bar.close()
     print(f"exported {entry.name}:{entry.version} ({entry.digest}) to {args.dest}")
     return 0

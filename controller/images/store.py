@@ -20,7 +20,7 @@ from pathlib import Path
 from agent.image import layout
 from agent.image.chunk import ChunkInvalid
 from agent.image.manifest import Chunk, Manifest, manifest_digest
-from agent.image.store import CatalogEntry, LocalStore, NotInStore, StoreError
+from agent.image.store import CatalogEntry, LocalStore, NotInStore, StoreError, StoreFileError
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,8 @@ class WritableStore(LocalStore):
         for hex_digest, chunk in sorted(chunks.items()):
             try:
                 self.read_chunk(chunk)
-            except (ChunkInvalid, NotInStore) as exc:
-                reason = exc.reason if isinstance(exc, ChunkInvalid) else "missing"
+            except (ChunkInvalid, NotInStore, StoreFileError) as exc:
+                reason = "missing" if isinstance(exc, NotInStore) else exc.reason
                 bad.append(BadChunk(self.chunk_file(chunk), reason, tuple(users[hex_digest])))
             checked += chunk.stored_len
             if progress:

@@ -16,6 +16,7 @@ from agent import protocol as p
 from agent.hardware.model import Disk
 from agent.runtime.backoff import Backoff
 from agent.runtime.config import AgentConfig
+from agent.runtime.devices import BlockDisks, HttpSources
 from agent.runtime.loop import Agent
 from agent.runtime.machine import FakeMachine
 from agent.runtime.transport import HttpTransport
@@ -106,7 +107,13 @@ def start_agent(
         workers=2,
     )
     agent = Agent(
-        config, HttpTransport(server.url, timeout=5), machine, lines.append, backoff=Backoff(0.05, 0.5)
+        config,
+        HttpTransport(server.url, timeout=5),
+        machine,
+        lines.append,
+        backoff=Backoff(0.05, 0.5),
+        sources=HttpSources(),
+        disks=BlockDisks(),
     )
     thread = threading.Thread(target=agent.run, args=(jobs,), daemon=True)
     thread.start()

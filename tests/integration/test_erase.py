@@ -13,6 +13,7 @@ import pytest
 from agent import protocol as p
 from agent.hardware.inventory import collect
 from agent.runtime.config import AgentConfig
+from agent.runtime.devices import BlockDisks, HttpSources
 from agent.runtime.jobs import JobContext
 from agent.runtime.jobs.erase import erase
 from agent.runtime.machine import FakeMachine
@@ -55,6 +56,8 @@ def context(
         assignment,
         AgentConfig(),
         FakeMachine(dataclasses.replace(inv, disks=chosen)),
+        HttpSources(),
+        BlockDisks(),
         lambda kind, message, done, total: lines.append(f"{kind.value}: {message}"),
         threading.Event(),
         lambda inv: None,

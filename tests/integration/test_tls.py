@@ -121,6 +121,7 @@ def test_agent_pinned_to_the_controllers_ca_registers_and_deploys(tls_server, tm
 
     from agent.runtime.backoff import Backoff
     from agent.runtime.config import AgentConfig
+    from agent.runtime.devices import BlockDisks, HttpSources
     from agent.runtime.loop import Agent
 
     url, ca, data, context = tls_server
@@ -143,7 +144,13 @@ def test_agent_pinned_to_the_controllers_ca_registers_and_deploys(tls_server, tm
         workers=2,
     )
     agent = Agent(
-        config, HttpTransport(url, str(ca)), GatedMachine(target), lambda s: None, backoff=Backoff(0.05, 0.5)
+        config,
+        HttpTransport(url, str(ca)),
+        GatedMachine(target),
+        lambda s: None,
+        backoff=Backoff(0.05, 0.5),
+        sources=HttpSources(str(ca)),
+        disks=BlockDisks(),
     )
     thread = threading.Thread(target=agent.run, args=(1,), daemon=True)
     thread.start()

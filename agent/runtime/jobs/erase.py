@@ -22,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from agent import blockdev
 from agent import protocol as p
-from agent.hardware.hints import HintError, SelectionError, refusal, select_disk
+from agent.hardware.errors import HardwareError
+from agent.hardware.hints import refusal, select_disk
 from agent.hardware.model import Disk
 from agent.progress import human_bytes
 from agent.runtime.jobs import JobContext, Outcome, failed
 from agent.runtime.partitions import mbr_partitions
-from agent.writer.device import open_target
 from agent.writer.errors import WriteError
 from agent.writer.gpt import gpt_partitions, is_gpt
 
@@ -104,7 +104,7 @@ class _Progress:
 
 
 def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progress) -> str:
-    target = open_target(disk.path, 0)
+    target = ctx.disks.open_write(disk.path, 0)
     try:
         size = target.size
         if mode is p.EraseMode.METADATA:
@@ -130,7 +130,7 @@ def erase(ctx: JobContext) -> Outcome:
     mode = ctx.assignment.params.erase_mode
     try:
         disks, notes = targets(ctx)
-    except (HintError, SelectionError) as exc:
+    except HardwareError as exc:
         return failed(f"disk selection: {exc}")
     for note in notes:
         ctx.warn(note)
