@@ -84,7 +84,7 @@ def inspect_vmdk(blob: Blob) -> Facts:
                 "vmdk", "streamOptimized footer without the sparse magic", footer[512:516].hex()
             )
         headers.append(HEADER.unpack(footer[SECTOR : SECTOR + HEADER.size]))
-    for h in headers:
+    for h in reversed(headers):  # the footer first: it is the header qemu uses
         _check_header(blob, h)
     hint = _parent_hint(blob.read(*PARENT_AREA))
     if hint is not None:
