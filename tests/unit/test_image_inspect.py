@@ -229,10 +229,8 @@ def test_hostile_headers_never_traceback(
     st.binary(max_size=2048), st.sampled_from([b"QFI\xfb", b"KDMV", b"vhdxfile", b"# Disk DescriptorFile"])
 )
 def test_random_bytes_after_a_magic_never_traceback(tail: bytes, magic: bytes) -> None:
-    try:
+    with contextlib.suppress(ImageRefused):
         inspect(magic + tail)
-    except ImageRefused:
-        pass
 
 
 def test_vdi_signature_lives_at_64() -> None:
