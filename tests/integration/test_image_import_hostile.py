@@ -94,7 +94,7 @@ def qcow2_backing_absolute(d: Path, secret: Path) -> tuple[Path, str]:
 
 
 def qcow2_backing_json(d: Path, secret: Path) -> tuple[Path, str]:
-    name = 'json:{"driver":"raw","file":{"driver":"file","filename":"%s"}}' % secret
+    name = "json:" + json.dumps({"driver": "raw", "file": {"driver": "file", "filename": str(secret)}})
     qimg("create", "-q", "-f", "qcow2", "-b", name, "-F", "raw", d / "evil.qcow2", "4M")
     return d / "evil.qcow2", name
 
@@ -211,7 +211,7 @@ def test_sandbox_alone_refuses_with_inspection_off(tmp_path: Path, case: str) ->
 
 def test_sandbox_alone_refuses_split_extents(tmp_path: Path) -> None:
     src, _ = vmdk_split_extents(tmp_path, tmp_path / "unused")
-    with pytest.raises(OSError, match="evil-f001.vmdk"):
+    with pytest.raises(OSError, match=r"evil-f001\.vmdk"):
         open_source(str(src), None, ImportPolicy(inspect=False, pin_nodes=False)).close()
 
 
