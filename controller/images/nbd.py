@@ -97,7 +97,7 @@ class NbdClient:
 
 
 def image_info(image: SandboxedImage) -> dict[str, object]:
-    out = _run(image, ["qemu-img", "info", "--output=json"])
+    out = _run(image.top_only(), ["qemu-img", "info", "--output=json"])
     info: dict[str, object] = json.loads(out)
     return info
 

@@ -63,11 +63,17 @@ class SandboxedImage:
                 "driver": layer.format,
                 "file": {"driver": protocol, "filename": self.inner_path(i)},
             }
-            if self.pin_nodes:
+            # raw has no backing to pin (and nested, qemu rejects the option on it)
+            if self.pin_nodes and layer.format != "raw":
                 spec["backing"] = node(i + 1) if i + 1 < len(self.layers) else None
             return spec
 
         return "json:" + json.dumps(node(0), separators=(",", ":"))
+
+    def top_only(self) -> SandboxedImage:
+        """The image without its chain: what `qemu-img info` opens (it skips backing files,
+        and then refuses the pinned backing options it did not use)."""
+        return SandboxedImage(self.layers[:1], self.pin_nodes)
 
     def fds(self) -> tuple[int, ...]:
         return tuple(layer.fd for layer in self.layers)

@@ -189,7 +189,7 @@ def test_node_graph_pins_every_layer_and_ends_in_null() -> None:
     image = SandboxedImage((SandboxLayer(5, False, "qcow2"), SandboxLayer(6, True, "raw")))
     assert image.target() == (
         'json:{"driver":"qcow2","file":{"driver":"file","filename":"/sledge/0"},'
-        '"backing":{"driver":"raw","file":{"driver":"host_device","filename":"/sledge/1"},"backing":null}}'
+        '"backing":{"driver":"raw","file":{"driver":"host_device","filename":"/sledge/1"}}}'
     )
     loose = SandboxedImage((SandboxLayer(5, False, "vmdk"),), pin_nodes=False)
     assert "backing" not in loose.target()
