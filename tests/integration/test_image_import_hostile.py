@@ -297,3 +297,31 @@ def test_well_formed_images_import_byte_identically(
     dest = tmp_path / "out.raw"
     assert sledge(capsys, "image", "export", "ok:1", dest, "--store", store)[0] == 0
     assert filecmp.cmp(raw, dest, shallow=False)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("hostile", [False, True], ids=["well-formed", "backing"])
+def test_qcow2_on_a_block_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], loop_device: Callable[..., str], hostile: bool
+) -> None:
+    """A device node reaches the sandbox through its descriptor too (host_device protocol)."""
+    raw = half_sparse_image(tmp_path / "src.raw", 6 * MiB)
+    image = tmp_path / "src.qcow2"
+    if hostile:
+        secret = plant(tmp_path / "secret.raw")
+        qimg("create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", image)
+    else:
+        qimg("convert", "-q", "-f", "raw", "-O", "qcow2", raw, image)
+    dev = loop_device(16 * MiB, direct_io=False)
+    with open(dev, "r+b") as f:
+        f.write(image.read_bytes())
+    store = tmp_path / "store"
+    rc, _, err = sledge(capsys, "image", "import", dev, "--name", "b", "--version", "1", "--store", store)
+    if hostile:
+        assert rc == 1 and f"image {dev} (qcow2) refused: backing file" in err and str(secret) in err
+        assert not marker_in_chunks(store)
+        return
+    assert rc == 0, err
+    dest = tmp_path / "out.raw"
+    assert sledge(capsys, "image", "export", "b:1", dest, "--store", store)[0] == 0
+    assert filecmp.cmp(raw, dest, shallow=False)
