@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -325,3 +326,27 @@ def test_qcow2_on_a_block_device(
     dest = tmp_path / "out.raw"
     assert sledge(capsys, "image", "export", "b:1", dest, "--store", store)[0] == 0
     assert filecmp.cmp(raw, dest, shallow=False)
+
+
+def test_sandbox_works_without_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bwrap then builds its sandbox in a user namespace of its own (euid 65534 here)."""
+    need("unshare")
+    raw = half_sparse_image(tmp_path / "src.raw", 6 * MiB)
+    qimg("convert", "-q", "-f", "raw", "-O", "qcow2", raw, tmp_path / "src.qcow2")
+    secret = plant(tmp_path / "secret.raw")
+    qimg("create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw", tmp_path / "evil.qcow2")
+    store = tmp_path / "store"
+    runner = ["unshare", "--user", "--map-user=65534", "--map-group=65534", sys.executable, "-c"]
+    code = (
+        "import os, sys; from controller.cli import main; "
+        "assert os.geteuid() == 65534; sys.exit(main(sys.argv[1:]))"
+    )
+    for src, wanted in (("src.qcow2", 0), ("evil.qcow2", 1)):
+        argv = [*runner, code, "image", "import", str(tmp_path / src), "--name", "u", "--version", src,
+                "--store", str(store)]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert proc.returncode == wanted, proc.stderr
+    assert "refused: backing file" in proc.stderr
+    assert sledge(capsys, "image", "export", "u:src.qcow2", tmp_path / "out", "--store", store)[0] == 0
+    assert filecmp.cmp(raw, tmp_path / "out", shallow=False)
+    assert not marker_in_chunks(store)
