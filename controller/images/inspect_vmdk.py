@@ -113,3 +113,11 @@ def _check_header(blob: Blob, h: tuple[object, ...]) -> None:
         raise ImageRefused("vmdk", "parent disk (parentFileNameHint)", desc.parent_hint)
     if desc.create_type is not None and desc.create_type not in SPARSE_TYPES:
         raise ImageRefused("vmdk", "createType not monolithicSparse/streamOptimized:", desc.create_type)
+    # qemu 7.2 ignores these extent lines (the file is its own extent), but a sparse file
+    # only ever has its one SPARSE line: anything more is a reference in waiting
+    if len(desc.extents) > 1 or any(kind != "SPARSE" for kind, _ in desc.extents):
+        raise ImageRefused(
+            "vmdk",
+            "embedded descriptor names extents besides its own:",
+            ", ".join(n for _, n in desc.extents),
+        )

@@ -121,6 +121,15 @@ BAD = [
         "createType",
         "vmfs",
     ),
+    (
+        "vmdk embedded descriptor with a second extent",
+        crafted.vmdk_sparse(
+            2048, crafted.vmdk_descriptor(extents='RW 2048 SPARSE "x.vmdk"\nRW 2048 FLAT "/etc/shadow" 0')
+        ),
+        None,
+        "extents besides its own",
+        "/etc/shadow",
+    ),
     ("vmdk version 4", crafted.vmdk_sparse(2048, version=4), None, "version", "4"),
     ("vmdk3 (COWD)", b"COWD" + bytes(2044), None, "allow-list", None),
     (
