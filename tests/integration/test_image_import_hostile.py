@@ -28,6 +28,7 @@ from controller.images.chain import ImportPolicy
 from controller.images.importer import ImportOptions, import_image
 from controller.images.sources import open_source
 from controller.images.store import WritableStore
+from tests import crafted
 from tests.images import MiB, half_sparse_image, random_image
 from tests.tools import need
 
@@ -350,3 +351,24 @@ def test_sandbox_works_without_root(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert sledge(capsys, "image", "export", "u:src.qcow2", tmp_path / "out", "--store", store)[0] == 0
     assert filecmp.cmp(raw, tmp_path / "out", shallow=False)
     assert not marker_in_chunks(store)
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vdi"])
+def test_differencing_disks_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], populated: Path, fmt: str
+) -> None:
+    """Hand-made (qemu cannot make them): a VHDX with a parent locator, a differencing VDI."""
+    secret = plant(tmp_path / "secret.raw")
+    src = tmp_path / f"diff.{fmt}"
+    if fmt == "vhdx":
+        src.write_bytes(crafted.vhdx_image(parent_locator={"absolute_win32_path": str(secret)}))
+        reference = f"absolute_win32_path={secret}"
+    else:
+        src.write_bytes(crafted.vdi(4, parent=b"\x42" * 16))
+        reference = "42" * 16
+    before = snapshot(populated)
+    rc, _, err = sledge(capsys, "image", "import", src, "--name", "d", "--store", populated)
+    assert rc == 1
+    assert f"image {src} ({fmt}) refused:" in err and reference in err, err
+    assert snapshot(populated) == before
+    assert not marker_in_chunks(populated)
