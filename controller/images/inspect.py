@@ -95,6 +95,7 @@ def detect_format(blob: Blob) -> str:
 def inspect_image(blob: Blob, declared: str | None = None) -> Facts:
     """Facts about one file, or ImageRefused. A declared format must agree with the file,
     except raw, which is always raw: its bytes are copied, never interpreted."""
+    # imported here: those modules build on this one's error and Blob
     from controller.images.inspect_vhdx import inspect_vhdx
     from controller.images.inspect_vmdk import inspect_vmdk
 
