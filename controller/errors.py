@@ -7,7 +7,8 @@ SledgeError (agent.errors)
     ├── StateError         controller.state: the database cannot be opened or is not sledge's
     ├── TransitionError    controller.jobs: a job change its state does not allow
     ├── AuthError          controller.auth: a token that is missing, malformed or wrong
-    ├── ImageToolError     controller.images (also an OSError): SourceError, NbdError, ExportError
+    ├── ImageToolError     controller.images (also an OSError): SourceError, NbdError, ExportError,
+    │                      SandboxError, ImageRefused (an image that names another file)
     └── CliError           controller.cli.operator: what ends an operator command
 """
 

@@ -13,8 +13,10 @@ from agent.image.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_S
 from agent.image.store import CatalogEntry
 from agent.progress import ProgressBar, human_bytes
 from controller.config import Config, store_dir
+from controller.images.chain import ImportPolicy
 from controller.images.export import export_image
 from controller.images.importer import ImportOptions, import_image
+from controller.images.inspect import ALLOWED_FORMATS
 from controller.images.sources import open_source
 from controller.images.store import WritableStore
 
@@ -58,7 +60,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--version", default=None, help="default: the import time, UTC, YYYYmmddHHMMSS")
     p.add_argument("--chunk-size", type=chunk_size_arg, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--format", default=None, help="source format (default: detected)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=ALLOWED_FORMATS,
+        help="source format: must match the file; raw is never interpreted (default: detect)",
+    )
+    p.add_argument(
+        "--allow-backing",
+        metavar="DIR",
+        default=None,
+        help="let a qcow2 overlay read its backing chain, only from files under DIR (default: refuse)",
+    )
     p.add_argument("--label", type=label_arg, action="append", default=[])
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON before the digest")
@@ -109,7 +122,8 @@ def _import(store: WritableStore, args: argparse.Namespace, created: int | None)
     from agent.image import layout
 
     layout.catalog_path(options.name, options.version)  # refuse a bad name before reading anything
-    source = open_source(args.src, args.format)
+    policy = ImportPolicy(allow_backing=args.allow_backing)
+    source = open_source(args.src, args.format, policy)
     try:
         bar = ProgressBar(source.size, f"import {args.name}:{version}")
         result = import_image(store, source, options, bar.advance)
@@ -118,8 +132,13 @@ def _import(store: WritableStore, args: argparse.Namespace, created: int | None)
         source.close()
     s = result.stats
     if args.json:
-        print(json.dumps({"digest": result.digest, "name": args.name, "version": version, **vars(s)}))
+        extra = {"format": source.format, "backing_files": list(source.backing_files)}
+        print(
+            json.dumps({"digest": result.digest, "name": args.name, "version": version, **extra, **vars(s)})
+        )
     else:
+        for path in source.backing_files:
+            print(f"read backing file {path} (under --allow-backing {args.allow_backing})")
         print(
             f"imported {args.name}:{version} ({source.format}): {human_bytes(s.image_size)} image, "
             f"{human_bytes(s.data_bytes)} data in {s.data_chunks} chunks, {s.zero_chunks} zero chunks; "
