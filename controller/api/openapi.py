@@ -121,7 +121,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "JobDetail": _object(strict=False, id=_STR, events={"type": "array", "items": _ref("EventRecord")}),
     "JobList": _list("jobs", "Job"),
     "EventRecord": _object(
-        strict=False, id=_INT, job_id=_STR, seq={"type": ["integer", "null"]}, source=_STR
+        strict=False,
+        id=_INT,
+        job_id={"type": ["string", "null"], "description": "null: an event of the machine (quarantine)"},
+        seq={"type": ["integer", "null"]},
+        source=_STR,
     ),
     "EventList": _list("events", "EventRecord"),
 }
@@ -151,12 +155,18 @@ def _operation(route: Route) -> dict[str, Any]:
                 m: {"schema": _ref(route.request)} for m in ("application/json", "application/msgpack")
             },
         }
-    ok = "201" if route.method == "POST" and route.path in ("/v1/jobs", "/v1/images") else "200"
+    created = ("/v1/jobs", "/v1/images", "/v1/machines/{machine}/expect")
+    ok = "201" if route.method == "POST" and route.path in created else "200"
     media = _MEDIA.get(route.response or "", "application/json")
     schema = _ref(route.response) if route.response in SCHEMAS else {"type": "string"}
     responses: dict[str, Any] = {ok: {"description": "OK", "content": {media: {"schema": schema}}}}
     if route.path.endswith("/jobs/next"):
         responses["204"] = {"description": "no job within the wait"}
+    if route.path.endswith("/register"):
+        responses["429"] = {
+            "description": "too many failed enrollments from this MAC or address (Retry-After)",
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
     for code in ("400", "401", "404", "409", "413"):
         responses[code] = {"description": "error", "content": {"application/json": {"schema": _ref("Error")}}}
     op["responses"] = responses
