@@ -125,8 +125,7 @@ class Enrollment:
         A refusal changes nothing but the failure counts. A registration with changed hardware is
         not refused: the machine is quarantined and its agent gets a token that is given no job.
         """
-        _, macs = identity(request.inventory)
-        keys = [("address", peer), *(("mac", m) for m in macs)]
+        keys = [("address", peer), ("mac", self._claimed_mac(request))]
         blocked = self.limiter.blocked(keys)
         if blocked is not None:
             raise EnrollmentDenied(
@@ -140,6 +139,21 @@ class Enrollment:
         except EnrollmentDenied:
             self.limiter.fail(keys)
             raise
+
+    def _claimed_mac(self, request: RegisterRequest) -> str:
+        """The MAC a registration counts against: its token's, else the first its inventory names
+        (one MAC only, so a single request cannot spend the failures of many)."""
+        try:
+            token_id, _ = auth.parse_token(
+                request.enrollment_token, auth.ENROLLMENT_PREFIX, "enrollment token"
+            )
+        except auth.AuthError:
+            token_id = ""
+        with self.store.transaction() as tx:
+            token = tx.token(token_id) if token_id else None
+        if token is not None and token.mac:
+            return token.mac
+        return identity(request.inventory)[1][0]
 
     def _register(self, request: RegisterRequest, peer: str) -> RegisterReply:
         now = self.clock()

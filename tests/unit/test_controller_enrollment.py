@@ -316,3 +316,16 @@ async def test_with_sledges_dhcp_only_the_leased_address_boots_and_enrolls(
     assert (await refusals(h))["lease"] == 2
     token = await token_from(client, MAC1)
     assert token and (await register(client, token, victim()))[0] == 200
+
+
+async def test_one_request_spends_the_failures_of_one_mac_only(
+    aiohttp_client: AioClient, tmp_path: Path
+) -> None:
+    h = await start(aiohttp_client, tmp_path, failures_per_mac=1, failures_per_address=100)
+    forged = "sle_0000000000000000_" + "A" * 43
+    listed = ("52:54:00:00:09:09", MAC1, MAC2)
+    async with attacker(h) as evil:
+        assert (await register(evil, forged, inventory(uuid="u9", macs=listed)))[0] == 401
+        assert (await register(evil, forged, inventory(uuid="u9", macs=listed)))[0] == 429
+    token = await token_from(h.client, MAC1)
+    assert token and (await register(h.client, token, victim()))[0] == 200
