@@ -103,10 +103,42 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "FinishRequest": _object(("attempt", "result"), attempt=_INT, result=_ref("JobResult")),
     "JobState": _object(("job_id", "state"), job_id=_STR, state=_STR),
     "Machine": _object(
-        strict=False, id=_STR, state=_STR, hostname=_STR, macs={"type": "array", "items": _STR}
+        strict=False,
+        id=_STR,
+        state=_STR,
+        hostname=_STR,
+        macs={"type": "array", "items": _STR},
+        expected={"type": "boolean", "description": "may enroll once with discovery closed"},
+    ),
+    "Fingerprint": _object(
+        ("system_uuid", "disks", "macs"),
+        system_uuid=_STR,
+        disks={"type": "array", "items": _object(serial=_STR, wwn=_STR)},
+        macs={"type": "array", "items": _STR},
     ),
     "MachineDetail": _object(
-        strict=False, id=_STR, inventory=_OBJ, jobs={"type": "array", "items": _ref("Job")}
+        strict=False,
+        id=_STR,
+        inventory=_OBJ,
+        jobs={"type": "array", "items": _ref("Job")},
+        fingerprint={
+            "oneOf": [_ref("Fingerprint"), {"type": "null"}],
+            "description": "bound at the first registration",
+        },
+        quarantine={
+            "oneOf": [
+                _object(
+                    strict=False,
+                    at=_NUM,
+                    address=_STR,
+                    previous_state=_STR,
+                    fingerprint=_ref("Fingerprint"),
+                    changes={"type": "array", "items": _STR},
+                ),
+                {"type": "null"},
+            ]
+        },
+        events={"type": "array", "items": _ref("EventRecord")},
     ),
     "MachineList": _list("machines", "Machine"),
     "MachinePatch": _object(desired_image=_STR, disk_hints=_HINTS),
