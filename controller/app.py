@@ -21,9 +21,12 @@ from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Se
 from controller.api.wire import errors_middleware, respond
 from controller.config import Config
 from controller.fleet.agents import Fleet, Policy
+from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.metrics import Metrics
 from controller.state.store import Store
+from controller.trust.leases import Leases
+from controller.trust.limits import FailureLimiter, Limit
 
 __all__ = ["Config", "make_app", "routes"]
 log = logging.getLogger("sledge.app")
@@ -112,7 +115,10 @@ def make_app(
     *,
     operator_key: auth.OperatorKey | None = None,
     clock: Callable[[], float] = time.time,
+    leases: Leases | None = None,
 ) -> web.Application:
+    """`leases`: sledge's own DHCP leases (enrollment must then come from the MAC's lease); None
+    when sledge runs no DHCP."""
     hub = Hub()
     policy = Policy(
         lease_seconds=config.lease_seconds,
@@ -120,11 +126,20 @@ def make_app(
         poll_seconds=config.max_poll_seconds,
         enrollment_ttl=config.enrollment_ttl,
         sources=config.sources,
+        discovery=config.discovery,
+    )
+    limiter = FailureLimiter(
+        {
+            "mac": Limit(config.failures_per_mac, config.failure_window),
+            "address": Limit(config.failures_per_address, config.failure_window),
+        },
+        clock,
     )
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body)
     app[SERVICES] = Services(
         config=config,
         fleet=Fleet(store, policy, clock, hub.notify),
+        enrollment=Enrollment(store, policy, limiter, leases, clock, hub.notify),
         ops=Operations(store, policy.max_attempts, clock, hub.notify),
         hub=hub,
         metrics=Metrics(),

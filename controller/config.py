@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.protocol import MAX_BODY
+from controller.trust import Discovery
 
 DEFAULT_PORT = 8470
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -30,7 +31,13 @@ class Config:
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     max_poll_seconds: float = 30.0
-    enrollment_ttl: float = 600.0
+    enrollment_ttl: float = 300.0  # seconds an enrollment token lives (a boot takes well under that)
+    discovery: Discovery = Discovery.OPEN  # closed: only expected MACs and ones with a job enroll
+    # Failed enrollments allowed per MAC and per address in failure_window seconds; more are refused
+    # (429). An address is shared by every machine behind a NAT or proxy, so it gets more.
+    failures_per_mac: int = 5
+    failures_per_address: int = 20
+    failure_window: float = 300.0
     reap_interval: float = 2.0
     max_body: int = MAX_BODY
     kernel: str = "vmlinuz"  # under DATA/boot/

@@ -39,6 +39,7 @@ class MachineState(enum.StrEnum):
     DEPLOYED = "deployed"  # boots from its disk
     ERASING = "erasing"
     FAILED = "failed"
+    QUARANTINED = "quarantined"  # registered with hardware unlike its fingerprint; no jobs until accepted
 
 
 # Kinds whose re-run after a lost agent is safe: a deploy resumes (chunks already on the

@@ -7,17 +7,28 @@ a job of any other machine is "not found", whether or not it exists.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from aiohttp import web
 
 from agent import protocol as p
-from controller.api.context import Route, machine_of, services
-from controller.api.wire import query_float, read_body, respond
+from controller.api.context import Route, machine_of, peer, services
+from controller.api.wire import error, query_float, read_body, respond
+from controller.fleet.enrollment import EnrollmentDenied
 
 
 async def register(request: web.Request) -> web.StreamResponse:
     message = await read_body(request, p.RegisterRequest.from_wire)
-    reply = services(request).fleet.register(message)
+    svc = services(request)
+    try:
+        reply = svc.enrollment.register(message, peer(request))
+    except EnrollmentDenied as exc:
+        svc.metrics.refused(exc.reason)
+        if exc.retry_after is None:
+            raise
+        response = error(429, str(exc))
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     return respond(request, reply.to_wire())
 
 

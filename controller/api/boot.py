@@ -1,8 +1,10 @@
 """Network boot: a per-machine iPXE script, and the agent's kernel and initramfs.
 
 A machine that is deployed and has nothing queued boots its disk (`exit` hands
-back to the firmware's next boot entry); any other machine, known or not, chains
-the agent with a fresh one-time enrollment token bound to its MAC.
+back to the firmware's next boot entry); so does one that may not enroll (discovery
+closed and nothing expected of it, or not from its DHCP lease). Any other machine
+chains the agent with a fresh one-time enrollment token bound to its MAC and to
+the address that asked (controller.fleet.enrollment, docs/trust.md).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from agent.protocol import ProtocolError, normalize_mac
-from controller.api.context import SERVED, Route, services
+from controller.api.context import SERVED, Route, peer, services
 from controller.fleet.errors import NotFound
 
 
@@ -20,9 +22,11 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
     if mac is None:
         raise ProtocolError("mac", "the booting NIC's MAC (chain /boot/ipxe?mac=${net0/mac})", "nothing")
     mac = normalize_mac(mac)
-    decision = svc.fleet.boot(mac)
-    if decision.from_disk:
-        script = f"#!ipxe\necho sledge: machine {decision.machine_id} is deployed, booting from disk\nexit\n"
+    decision = svc.enrollment.boot(mac, peer(request))
+    if decision.refusal is not None:
+        svc.metrics.refused(decision.refusal)
+    if decision.enrollment_token is None:
+        script = f"#!ipxe\necho sledge: {decision.note}\nexit\n"
     else:
         cfg = svc.config
         args = (
@@ -31,7 +35,7 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
         )
         script = (
             "#!ipxe\n"
-            f"echo sledge: machine {decision.machine_id}, booting the agent\n"
+            f"echo sledge: {decision.note}\n"
             f"kernel {cfg.url}/boot/files/{cfg.kernel} initrd={cfg.initrd} {args}\n"
             f"initrd {cfg.url}/boot/files/{cfg.initrd}\n"
             "boot\n"

@@ -13,6 +13,7 @@ from aiohttp import web
 from controller.auth import OperatorKey
 from controller.config import Config
 from controller.fleet.agents import Fleet
+from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.metrics import Metrics
 
@@ -53,6 +54,7 @@ class Hub:
 class Services:
     config: Config
     fleet: Fleet
+    enrollment: Enrollment
     ops: Operations
     hub: Hub
     metrics: Metrics
@@ -82,6 +84,11 @@ class Route:
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def peer(request: web.Request) -> str:
+    """The address the request came from: behind a proxy or QEMU user networking, the forwarder's."""
+    return request.remote or ""
 
 
 def machine_of(request: web.Request) -> str:

@@ -103,10 +103,42 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "FinishRequest": _object(("attempt", "result"), attempt=_INT, result=_ref("JobResult")),
     "JobState": _object(("job_id", "state"), job_id=_STR, state=_STR),
     "Machine": _object(
-        strict=False, id=_STR, state=_STR, hostname=_STR, macs={"type": "array", "items": _STR}
+        strict=False,
+        id=_STR,
+        state=_STR,
+        hostname=_STR,
+        macs={"type": "array", "items": _STR},
+        expected={"type": "boolean", "description": "may enroll once with discovery closed"},
+    ),
+    "Fingerprint": _object(
+        ("system_uuid", "disks", "macs"),
+        system_uuid=_STR,
+        disks={"type": "array", "items": _object(serial=_STR, wwn=_STR)},
+        macs={"type": "array", "items": _STR},
     ),
     "MachineDetail": _object(
-        strict=False, id=_STR, inventory=_OBJ, jobs={"type": "array", "items": _ref("Job")}
+        strict=False,
+        id=_STR,
+        inventory=_OBJ,
+        jobs={"type": "array", "items": _ref("Job")},
+        fingerprint={
+            "oneOf": [_ref("Fingerprint"), {"type": "null"}],
+            "description": "bound at the first registration",
+        },
+        quarantine={
+            "oneOf": [
+                _object(
+                    strict=False,
+                    at=_NUM,
+                    address=_STR,
+                    previous_state=_STR,
+                    fingerprint=_ref("Fingerprint"),
+                    changes={"type": "array", "items": _STR},
+                ),
+                {"type": "null"},
+            ]
+        },
+        events={"type": "array", "items": _ref("EventRecord")},
     ),
     "MachineList": _list("machines", "Machine"),
     "MachinePatch": _object(desired_image=_STR, disk_hints=_HINTS),
@@ -121,7 +153,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "JobDetail": _object(strict=False, id=_STR, events={"type": "array", "items": _ref("EventRecord")}),
     "JobList": _list("jobs", "Job"),
     "EventRecord": _object(
-        strict=False, id=_INT, job_id=_STR, seq={"type": ["integer", "null"]}, source=_STR
+        strict=False,
+        id=_INT,
+        job_id={"type": ["string", "null"], "description": "null: an event of the machine (quarantine)"},
+        seq={"type": ["integer", "null"]},
+        source=_STR,
     ),
     "EventList": _list("events", "EventRecord"),
 }
@@ -151,12 +187,18 @@ def _operation(route: Route) -> dict[str, Any]:
                 m: {"schema": _ref(route.request)} for m in ("application/json", "application/msgpack")
             },
         }
-    ok = "201" if route.method == "POST" and route.path in ("/v1/jobs", "/v1/images") else "200"
+    created = ("/v1/jobs", "/v1/images", "/v1/machines/{machine}/expect")
+    ok = "201" if route.method == "POST" and route.path in created else "200"
     media = _MEDIA.get(route.response or "", "application/json")
     schema = _ref(route.response) if route.response in SCHEMAS else {"type": "string"}
     responses: dict[str, Any] = {ok: {"description": "OK", "content": {media: {"schema": schema}}}}
     if route.path.endswith("/jobs/next"):
         responses["204"] = {"description": "no job within the wait"}
+    if route.path.endswith("/register"):
+        responses["429"] = {
+            "description": "too many failed enrollments from this MAC or address (Retry-After)",
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
     for code in ("400", "401", "404", "409", "413"):
         responses[code] = {"description": "error", "content": {"application/json": {"schema": _ref("Error")}}}
     op["responses"] = responses

@@ -31,6 +31,7 @@ async def show_machine(request: web.Request) -> web.StreamResponse:
     machine = ops.machine(ref)
     view = views.machine(machine, detail=True)
     view["jobs"] = [views.job(j) for j in ops.jobs(machine.id, (), 20)]
+    view["events"] = [views.event(e) for e in ops.machine_events(machine.id)]
     view["inventory_history"] = [
         {"at": r.at} for r in ops.inventory_history(machine.id, query_int(request, "history", 20, 0, 1000))
     ]
@@ -45,6 +46,16 @@ async def patch_machine(request: web.Request) -> web.StreamResponse:
     hints = DiskHints.from_wire(body.obj["disk_hints"], "disk_hints") if "disk_hints" in body.obj else None
     machine = services(request).ops.set_desired(request.match_info["machine"], image, hints)
     return respond(request, views.machine(machine))
+
+
+async def accept_machine(request: web.Request) -> web.StreamResponse:
+    machine = services(request).ops.accept(request.match_info["machine"])
+    return respond(request, views.machine(machine, detail=True))
+
+
+async def expect_machine(request: web.Request) -> web.StreamResponse:
+    machine = services(request).ops.expect(request.match_info["machine"])
+    return respond(request, views.machine(machine), status=201)
 
 
 async def delete_machine(request: web.Request) -> web.StreamResponse:
@@ -179,6 +190,20 @@ ROUTES = (
         response="Machine",
     ),
     Route("DELETE", "/v1/machines/{machine}", delete_machine, "Forget a machine", response="Deleted"),
+    Route(
+        "POST",
+        "/v1/machines/{machine}/accept",
+        accept_machine,
+        "Accept a quarantined machine's new hardware (its fingerprint becomes the bound one)",
+        response="MachineDetail",
+    ),
+    Route(
+        "POST",
+        "/v1/machines/{machine}/expect",
+        expect_machine,
+        "Expect a MAC: it may enroll once even with discovery closed (a machine record is made)",
+        response="Machine",
+    ),
     Route("GET", "/v1/images", list_images, "List registered images", response="ImageList"),
     Route(
         "POST",

@@ -119,6 +119,12 @@ def add_parsers(sub: Any) -> None:
     msub.add_parser("show", parents=[common], help="show a machine with its inventory").add_argument(
         "machine"
     )
+    msub.add_parser(
+        "accept", parents=[common], help="accept a quarantined machine's new hardware (see `machine show`)"
+    ).add_argument("machine", help="id, MAC or hostname")
+    msub.add_parser(
+        "expect", parents=[common], help="let a MAC enroll once even with `sledge serve --discovery closed`"
+    ).add_argument("machine", metavar="MAC")
     p = sub.add_parser("images", parents=[common], help="list registered images")
     p.add_argument("--register", metavar="NAME[:VERSION]", help="register an image from the chunk store")
     p = sub.add_parser("deploy", parents=[common, disk, wait], help="write an image to a machine's disk")
@@ -202,7 +208,7 @@ def event_line(e: Json) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
     seq = f"#{e['seq']}" if e.get("seq") is not None else "ctl"
     done = f" [{human_bytes(e['done'])}/{human_bytes(e['total'])}]" if e.get("total") else ""
-    return f"{stamp} {e['job_id']} {seq:>5} {e['kind']:<8} {e['message']}{done}"
+    return f"{stamp} {e['job_id'] or e['machine_id']} {seq:>5} {e['kind']:<8} {e['message']}{done}"
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -218,7 +224,18 @@ def machines(c: Client, args: argparse.Namespace) -> int:
 
 
 def machine(c: Client, args: argparse.Namespace) -> int:
-    m = c.call("GET", f"/v1/machines/{urllib.parse.quote(args.machine, safe='')}")
+    ref = urllib.parse.quote(args.machine, safe="")
+    if args.machine_cmd == "accept":
+        m = c.call("POST", f"/v1/machines/{ref}/accept")
+        return emit(
+            args,
+            m,
+            f"{m['id']}: accepted, now {m['state']}; fingerprint {fingerprint_line(m['fingerprint'])}",
+        )
+    if args.machine_cmd == "expect":
+        m = c.call("POST", f"/v1/machines/{ref}/expect")
+        return emit(args, m, f"{m['id']}: expected ({', '.join(m['macs'])}); it may enroll once")
+    m = c.call("GET", f"/v1/machines/{ref}")
     inv = m.get("inventory") or {}
     system, memory = inv.get("system") or {}, inv.get("memory") or {}
     lines = [
@@ -232,6 +249,17 @@ def machine(c: Client, args: argparse.Namespace) -> int:
         f"image     {m['desired_image'] or '-'}   disk hints {m['disk_hints'] or '-'}",
         f"seen      {ago(m['last_seen'])}   inventories {len(m['inventory_history'])}",
     ]
+    if m.get("fingerprint"):
+        lines.append(f"bound     {fingerprint_line(m['fingerprint'])}")
+    q = m.get("quarantine")
+    if q:
+        lines += [
+            f"QUARANTINED since {ago(q['at'])}: a registration from {q['address']}"
+            " reported different hardware",
+            f"  seen    {fingerprint_line(q['fingerprint'])}",
+            *(f"  change  {c}" for c in q["changes"]),
+            f"  no jobs until `sledge machine accept {m['macs'][0] if m['macs'] else m['id']}`",
+        ]
     disks = [
         (d["name"], human_bytes(d["size"]), d.get("model"), d.get("serial"), d.get("tran"))
         for d in inv.get("disks", ())
@@ -242,6 +270,11 @@ def machine(c: Client, args: argparse.Namespace) -> int:
     if jobs_:
         lines += ["", table(jobs_, ("JOB", "KIND", "STATE", "ATTEMPTS", "REASON"))]
     return emit(args, m, "\n".join(lines))
+
+
+def fingerprint_line(f: Json) -> str:
+    disks = ", ".join(" ".join(f"{k}={v}" for k, v in d.items() if v) for d in f["disks"]) or "none"
+    return f"uuid {f['system_uuid'] or '-'}; disks {disks}; macs {', '.join(f['macs']) or 'none'}"
 
 
 def images(c: Client, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
 from controller.config import DEFAULT_PORT, Config
 from controller.state.sqlite import SqliteStore
+from controller.trust import Discovery
 
 
 def listen_arg(text: str) -> tuple[str, int]:
@@ -43,6 +44,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tls-cert", type=Path, default=None)
     p.add_argument("--tls-key", type=Path, default=None)
     p.add_argument("--lease", type=float, default=60.0, help="seconds a job survives without a heartbeat")
+    p.add_argument(
+        "--discovery",
+        choices=[d.value for d in Discovery],
+        default=Config.discovery.value,
+        help="open: any booting MAC may enroll; closed: only MACs with a job or `sledge machine expect`"
+        " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--enrollment-ttl",
+        type=float,
+        default=Config.enrollment_ttl,
+        help="seconds an enrollment token lives (default: %(default)s)",
+    )
     p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
 
 
@@ -50,6 +64,8 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("TLS: expected both --tls-cert and --tls-key, or neither")
+    if not args.enrollment_ttl > 0:
+        raise ValueError(f"--enrollment-ttl: expected seconds > 0, got {args.enrollment_ttl}")
     return replace(
         base,
         data_dir=args.data or base.data_dir,
@@ -58,6 +74,8 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         public_url=args.url,
         mirrors=tuple(args.mirror),
         lease_seconds=args.lease,
+        discovery=Discovery(args.discovery),
+        enrollment_ttl=args.enrollment_ttl,
         reap_interval=args.reap_interval,
         kernel_args=args.kernel_args,
         tls_cert=args.tls_cert,
