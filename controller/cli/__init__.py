@@ -41,5 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sledge: interrupted", file=sys.stderr)
         return 130
     return 2
-
-
