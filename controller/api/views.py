@@ -162,11 +162,13 @@ class EventView(Message):
         return cls(e.id, e.job_id, e.machine_id, e.seq, e.at, e.source, e.kind, e.message, e.done, e.total)
 
 
+def _inventory(v: object, where: str) -> Inventory | None:
+    return None if v is None else read_inventory(v, where)
+
+
 @dataclass(frozen=True)
 class MachineDetail(MachineView):
-    inventory: Annotated[
-        Inventory | None, Bound(read=lambda v, w: None if v is None else read_inventory(v, w))
-    ]
+    inventory: Annotated[Inventory | None, Bound(read=_inventory)]
     jobs: tuple[JobView, ...]
     inventory_history: tuple[InventoryAt, ...]
 
