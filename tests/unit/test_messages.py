@@ -177,7 +177,7 @@ def test_every_string_number_and_list_a_client_sends_is_bounded() -> None:
 @pytest.mark.parametrize("cls", DECLARED, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("kind", ["application/json", "application/msgpack"])
 def test_every_message_round_trips_and_fits_its_schema(cls: type[Message], kind: str) -> None:
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(strategy(cls))
     def check(msg: Message) -> None:
         wire = msg.to_wire()
@@ -209,7 +209,7 @@ def _mutations(cls: type[Message], wire: dict[str, Any]) -> list[tuple[str, dict
 
 @pytest.mark.parametrize("cls", DECLARED, ids=lambda c: c.__name__)
 def test_codec_and_schema_refuse_the_same_bodies(cls: type[Message]) -> None:
-    @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(strategy(cls))
     def check(msg: Message) -> None:
         for what, body in _mutations(cls, msg.to_wire()):
