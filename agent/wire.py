@@ -145,7 +145,11 @@ class _Plan:
         self.readers: tuple[tuple[str, bool, Decode], ...] = ()
         self.writers = tuple((name, b.omit_none, _writer(tp)) for name, tp, b, _ in declared)
         _PLANS[cls] = self  # before the readers, which look up the plans of nested messages
-        self.readers = tuple((name, req, _reader(tp, b)) for name, tp, b, req in declared)
+        try:
+            self.readers = tuple((name, req, _reader(tp, b)) for name, tp, b, req in declared)
+        except TypeError:
+            del _PLANS[cls]  # a declaration this layer cannot read stays an error on every use
+            raise
 
     def decode(self, obj: object, where: str) -> Any:
         if not isinstance(obj, dict):

@@ -29,6 +29,7 @@ from agent.protocol import DiskHints, ProtocolError, decode_body, encode_body
 from agent.wire import Bound, Message, fields_of
 from controller.api import openapi, views
 from controller.app import routes
+from controller.cli import build_parser
 from tests.unit.test_controller_kit import AioClient, add_image, event, inventory, start
 
 DOC = openapi.document(routes())
@@ -311,3 +312,13 @@ def test_a_view_that_drifts_from_its_declaration_is_caught() -> None:
         "queued", "running", "succeeded", "failed", "cancelled",
     ]  # fmt: skip
     assert msgpack.unpackb(msgpack.packb(wire)) == wire
+
+
+@pytest.mark.parametrize("name", HINT_NAMES)
+def test_sledge_deploy_takes_every_hint_the_engine_offers(name: str) -> None:
+    args = build_parser().parse_args(["deploy", "52:54:00:00:00:01", "tiny", "--disk", f"{name}=x1"])
+    assert args.disk.as_dict() == {name: "x1"}
+    job = views.JobCreate(
+        args.machine, protocol.JobKind.DEPLOY, args.image, protocol.JobParams(disk=args.disk)
+    )
+    assert views.JobCreate.from_wire(job.to_wire()).params.disk.as_dict() == {name: "x1"}
