@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from controller import auth
-from controller.api import agent, boot, files, openapi, operator
+from controller.api import agent, boot, files, openapi, operator, views
 from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Services, services
 from controller.api.wire import errors_middleware, respond
 from controller.config import Config
@@ -34,7 +34,7 @@ log = logging.getLogger("sledge.app")
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     services(request).ops.counts()  # the database answers
-    return respond(request, {"ok": True})
+    return respond(request, views.Health(True).to_wire())
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

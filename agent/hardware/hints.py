@@ -12,7 +12,7 @@ disk or an error out. docs/root-device-hints.md is the reference; in short:
   `name` with or without /dev/, several matches are refused as ambiguous, and with
   no hints only a fixed, internal, writable disk of at least 4 GiB is chosen.
 - never a disk that holds the running system, is mounted, has holders (busy),
-  is read-only or empty, whatever the hints say.
+  is a ROM device, read-only or empty, whatever the hints say.
 
 Every hint is checked before any disk is looked at (parse_hints), so a typo is a
 HintError naming the hint, not "no disk found".
@@ -177,8 +177,11 @@ def _split(name: str, expression: str) -> tuple[str | None, str]:
 
 def _alternatives(name: str, operand: str, expression: str) -> list[str]:
     values = [v.strip() for v in operand.split("<or>")]
-    if any(not v for v in values):
-        raise HintError(name, "'<or> a <or> b ...' with no empty alternative", expression)
+    while values and not values[-1]:
+        values.pop()  # a trailing `<or>`: Ironic's own tests write "<or> a <or> b <or>"
+    if not values or any(not v for v in values):
+        # Ironic would silently ignore every alternative after an empty one
+        raise HintError(name, "'<or> a <or> b ...' with no empty alternative between two others", expression)
     return values
 
 
@@ -306,6 +309,9 @@ def refusal(disk: Disk) -> str | None:
     busy = disk.holders + tuple(h for p in disk.partitions for h in p.holders)
     if busy:
         return f"refused: in use by {', '.join(busy)}"
+    if disk.kind == "rom" or disk.name.startswith("sr"):
+        # Ironic never lists them (lsblk TYPE rom); a writable DVD-RAM is still not a root disk
+        return "refused: a rom device (CD/DVD drive)"
     if disk.read_only:
         return "refused: read-only"
     if disk.size == 0:
@@ -315,7 +321,7 @@ def refusal(disk: Disk) -> str | None:
 
 def default_exclusion(disk: Disk) -> str | None:
     """Why a disk is not picked when there are no hints (a hint can still name it)."""
-    if disk.kind in ("loop", "ram", "zram", "rom"):
+    if disk.kind in ("loop", "ram", "zram"):
         return f"not a default choice: {disk.kind} device"
     if disk.removable:
         return "not a default choice: removable"

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from agent import protocol as p
 from controller.api.context import Route, machine_of, peer, services
+from controller.api.views import Health, JobStateReply
 from controller.api.wire import error, query_float, read_body, respond
 from controller.fleet.enrollment import EnrollmentDenied
 
@@ -41,7 +42,7 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
 async def post_inventory(request: web.Request) -> web.StreamResponse:
     inventory = await read_body(request, p.read_inventory)
     services(request).fleet.update_inventory(machine_of(request), inventory)
-    return respond(request, {"ok": True})
+    return respond(request, Health(True).to_wire())
 
 
 async def next_job(request: web.Request) -> web.StreamResponse:
@@ -69,7 +70,7 @@ async def post_events(request: web.Request) -> web.StreamResponse:
 async def finish(request: web.Request) -> web.StreamResponse:
     message = await read_body(request, p.FinishRequest.from_wire)
     job = services(request).fleet.finish(machine_of(request), request.match_info["job_id"], message)
-    return respond(request, {"job_id": job.id, "state": job.state.value})
+    return respond(request, JobStateReply(job.id, job.state).to_wire())
 
 
 ROUTES = (

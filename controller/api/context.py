@@ -77,7 +77,7 @@ class Route:
     handler: Handler
     summary: str
     auth: Auth = "operator"
-    request: str | None = None  # schema name in openapi.SCHEMAS
+    request: str | None = None  # a message name in openapi.MESSAGES
     response: str | None = None
     params: tuple[str, ...] = ()  # query parameters
 

@@ -10,48 +10,32 @@ MAC, not one that has also read the victim's serials (docs/trust.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, ClassVar
 
-from agent.codec import _str_item
 from agent.hardware.model import Inventory
-from agent.protocol import Fields, identity
+from agent.protocol import identity
+from agent.wire import Bound, Message
+
+Text = Annotated[str, Bound(max_len=256)]
 
 
 @dataclass(frozen=True, order=True)
-class DiskId:
-    serial: str
-    wwn: str
+class DiskId(Message):
+    serial: Text = ""
+    wwn: Text = ""
 
     def __str__(self) -> str:
         return " ".join(f"{k}={v}" for k, v in (("serial", self.serial), ("wwn", self.wwn)) if v)
 
 
 @dataclass(frozen=True)
-class Fingerprint:
-    system_uuid: str
-    disks: tuple[DiskId, ...]  # sorted
-    macs: tuple[str, ...]  # sorted
+class Fingerprint(Message):
+    """Kept sorted (`fingerprint()` builds it so), so two of the same hardware compare equal."""
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "system_uuid": self.system_uuid,
-            "disks": [{"serial": d.serial, "wwn": d.wwn} for d in self.disks],
-            "macs": list(self.macs),
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "fingerprint") -> Fingerprint:
-        f = Fields(obj, where, ("system_uuid", "disks", "macs"))
-
-        def disk(item: object, at: str) -> DiskId:
-            d = Fields(item, at, ("serial", "wwn"))
-            return DiskId(d.text("serial", "", max_len=256), d.text("wwn", "", max_len=256))
-
-        return cls(
-            f.text("system_uuid", "", max_len=64),
-            tuple(sorted(f.items("disks", 1024, disk, ()))),
-            tuple(sorted(f.items("macs", 1024, _str_item, ()))),
-        )
+    WIRE_WHERE: ClassVar[str] = "fingerprint"
+    system_uuid: Annotated[str, Bound(max_len=64)] = ""
+    disks: Annotated[tuple[DiskId, ...], Bound(max_len=1024)] = ()
+    macs: Annotated[tuple[str, ...], Bound(max_len=1024, item_len=64)] = ()
 
     def __str__(self) -> str:
         disks = ", ".join(str(d) for d in self.disks) or "none"

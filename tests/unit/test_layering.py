@@ -62,6 +62,7 @@ def test_every_command_is_defined_by_the_module_the_cli_lists_for_it() -> None:
 CONTROLLER_MAY_USE = (
     "agent.protocol",
     "agent.codec",
+    "agent.wire",
     "agent.image",
     "agent.hardware.model",
     "agent.hardware.wire",
