@@ -55,3 +55,17 @@ def test_every_command_is_defined_by_the_module_the_cli_lists_for_it() -> None:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(sub)
     assert set(sub.choices) == set(COMMANDS)
+
+
+def test_boto3_is_loaded_only_when_a_bucket_is_used() -> None:
+    """The live image installs the agent's dependencies alone; a controller on a local store
+    runs without the `sledge[s3]` extra."""
+    code = (
+        "import importlib, pkgutil, sys, agent\n"
+        "for m in pkgutil.walk_packages(agent.__path__, prefix='agent.'): importlib.import_module(m.name)\n"
+        "import controller.cli, controller.app, controller.images.s3\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
