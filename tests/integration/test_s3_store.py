@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -233,6 +234,9 @@ def test_the_controller_redirects_an_agent_without_credentials_to_presigned_urls
         location = _redirect_of(f"{base}/v1/store/{layout.chunk_path(chunk.hex)}")
         assert location.startswith(f"{moto.url}/{loc.bucket}/{loc.key(layout.chunk_path(chunk.hex))}?")
         assert "X-Amz-Signature=" in location and "X-Amz-Expires=120" in location
+        with pytest.raises(urllib.error.HTTPError) as unsigned:  # the bucket is not public
+            urllib.request.urlopen(location.partition("?")[0], timeout=5)
+        assert unsigned.value.code == 403
         agent = [
             sys.executable,
             "-m",
@@ -279,3 +283,46 @@ def _redirect_of(url: str) -> str:
     assert info.value.code == 307
     assert info.value.headers["Cache-Control"] == "no-store"
     return str(info.value.headers["Location"])
+
+
+def test_a_public_bucket_is_a_plain_http_mirror_and_a_missing_chunk_is_named(
+    bucket: tuple[Any, s3.S3Location],
+    image: tuple[Path, Manifest, str, bytes],
+    moto: MotoServer,
+    tmp_path: Path,
+) -> None:
+    """The bucket's own URL (path-style here) as `--source`: what `sledge serve --mirror` hands out."""
+    client, loc = bucket
+    root, manifest, digest, data = image
+    s3.publish(WritableStore(root), "img:1", loc, client)
+    policy = {  # anyone may read the store's objects (list nothing, write nothing)
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{loc.bucket}/{loc.prefix}/*",
+            }
+        ],
+    }
+    client.put_bucket_policy(Bucket=loc.bucket, Policy=json.dumps(policy))
+    public = f"{moto.url}/{loc.bucket}/{loc.prefix}"
+    agent = [sys.executable, "-m", "agent.cli", "write", "--manifest", digest, "--source", public]
+    env = without_aws(dict(os.environ))
+    done = subprocess.run(
+        [*agent, "--device", str(tmp_path / "a.img")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a.img").read_bytes() == data
+    lost = list(manifest.data_chunks())[1]
+    client.delete_object(Bucket=loc.bucket, Key=loc.key(layout.chunk_path(lost.hex)))
+    done = subprocess.run(
+        [*agent, "--device", str(tmp_path / "b.img"), "--retries", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert lost.hex in done.stderr.splitlines()[-1] and "404" in done.stderr, done.stderr
