@@ -77,7 +77,8 @@ def client(endpoint_url: str = "", workers: int = 8) -> Any:
         raise S3Error(f"--endpoint-url {endpoint_url[:200]!r}: expected an http(s) URL")
     config = Config(
         max_pool_connections=max(10, workers + 2),
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": 3, "mode": "standard"},  # a dead endpoint is reported in seconds
+        connect_timeout=10,
         s3={"addressing_style": "path"} if endpoint_url else {},
         signature_version="s3v4",
     )

@@ -26,6 +26,8 @@ from tests.s3server import FAKE_ENV, MotoServer, without_aws
 from tests.stores import import_store
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from webservers import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +220,6 @@ def test_the_controller_redirects_an_agent_without_credentials_to_presigned_urls
     client, loc = bucket
     root, manifest, digest, data = image
     s3.publish(WritableStore(root), "img:1", loc, client)
-    sys.path.insert(0, str(REPO / "scripts"))
-    from webservers import free_port
-
     port = free_port()
     argv = [sys.executable, "-m", "controller.cli", "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--data", str(tmp_path / "data"), "--s3-store", str(loc), "--s3-endpoint-url", moto.url]
@@ -326,3 +325,30 @@ def test_a_public_bucket_is_a_plain_http_mirror_and_a_missing_chunk_is_named(
     )
     assert done.returncode != 0
     assert lost.hex in done.stderr.splitlines()[-1] and "404" in done.stderr, done.stderr
+
+
+def test_a_missing_bucket_or_unreachable_endpoint_is_one_clear_line(
+    image: tuple[Path, Manifest, str, bytes],
+    capsys: pytest.CaptureFixture[str],
+    moto: MotoServer,
+    aws_env: None,
+) -> None:
+    root = image[0]
+    rc, _, err = sledge(
+        capsys,
+        "image",
+        "publish",
+        "img:1",
+        "s3://no-such-bucket/x",
+        "--store",
+        str(root),
+        "--endpoint-url",
+        moto.url,
+    )
+    assert rc == 1 and "s3://no-such-bucket/x" in err and "NoSuchBucket" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    rc, _, err = sledge(
+        capsys, "image", "pull", "s3://b1x/p", "img:1", "--store", str(root), "--endpoint-url", closed
+    )
+    assert rc == 1 and closed in err and len(err.strip().splitlines()) == 1, err
