@@ -93,7 +93,7 @@ class WebServer:
             _stop(p)
 
 
-def _wait_ready(p: Process, workdir: Path, timeout: float = 20.0) -> None:
+def _wait_ready(p: Process, workdir: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert p.proc is not None

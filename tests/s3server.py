@@ -56,7 +56,7 @@ class MotoServer:
                 env={**os.environ, **FAKE_ENV},
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a loaded CI machine starts Python slowly
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"moto server exited {self.proc.returncode}: {log.read_text()[-500:]}")
