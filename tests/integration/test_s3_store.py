@@ -169,6 +169,13 @@ def test_pull_into_an_empty_store_then_nothing_to_pull(
     assert (tmp_path / "out.img").read_bytes() == data
     rc, out, err = sledge(capsys, *pull)
     assert rc == 0 and " 0 of " in out, out + err
+    bare = tmp_path / "manifest-only"  # what a controller serving from the bucket keeps
+    rc, out, err = sledge(
+        capsys, *pull[:-4], "--store", str(bare), "--endpoint-url", moto.url, "--manifest-only"
+    )
+    assert rc == 0, err
+    assert WritableStore(bare).resolve("img:1").digest == digest
+    assert not any(p.is_file() for p in (bare / "chunks").rglob("*"))
 
 
 def test_a_bucket_missing_a_chunk_is_named_and_leaves_no_manifest(
