@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -264,8 +265,6 @@ def test_the_controller_redirects_an_agent_without_credentials_to_presigned_urls
 
 
 def _wait_up(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    import time
-
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -129,10 +129,10 @@ def test_a_caching_proxy_serves_the_second_write_without_the_origin(
 
 @pytest.mark.root
 def test_a_loop_device_through_an_http10_server(
-    store: tuple[Path, Manifest, str, bytes], tmp_path: Path, loop_device: object
+    store: tuple[Path, Manifest, str, bytes], tmp_path: Path, loop_device: Callable[..., str]
 ) -> None:
     root, manifest, digest, data = store
-    dev = loop_device(manifest.image_size + MiB)  # type: ignore[operator]
+    dev = loop_device(manifest.image_size + MiB)
     with SERVERS["python-http.server"][0](root, tmp_path / "server") as server:
         assert _write(server.url, digest, dev) == 0
     with open(dev, "rb") as f:
