@@ -109,6 +109,15 @@ async def _on_shutdown(app: web.Application) -> None:
     svc.hub.wake_all()
 
 
+def _presigner(config: Config) -> Callable[[str], str] | None:
+    if not config.s3_store:
+        return None
+    from controller.images import s3  # boto3 only for a controller that uses a bucket
+
+    loc = s3.S3Location.parse(config.s3_store)
+    return s3.presigner(s3.client(config.s3_endpoint_url), loc, config.presign_seconds)
+
+
 def make_app(
     config: Config,
     store: Store,
@@ -144,6 +153,7 @@ def make_app(
         hub=hub,
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
+        presign=_presigner(config),
     )
     for route in routes():
         app.router.add_route(route.method, route.path, _guard(route), name=route.handler.__name__)

@@ -28,6 +28,11 @@ class Config:
     port: int = DEFAULT_PORT
     public_url: str = ""  # the URL agents are told; default http(s)://host:port
     mirrors: tuple[str, ...] = ()  # more chunk store base URLs handed to agents (nginx, caches)
+    # A bucket behind /v1/store/: what the local store lacks is answered with a redirect to a
+    # presigned URL that lives presign_seconds (agents get no credentials).
+    s3_store: str = ""  # s3://BUCKET[/PREFIX]
+    s3_endpoint_url: str = ""
+    presign_seconds: int = 300
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     max_poll_seconds: float = 30.0

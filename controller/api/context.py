@@ -60,6 +60,7 @@ class Services:
     metrics: Metrics
     operator: OperatorKey
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    presign: Callable[[str], str] | None = None  # store path -> presigned bucket URL (--s3-store)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -1,13 +1,16 @@
 """Manifests and chunks straight from the chunk store, laid out as on disk.
 
 /v1/store/ mirrors the store directory (docs/image-format.md), so an nginx serving
-DATA/store is interchangeable with the controller as a chunk source. Files go out
+DATA/store is interchangeable with the controller as a chunk source. With a bucket
+behind it (`sledge serve --s3-store`), what the directory lacks is a redirect to a
+presigned URL (docs/stores.md). Files go out
 with sendfile (web.FileResponse, which also answers Range); the ETag is the
 content digest and, the content being addressed by it, it is cached forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from aiohttp import web
@@ -21,7 +24,13 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 async def _serve(request: web.Request, digest: str, relative: str) -> web.StreamResponse:
-    path = services(request).config.store_dir / relative
+    svc = services(request)
+    path = svc.config.store_dir / relative
+    if svc.presign is not None and not path.exists():
+        # The bucket has it (or answers 404 itself): the agent follows, with no credentials of its
+        # own, and the short-lived URL must not be cached in place of the immutable content.
+        url = await asyncio.to_thread(svc.presign, relative)
+        return web.Response(status=307, headers={"Location": url, "Cache-Control": "no-store"})
     try:  # the store's one guarded opener: a FIFO or device planted in the store is refused, not served
         fd, _ = open_store_file(path)
         os.close(fd)

@@ -37,6 +37,20 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--mirror", action="append", default=[], help="another chunk store base URL for agents")
     p.add_argument(
+        "--s3-store",
+        default="",
+        metavar="s3://BUCKET[/PREFIX]",
+        help="answer chunk and manifest requests the local store cannot with a redirect to a "
+        "presigned URL of this bucket (boto3's credentials stay here; agents get none)",
+    )
+    p.add_argument("--s3-endpoint-url", default="", help="the S3 API's URL for anything but AWS")
+    p.add_argument(
+        "--presign-seconds",
+        type=int,
+        default=Config.presign_seconds,
+        help="lifetime of a presigned URL (default: %(default)s)",
+    )
+    p.add_argument(
         "--kernel-args",
         default=Config.kernel_args,
         help="more agent kernel arguments, e.g. sledge.ca=... to pin the CA (default: %(default)s)",
@@ -73,6 +87,9 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         port=port,
         public_url=args.url,
         mirrors=tuple(args.mirror),
+        s3_store=args.s3_store,
+        s3_endpoint_url=args.s3_endpoint_url,
+        presign_seconds=args.presign_seconds,
         lease_seconds=args.lease,
         discovery=Discovery(args.discovery),
         enrollment_ttl=args.enrollment_ttl,

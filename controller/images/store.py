@@ -90,7 +90,9 @@ class WritableStore(LocalStore):
 
     def sync_chunk_dirs(self, manifest: Manifest) -> None:
         for prefix in sorted({c.hex[:2] for c in manifest.data_chunks()}):
-            _fsync_dir(self.root / "chunks" / prefix)
+            directory = self.root / "chunks" / prefix
+            if directory.is_dir():  # absent after a manifest-only pull: nothing there to sync
+                _fsync_dir(directory)
 
     def put_manifest(self, manifest: Manifest) -> str:
         data = manifest.encode()

@@ -106,3 +106,17 @@ def test_the_layering_rule_catches_a_runtime_import(tmp_path: Path) -> None:
     names = {name for _, name in _agent_imports(tmp_path)}
     assert names == {"agent.runtime.loop", "agent.cli"}
     assert not any(n.startswith(ok) for n in names for ok in CONTROLLER_MAY_USE)
+
+
+def test_boto3_is_loaded_only_when_a_bucket_is_used() -> None:
+    """The live image installs the agent's dependencies alone; a controller on a local store
+    runs without the `sledge[s3]` extra."""
+    code = (
+        "import importlib, pkgutil, sys, agent\n"
+        "for m in pkgutil.walk_packages(agent.__path__, prefix='agent.'): importlib.import_module(m.name)\n"
+        "import controller.cli, controller.app, controller.images.s3\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
