@@ -190,12 +190,19 @@ def test_killed_import_leaves_a_clean_store_and_reimport_completes(tmp_path: Pat
         "1",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    # Let the import run in slices of a few milliseconds, stopped in between, until it has stored
+    # 10 chunks: polling a free-running import raced it (on a busy machine it could finish, or not
+    # start, before the poll looked), so the kill landed after the end or before the first chunk.
+    deadline = time.monotonic() + 120
+    stored = 0
+    proc.send_signal(signal.SIGSTOP)
+    while stored < 10 and time.monotonic() < deadline and proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
         chunks = list((store / "chunks").rglob("*")) if (store / "chunks").exists() else []
-        if sum(1 for c in chunks if c.is_file()) >= 10:
-            break
-        time.sleep(0.01)
+        stored = sum(1 for c in chunks if c.is_file())
+    assert proc.poll() is None, "the import ended before it could be killed mid-way"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     s = WritableStore(store)
