@@ -11,7 +11,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from agent.protocol import MAX_BODY
+from agent.protocol import MAX_BODY, STORE_PATH
 from controller.auth import OperatorKey
 from controller.config import store_dir
 from controller.metrics import Metrics
@@ -64,7 +64,7 @@ class Config:
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return (f"{self.url}/v1/store/", *self.mirrors)
+        return (f"{self.url}{STORE_PATH}", *self.mirrors)
 
 
 class Hub:

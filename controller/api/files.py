@@ -11,6 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from agent.image import layout
+from agent.protocol import STORE_PATH
 from controller.api.context import ETAG, SERVED, Route, services
 from controller.state.errors import NotFound
 
@@ -55,7 +56,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 ROUTES = (
     Route(
         "GET",
-        "/v1/store/chunks/{prefix}/{digest}",
+        f"{STORE_PATH}chunks/{{prefix}}/{{digest}}",
         chunk,
         "A chunk's stored bytes (Range, ETag)",
         auth="none",
@@ -63,7 +64,7 @@ ROUTES = (
     ),
     Route(
         "GET",
-        "/v1/store/manifests/{digest}",
+        f"{STORE_PATH}manifests/{{digest}}",
         manifest,
         "A manifest's canonical bytes",
         auth="none",
