@@ -73,6 +73,7 @@ def agent_paths() -> dict[str, str]:
 def test_the_controller_serves_the_agent_api_at_the_protocol_paths() -> None:
     served = {r.path: r.method for r in routes() if r.path.startswith("/v1/agent/")}
     assert served == agent_paths()
+    assert any(r.path == p.BOOT_SCRIPT_PATH and r.method == "GET" for r in routes())  # re-enrollment
     store = [r.path for r in routes() if "/store/" in r.path]
     assert store and all(path.startswith(p.STORE_PATH) for path in store), store
 
