@@ -32,6 +32,7 @@ REGISTER_PATH = "/v1/agent/register"
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
 INVENTORY_PATH = "/v1/agent/inventory"  # POST an Inventory (agent.hardware.model) as the body
 NEXT_JOB_PATH = "/v1/agent/jobs/next"  # GET ?wait=SECONDS; 204 when there is no job
+BOOT_SCRIPT_PATH = "/boot/ipxe"  # GET ?mac=MAC: the iPXE script, with a fresh enrollment token
 STORE_PATH = "/v1/store/"  # + agent.image.layout.chunk_path / manifest_path
 MAX_EVENTS_PER_POST = 1000
 

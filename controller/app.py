@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from agent.protocol import STORE_PATH
 from controller import auth
 from controller.api import agent, boot, files, openapi, operator, views
 from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Services, services
@@ -157,7 +158,7 @@ def make_app(
     )
     for route in routes():
         app.router.add_route(route.method, route.path, _guard(route), name=route.handler.__name__)
-        if route.path.startswith(("/v1/store/", "/boot/files/")):  # HEAD as a static server answers it
+        if route.path.startswith((STORE_PATH, "/boot/files/")):  # HEAD as a static server answers it
             app.router.add_route("HEAD", route.path, _guard(route))
     app.on_response_prepare.append(files.on_prepare)
     app.cleanup_ctx.append(_reaper)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.protocol import MAX_BODY
+from agent.protocol import MAX_BODY, STORE_PATH
 from controller.trust import Discovery
 
 DEFAULT_PORT = 8470
@@ -77,7 +77,7 @@ class Config:
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return (f"{self.url}/v1/store/", *self.mirrors)
+        return (f"{self.url}{STORE_PATH}", *self.mirrors)
 
 
 def from_environ(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Config:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from agent import __version__
 from agent import protocol as p
 from agent.hardware.model import Inventory
 from agent.runtime.backoff import Backoff
@@ -35,7 +36,6 @@ JOBS: dict[p.JobKind, Callable[[JobContext], Outcome]] = {
     p.JobKind.REBOOT: reboot,
 }
 _TOKEN_ARG = re.compile(r"sledge\.token=(\S+)")
-VERSION = "0.1.0"
 
 
 class Agent:
@@ -137,7 +137,7 @@ class Agent:
             inv = self.machine.inventory()
             if not self._enrollment:
                 self._enrollment = self._fresh_enrollment_token(inv)
-            reply = self.transport.register(p.RegisterRequest(self._enrollment, inv, VERSION))
+            reply = self.transport.register(p.RegisterRequest(self._enrollment, inv, __version__))
         except Unauthorized as exc:
             self._enrollment = ""  # used or expired: ask the controller for a fresh one
             self._pause(f"enrollment refused ({exc})")

@@ -124,7 +124,7 @@ class HttpTransport:
         self._call("POST", p.INVENTORY_PATH, token, inventory.to_wire())
 
     def boot_script(self, mac: str) -> str:
-        _, payload = self._call("GET", f"/boot/ipxe?mac={urllib.parse.quote(mac)}")
+        _, payload = self._call("GET", f"{p.BOOT_SCRIPT_PATH}?mac={urllib.parse.quote(mac)}")
         return payload.decode("utf-8", "replace")
 
 

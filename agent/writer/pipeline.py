@@ -183,7 +183,11 @@ class Writer:
             t.start()
         try:
             for t in threads:
-                t.join()
+                while t.is_alive():
+                    # Bounded waits: a SIGINT landing just before this thread blocks in a join
+                    # does not interrupt the wait, and an unbounded join would hold Ctrl-C
+                    # until the whole write is done.
+                    t.join(0.2)
         except BaseException:
             # Ctrl-C in the caller's thread: the others stop at a chunk boundary, and none may
             # outlive run() (the caller closes the target's fds next)

@@ -112,7 +112,7 @@ ROUTES = (
     ),
     Route(
         "POST",
-        "/v1/agent/jobs/{job_id}/events",
+        p.job_events_path("{job_id}"),
         post_events,
         "Append events; idempotent by seq",
         auth="agent",
@@ -121,7 +121,7 @@ ROUTES = (
     ),
     Route(
         "POST",
-        "/v1/agent/jobs/{job_id}/finish",
+        p.job_finish_path("{job_id}"),
         finish,
         "Finish a job with its result",
         auth="agent",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from agent.protocol import ProtocolError, normalize_mac
+from agent.protocol import BOOT_SCRIPT_PATH, ProtocolError, normalize_mac
 from controller.api.context import SERVED, Route, peer, services
 from controller.fleet.errors import NotFound
 
@@ -46,7 +46,7 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
 async def entry(request: web.Request) -> web.StreamResponse:
     """The script a DHCP server names as the boot file: it asks for this machine's own script."""
     url = services(request).config.url
-    script = f"#!ipxe\nchain {url}/boot/ipxe?mac=${{net0/mac}}\n"
+    script = f"#!ipxe\nchain {url}{BOOT_SCRIPT_PATH}?mac=${{net0/mac}}\n"
     return web.Response(text=script, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
 
@@ -73,7 +73,7 @@ ROUTES = (
     ),
     Route(
         "GET",
-        "/boot/ipxe",
+        BOOT_SCRIPT_PATH,
         ipxe,
         "iPXE script for the machine with this MAC",
         auth="none",

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from agent.image import layout
 from agent.image.store import NotInStore, StoreFileError, open_store_file
+from agent.protocol import STORE_PATH
 from controller.api.context import ETAG, SERVED, Route, services
 from controller.fleet.errors import NotFound
 
@@ -72,7 +73,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 ROUTES = (
     Route(
         "GET",
-        "/v1/store/chunks/{prefix}/{digest}",
+        f"{STORE_PATH}chunks/{{prefix}}/{{digest}}",
         chunk,
         "A chunk's stored bytes (Range, ETag)",
         auth="none",
@@ -80,7 +81,7 @@ ROUTES = (
     ),
     Route(
         "GET",
-        "/v1/store/manifests/{digest}",
+        f"{STORE_PATH}manifests/{{digest}}",
         manifest,
         "A manifest's canonical bytes",
         auth="none",

@@ -25,6 +25,7 @@ from controller.images.sources import RawSource
 from controller.images.store import WritableStore
 from tests.images import MiB, half_sparse_image
 from tests.integration.test_controller_serve import MAC, Server, free_port
+from tests.tools import need
 from tests.unit.test_controller_kit import inventory
 
 
@@ -253,11 +254,9 @@ def test_operator_cancel_stops_the_job_at_a_chunk_boundary(server: Server, tmp_p
 
 
 def test_deploy_with_a_cloud_init_seed_then_verify(server: Server, tmp_path: Path) -> None:
-    import shutil
     import subprocess
 
-    if not shutil.which("sgdisk") or not shutil.which("mcopy"):
-        pytest.skip("needs gdisk and mtools (scripts/setup installs them)")
+    need("sgdisk", "mcopy")
     src = tmp_path / "gpt.img"
     with open(src, "wb") as f:
         f.truncate(32 * MiB)

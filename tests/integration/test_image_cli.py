@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import filecmp
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from agent.image import layout
 from controller.cli import main
 from controller.images.store import WritableStore
 from tests.images import MiB, half_sparse_image, random_bytes, random_image, write_image
+from tests.tools import need
 
 
 def sledge(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -120,11 +120,11 @@ def test_sparse_64g_imports_in_proportion_to_its_data(
         assert f.read(4) == b"end\0"
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None and not os.environ.get("CI"), reason="needs qemu-utils")
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx"])
 def test_qemu_formats_import_through_nbd(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
 ) -> None:
+    need("qemu-img")
     raw = half_sparse_image(tmp_path / "src.raw", 20 * MiB + 4096)
     converted = tmp_path / f"src.{fmt}"
     subprocess.run(["qemu-img", "convert", "-O", fmt, str(raw), str(converted)], check=True)

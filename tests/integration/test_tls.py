@@ -3,7 +3,6 @@ registers and deploys over https; one pinned to another CA refuses the controlle
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from agent.runtime.transport import HttpTransport, TransportError
 from tests.images import MiB, half_sparse_image
 from tests.integration.test_agent_runtime import GatedMachine, import_into
 from tests.integration.test_controller_serve import MAC, free_port
+from tests.tools import need
 from tests.unit.test_controller_kit import inventory
 
 
@@ -78,8 +78,7 @@ def make_ca(d: Path, name: str) -> tuple[Path, Path, Path]:
 
 @pytest.fixture
 def tls_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if shutil.which("openssl") is None:
-        pytest.skip("needs openssl")
+    need("openssl")
     ca, cert, key = make_ca(tmp_path, "sledge")
     port = free_port()
     data = tmp_path / "data"

@@ -457,3 +457,46 @@ def test_size_is_compared_unrounded(size: int, gib: int) -> None:
     for op, holds in (("==", size == gib * GiB), (">=", size >= gib * GiB), ("<", size < gib * GiB)):
         hints = parse_hints({"size": f"{op} {gib}"})
         assert (first_mismatch(hints, d[0]) is None) == holds
+
+
+@st.composite
+def hints_from_a_usable_disk(draw: st.DrawFn) -> tuple[Disk, dict[str, str]]:
+    """A usable disk and 1-4 hints written from its own inventory, as an operator would copy them
+    (the random hints above almost never match a disk: this is the property's matching half)."""
+    source = draw(st.sampled_from([d for d in DISKS if refusal(d) is None]))
+    hints: dict[str, str] = {}
+    for name in draw(st.lists(st.sampled_from(HINT_NAMES), min_size=1, max_size=4, unique=True)):
+        if name == "size":
+            low, high = source.size // GiB, -(-source.size // GiB)
+            hints[name] = draw(st.sampled_from([f">= {low}", f"<= {high}", f">={low}"]))
+        elif name == "rotational":
+            hints[name] = draw(st.sampled_from(["true", "1", "yes"] if source.rotational else ["false", "0"]))
+        else:
+            prefix = {"name": "/dev/", "by_path": "/dev/disk/by-path/", "by_id": "/dev/disk/by-id/"}.get(name)
+            links = getattr(source, name) if name in ("by_path", "by_id") else (getattr(source, name),)
+            if name == "name":
+                links = (source.path,)
+            values = [v for v in links if v]
+            if not values:
+                continue  # the disk has no such value to copy
+            value = draw(st.sampled_from(values))
+            if prefix and draw(st.booleans()):
+                value = value.removeprefix(prefix)  # relative, as Ironic allows for these
+            # string hints ignore case (test above); paths are compared as written
+            hints[name] = value if prefix else draw(st.sampled_from([value, value.upper(), value.lower()]))
+    return source, hints or {"name": source.path}  # no hints at all would be the default choice
+
+
+@given(hints_from_a_usable_disk())
+def test_hints_copied_from_a_usable_disk_select_it_or_say_which_others_match(
+    case: tuple[Disk, dict[str, str]],
+) -> None:
+    source, hints = case
+    parsed = parse_hints(hints)
+    assert first_mismatch(parsed, source) is None, hints
+    matching = [d for d in DISKS if refusal(d) is None and first_mismatch(parsed, d) is None]
+    if len(matching) == 1:
+        assert select_disk(DISKS, hints) == source
+    else:
+        with pytest.raises(AmbiguousDisks):
+            select_disk(DISKS, hints)
