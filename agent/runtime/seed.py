@@ -3,13 +3,13 @@
 After a deploy has written the image, the seed (user-data, meta-data and, if given,
 network-config) goes into a small FAT filesystem labelled CIDATA, in a partition at
 the very end of the disk: growpart grows root only up to the next partition, so the
-seed sits after all the free space. Deciding is pure (partitions.plan_seed, vfat.build_fat);
+seed sits after all the free space. Deciding is pure (agent.disk: seedplan.plan_seed, vfat.build_fat);
 this module reads the table, writes the bytes and reports.
 
 SeedError                   a NoCloud seed cannot be written
-├── TableError              no table, a damaged one, or no free entry (partitions)
-├── NoSpace                 too little free space at the end of the disk (partitions)
-├── SeedTooLarge            the files do not fit the seed filesystem (vfat)
+├── TableError              no table, a damaged one, or no free entry (agent.disk.seedplan)
+├── NoSpace                 too little free space at the end of the disk (agent.disk.seedplan)
+├── SeedTooLarge            the files do not fit the seed filesystem (agent.disk.vfat)
 └── DeviceError             the device cannot be opened, read or written (OS error, with the path)
 """
 
@@ -25,20 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from agent import blockdev
+from agent.disk.errors import NoSpace, SeedError, SeedTooLarge, TableError
+from agent.disk.gpt import gpt_entries_extent, is_gpt
+from agent.disk.mbr import MBR_FAT, mbr_partitions
+from agent.disk.seedplan import Geometry, Placement, TableType, plan_seed
+from agent.disk.vfat import FatFile, build_fat, volume_label
 from agent.protocol import CloudInit
-from agent.runtime.partitions import (
-    MBR_FAT,
-    Geometry,
-    NoSpace,
-    Placement,
-    SeedError,
-    TableError,
-    TableType,
-    mbr_partitions,
-    plan_seed,
-)
-from agent.runtime.vfat import FatFile, SeedTooLarge, build_fat, volume_label
-from agent.writer.gpt import gpt_entries_extent, is_gpt
 
 __all__ = [
     "SEED_SIZE",

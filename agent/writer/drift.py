@@ -14,8 +14,8 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from agent.disk.gpt import gpt_entries_extent, is_gpt
 from agent.image.manifest import Chunk
-from agent.writer.gpt import gpt_entries_extent, is_gpt
 
 Range = tuple[int, int]  # [start, end) in image bytes
 

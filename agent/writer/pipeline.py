@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import blake3
 
 from agent import blockdev
+from agent.disk import gpt
 from agent.image.manifest import Chunk, ChunkKind, Manifest
-from agent.writer import gpt
 from agent.writer.device import OpenTarget
 from agent.writer.drift import Drift, classify
 from agent.writer.errors import Cancelled, ChunkUnavailable, TargetError, VerifyFailed, WriteError

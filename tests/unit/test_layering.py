@@ -55,3 +55,22 @@ def test_every_command_is_defined_by_the_module_the_cli_lists_for_it() -> None:
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_parser(sub)
     assert set(sub.choices) == set(COMMANDS)
+
+
+def test_the_disk_format_package_uses_no_other_agent_package() -> None:
+    # agent.disk is shared by the writer, drift, seed and erase: it must not reach back into them.
+    offenders = []
+    for path in (AGENT_DIR / "disk").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [
+                f"{path.name}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] == "agent" and not n.startswith("agent.disk")
+            ]
+    assert offenders == []

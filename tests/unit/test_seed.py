@@ -12,21 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.disk.errors import NoSpace, SeedTooLarge, TableError
+from agent.disk.gpt import seal_header
+from agent.disk.mbr import mbr_partitions
+from agent.disk.seedplan import GPT_TYPE, Geometry, MiB, Placement, TableType, plan_seed
+from agent.disk.vfat import FatFile, _checksum, _short_names, build_fat, layout, volume_label
 from agent.protocol import CloudInit
-from agent.runtime.partitions import (
-    GPT_TYPE,
-    Geometry,
-    MiB,
-    NoSpace,
-    Placement,
-    TableError,
-    TableType,
-    mbr_partitions,
-    plan_seed,
-)
 from agent.runtime.seed import SeedContent
-from agent.runtime.vfat import FatFile, SeedTooLarge, _checksum, _short_names, build_fat, layout, volume_label
-from agent.writer.gpt import seal_header
 
 LINUX = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4").bytes_le
 WHEN = datetime(2024, 5, 6, 7, 8, 10, tzinfo=UTC)

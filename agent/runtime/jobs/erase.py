@@ -22,14 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from agent import blockdev
 from agent import protocol as p
+from agent.disk.gpt import gpt_partitions, is_gpt
+from agent.disk.mbr import mbr_partitions
 from agent.hardware.hints import HintError, SelectionError, refusal, select_disk
 from agent.hardware.model import Disk
 from agent.progress import human_bytes
 from agent.runtime.jobs import JobContext, Outcome, failed
-from agent.runtime.partitions import mbr_partitions
 from agent.writer.device import open_target
 from agent.writer.errors import WriteError
-from agent.writer.gpt import gpt_partitions, is_gpt
 
 MiB = 1 << 20
 EDGE = 16 * MiB

@@ -5,11 +5,7 @@ growpart grows a partition only up to the next one: the deployed system must sti
 be able to grow its root over the rest of the disk on first boot. Planning takes
 the table's bytes and returns the byte writes that make the new table; nothing here
 touches a device. A GPT whose backup is not yet at the disk's end is relocated in
-the same plan (agent.writer.gpt.relocate), so a refusal writes nothing at all.
-
-SeedError                   a NoCloud seed cannot be written (the tree is drawn in agent.runtime.seed)
-├── TableError              no table, a damaged one, or no free entry for one more partition
-└── NoSpace                 too little free space at the end of the disk
+the same plan (agent.disk.gpt.relocate), so a refusal writes nothing at all.
 """
 
 from __future__ import annotations
@@ -22,27 +18,15 @@ import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-from agent.writer.gpt import is_gpt, relocate, seal_header
+from agent.disk.errors import NoSpace, TableError
+from agent.disk.gpt import is_gpt, relocate, seal_header
+from agent.disk.mbr import MBR_EXTENDED, chs, mbr_partitions
 
 MiB = 1 << 20
 ALIGN = MiB
 NAME = "cidata"
 GPT_TYPE = uuid.UUID("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7")  # Microsoft basic data
 MBR_TYPE = 0x0C  # FAT32 (LBA): what config drives use; Linux and cloud-init look at the label
-MBR_EXTENDED = frozenset({0x05, 0x0F, 0x85})
-MBR_FAT = frozenset({0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E})
-
-
-class SeedError(Exception):
-    pass
-
-
-class TableError(SeedError):
-    pass
-
-
-class NoSpace(SeedError):
-    pass
 
 
 class TableType(StrEnum):
@@ -70,18 +54,6 @@ class Placement:
     size: int  # bytes
     replaced: bool  # an earlier seed partition was reused
     writes: tuple[tuple[int, bytes], ...]
-
-
-@dataclass(frozen=True)
-class MbrEntry:
-    number: int
-    kind: int
-    start: int  # LBA
-    sectors: int
-
-    @property
-    def last(self) -> int:
-        return self.start + self.sectors - 1
 
 
 def plan_seed(
@@ -255,25 +227,6 @@ def _plan_gpt(
 # MBR ------------------------------------------------------------------------------------------
 
 
-def mbr_partitions(head: bytes) -> list[MbrEntry]:
-    """The used primary entries of an MBR (type not 0 and a non-zero size)."""
-    out = []
-    for i in range(4):
-        kind = head[446 + 16 * i + 4]
-        start, sectors = struct.unpack_from("<II", head, 446 + 16 * i + 8)
-        if kind and sectors:
-            out.append(MbrEntry(i + 1, kind, start, sectors))
-    return out
-
-
-def _chs(lba: int) -> bytes:
-    cyl, rest = divmod(lba, 255 * 63)
-    if cyl > 1023:
-        return b"\xfe\xff\xff"  # beyond CHS: the conventional 1023/254/63
-    head, sec = divmod(rest, 63)
-    return bytes([head, (sec + 1) | ((cyl >> 2) & 0xC0), cyl & 0xFF])
-
-
 def _plan_mbr(head: bytes, geo: Geometry, seed_size: int, disk: str, mbr_seeds: frozenset[int]) -> Placement:
     sector = geo.sector
     if geo.sectors > 1 << 32:
@@ -307,11 +260,7 @@ def _plan_mbr(head: bytes, geo: Geometry, seed_size: int, disk: str, mbr_seeds: 
     for p in seeds:
         out[446 + 16 * (p.number - 1) : 446 + 16 * p.number] = bytes(16)
     entry = (
-        bytes([0])
-        + _chs(start)
-        + bytes([MBR_TYPE])
-        + _chs(last)
-        + struct.pack("<II", start, last + 1 - start)
+        bytes([0]) + chs(start) + bytes([MBR_TYPE]) + chs(last) + struct.pack("<II", start, last + 1 - start)
     )
     out[446 + 16 * (number - 1) : 446 + 16 * number] = entry
     size = (last + 1 - start) * sector

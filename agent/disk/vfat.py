@@ -16,16 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from agent.runtime.partitions import SeedError
+from agent.disk.errors import SeedError, SeedTooLarge
 
 ROOT_ENTRIES = 512  # 16 KiB: a whole number of 512- and 4096-byte sectors
 SECTORS_PER_TRACK, HEADS = 32, 64  # as mkfs.fat for small disks; size is kept a multiple of a track
 MEDIA = 0xF8
 _SHORT_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'()-@^_`{}~")
-
-
-class SeedTooLarge(SeedError):
-    pass
 
 
 @dataclass(frozen=True)
