@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from agent.disk.errors import NoSpace, SeedTooLarge, TableError
 from agent.disk.gpt import seal_header
 from agent.disk.mbr import mbr_partitions
-from agent.disk.seedplan import GPT_TYPE, Geometry, MiB, Placement, TableType, plan_seed
+from agent.disk.seedplan import GPT_TYPE, Geometry, MiB, Placement, TableType, plan_seed, seed_candidates
+from agent.disk.tables import Tables, read_tables
 from agent.disk.vfat import FatFile, _checksum, _short_names, build_fat, layout, volume_label
 from agent.protocol import CloudInit
 from agent.runtime.seed import SeedContent
@@ -94,11 +95,18 @@ def gpt_disk(size: int, sector: int, parts: list[Part], image_size: int | None =
     return disk
 
 
-def gpt_plan(disk: Disk, seed_size: int = 4 * MiB, guid_seed: bytes | None = b"t") -> Placement:
-    sector = disk.sector
-    entries_lba, count, esize = struct.unpack_from("<QII", disk.head(), sector + 72)
-    entries = disk.read(entries_lba * sector, count * esize)
-    return plan_seed(disk.head(), entries, disk.geometry, seed_size, disk="/dev/sdx", guid_seed=guid_seed)
+def tables_of(disk: Disk) -> Tables:
+    return read_tables(disk.read, disk.size, disk.sector)
+
+
+def gpt_plan(
+    disk: Disk, seed_size: int = 4 * MiB, guid_seed: bytes | None = b"t", proven: bool = True
+) -> Placement:
+    """proven: as if the caller found sledge's FAT in every cidata partition (the FAT itself is
+    not on these byte-level disks; is_seed_fat has its own tests)."""
+    tables = tables_of(disk)
+    numbers = frozenset(c.number for c in seed_candidates(tables)) if proven else frozenset()
+    return plan_seed(tables, seed_size, disk="/dev/sdx", guid_seed=guid_seed, proven=numbers)
 
 
 def read_gpt(disk: Disk, lba: int) -> tuple[bytes, list[bytes]]:
@@ -224,23 +232,25 @@ def test_gpt_all_entries_used() -> None:
 
 def test_gpt_damaged_header_and_entries_are_refused() -> None:
     disk = gpt_disk(256 * MiB, 512, [Part(2048, 131038)])
-    bad = bytearray(disk.head())
-    bad[512 + 40] ^= 1
-    with pytest.raises(TableError, match="GPT header CRC"):
-        plan_seed(bytes(bad), disk.read(1024, 16384), disk.geometry, 4 * MiB, disk="/dev/sdx")
-    entries = bytearray(disk.read(1024, 16384))
-    entries[0] ^= 1
-    with pytest.raises(TableError, match="entry array CRC"):
-        plan_seed(disk.head(), bytes(entries), disk.geometry, 4 * MiB, disk="/dev/sdx")
+    header = disk.read(512, 512)
+    disk.write(512, header[:40] + bytes([header[40] ^ 1]) + header[41:])
+    with pytest.raises(TableError, match=r"/dev/sdx: the primary GPT is not trusted: .*header CRC"):
+        gpt_plan(disk)
+    disk = gpt_disk(256 * MiB, 512, [Part(2048, 131038)])
+    entries = disk.read(1024, 512)
+    disk.write(1024, bytes([entries[0] ^ 1]) + entries[1:])
+    with pytest.raises(TableError, match=r"entry array .*CRC"):
+        gpt_plan(disk)
 
 
 def test_no_table_and_protective_mbr_without_gpt_are_refused() -> None:
     with pytest.raises(TableError, match="/dev/sdx: no partition table"):
-        plan_seed(bytes(1024), b"", Geometry(64 * MiB, 512), 4 * MiB, disk="/dev/sdx")
+        gpt_plan(Disk(64 * MiB, 512))
     disk = gpt_disk(64 * MiB, 512, [])
-    head = disk.head()[:512] + bytes(512)
+    disk.write(512, bytes(512))
+    disk.write(64 * MiB - 512, bytes(512))
     with pytest.raises(TableError, match="protective MBR but no GPT header"):
-        plan_seed(head, b"", disk.geometry, 4 * MiB, disk="/dev/sdx")
+        gpt_plan(disk)
 
 
 @settings(max_examples=60, deadline=None)
@@ -252,7 +262,7 @@ def test_no_table_and_protective_mbr_without_gpt_are_refused() -> None:
 )
 def test_gpt_plan_properties(sector: int, disk_mib: int, ends: list[int], seed_mib: int) -> None:
     per_mib = MiB // sector
-    bounds = sorted({e for e in ends if e < disk_mib})
+    bounds = sorted({e for e in ends if 1 < e < disk_mib})
     parts = [
         Part(a * per_mib, b * per_mib - 1, f"p{i}")
         for i, (a, b) in enumerate(zip([1, *bounds], bounds, strict=False))
@@ -301,7 +311,7 @@ def mbr_disk(size: int, parts: list[tuple[int, int, int]], sector: int = 512) ->
 
 
 def mbr_plan(disk: Disk, seeds: frozenset[int] = frozenset()) -> Placement:
-    return plan_seed(disk.head(), b"", disk.geometry, 4 * MiB, disk="/dev/sdy", mbr_seeds=seeds)
+    return plan_seed(tables_of(disk), 4 * MiB, disk="/dev/sdy", proven=seeds)
 
 
 def test_mbr_primary_partition_at_the_very_end() -> None:
