@@ -137,7 +137,8 @@ def verify(ctx: JobContext) -> Outcome:
     if drift.table_only:
         chunks = ", ".join(str(c.index) for c in drift.table_only)
         note = f" (chunks {chunks} differ only in the partition table sledge updated at deploy)"
-    if drift.drifted:
-        return failed(f"{disk.path} does not match the image: {VerifyFailed(drift.drifted)}{note}", disk.path)
+    if not drift.clean:
+        failure = VerifyFailed(drift.drifted, drift.tables)
+        return failed(f"{disk.path} does not match the image: {failure}{note}", disk.path)
     message = f"{disk.path} matches manifest {loaded.digest}{note}"
     return Outcome(p.JobResult(p.Outcome.SUCCEEDED, message, disk.path))
