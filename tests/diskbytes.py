@@ -53,24 +53,37 @@ class Part:
     kind: bytes = LINUX
 
 
-def gpt_disk(size: int, sector: int, parts: list[Part], image_size: int | None = None) -> Disk:
-    """A GPT as sgdisk writes it for an image of image_size bytes, on a disk of size bytes."""
+def gpt_disk(
+    size: int,
+    sector: int,
+    parts: list[Part],
+    image_size: int | None = None,
+    *,
+    entries_lba: int = 2,
+    count: int = 128,
+    slots: list[int] | None = None,
+) -> Disk:
+    """A GPT as sgdisk writes it for an image of image_size bytes, on a disk of size bytes;
+    `entries_lba` and `count` as `sgdisk -j` and `-S` set them; `slots`: where each part goes."""
     disk = Disk(size, sector)
     image_sectors = (image_size or size) // sector
-    table_sectors = 128 * 128 // sector
-    entries = bytearray(128 * 128)
+    table_bytes = count * 128
+    table_sectors = -(-table_bytes // sector)
+    entries = bytearray(table_sectors * sector)
     for i, p in enumerate(parts):
-        e = entries[i * 128 : (i + 1) * 128]
+        n = slots[i] if slots else i
+        e = entries[n * 128 : (n + 1) * 128]
         e[0:16], e[16:32] = p.kind, uuid.UUID(int=i + 1).bytes_le
         struct.pack_into("<QQ", e, 32, p.first, p.last)
         e[56:128] = p.name.encode("utf-16-le").ljust(72, b"\0")
-        entries[i * 128 : (i + 1) * 128] = e
+        entries[n * 128 : (n + 1) * 128] = e
     alt = image_sectors - 1
+    first_usable = max(34 if sector == 512 else 6, entries_lba + table_sectors)
     hdr = bytearray(sector)
     hdr[0:12] = b"EFI PART\x00\x00\x01\x00"
-    struct.pack_into("<IIIQQQQ", hdr, 12, 92, 0, 0, 1, alt, 2 + table_sectors, alt - table_sectors - 1)
+    struct.pack_into("<IIIQQQQ", hdr, 12, 92, 0, 0, 1, alt, first_usable, alt - table_sectors - 1)
     hdr[56:72] = uuid.UUID(int=99).bytes_le
-    struct.pack_into("<QIII", hdr, 72, 2, 128, 128, zlib.crc32(entries))
+    struct.pack_into("<QIII", hdr, 72, entries_lba, count, 128, zlib.crc32(entries[:table_bytes]))
     backup = bytearray(hdr)
     struct.pack_into("<QQ", backup, 24, alt, 1)
     struct.pack_into("<Q", backup, 72, alt - table_sectors)
@@ -79,11 +92,33 @@ def gpt_disk(size: int, sector: int, parts: list[Part], image_size: int | None =
     mbr = bytearray(sector)
     mbr[446:462] = bytes([0, 0, 2, 0, 0xEE, 0xFF, 0xFF, 0xFF]) + struct.pack("<II", 1, image_sectors - 1)
     mbr[510:512] = b"\x55\xaa"
-    for offset, data in [(0, mbr), (sector, hdr), (2 * sector, entries)]:
+    for offset, data in [(0, mbr), (sector, hdr), (entries_lba * sector, entries)]:
         disk.write(offset, bytes(data))
     disk.write((alt - table_sectors) * sector, bytes(entries))
     disk.write(alt * sector, bytes(backup))
     return disk
+
+
+def reseal(disk: Disk, lba: int, **fields: int) -> None:
+    """Set header fields at `lba` (by offset name) and fix its CRC, as a careful forger would."""
+    offsets = {"revision": 8, "size": 12, "reserved": 20, "my_lba": 24, "alt_lba": 32, "first_usable": 40}
+    offsets |= {"last_usable": 48, "entries_lba": 72, "count": 80, "entry_size": 84, "entries_crc": 88}
+    hdr = bytearray(disk.read(lba * disk.sector, disk.sector))
+    for name, value in fields.items():
+        fmt = "<Q" if name in ("my_lba", "alt_lba", "first_usable", "last_usable", "entries_lba") else "<I"
+        struct.pack_into(fmt, hdr, offsets[name], value)
+    (size,) = struct.unpack_from("<I", hdr, 12)
+    seal_header(hdr, min(max(size, 92), disk.sector))
+    disk.write(lba * disk.sector, bytes(hdr))
+
+
+def reseal_entries(disk: Disk, lba: int) -> None:
+    """Recompute the entry-array CRC in the header at `lba`, then its own CRC."""
+    hdr = disk.read(lba * disk.sector, disk.sector)
+    entries_lba, count, size = struct.unpack_from("<QII", hdr, 72)
+    if count * size > 16 * MiB or (entries_lba * disk.sector) + count * size > disk.size:
+        return  # no array to cover: a forger has nothing to fix
+    reseal(disk, lba, entries_crc=zlib.crc32(disk.read(entries_lba * disk.sector, count * size)))
 
 
 def read_gpt(disk: Disk, lba: int) -> tuple[bytes, list[bytes]]:

@@ -14,6 +14,7 @@ An earlier seed is replaced only when the caller proved it is a FAT sledge made
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
 import uuid
@@ -31,6 +32,7 @@ MiB = 1 << 20
 ALIGN = MiB
 NAME = "cidata"
 GPT_TYPE = uuid.UUID("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7")  # Microsoft basic data
+MAX_CANDIDATES = 8
 MBR_TYPE = 0x0C  # FAT32 (LBA): what config drives use; Linux and cloud-init look at the label
 
 
@@ -71,14 +73,16 @@ class Candidate:
 
 
 def seed_candidates(tables: Tables) -> list[Candidate]:
-    """GPT entries named cidata, or FAT-typed MBR primaries: where an earlier seed could be."""
+    """GPT entries named cidata, or FAT-typed MBR primaries: where an earlier seed could be. At most
+    MAX_CANDIDATES (the caller reads a sector of each; a table may name 131,072 of them): any
+    further one is kept as an ordinary partition, never replaced."""
     if tables.primary is not None:
         if not tables.primary.valid:
             return []
+        named = (e for e in tables.primary.used if e.name.lower() == NAME)
         return [
             Candidate(e.slot + 1, e.first, e.last + 1 - e.first)
-            for e in tables.primary.used
-            if e.name.lower() == NAME
+            for e in itertools.islice(named, MAX_CANDIDATES)
         ]
     if tables.mbr is None:
         return []

@@ -20,6 +20,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.disk.mbr import MBR_EXTENDED, MbrEntry, mbr_partitions
 
@@ -64,8 +65,7 @@ class GptHeader:
         return header_crc(self.raw, self.size) == self.crc
 
 
-@dataclass(frozen=True)
-class GptEntry:
+class GptEntry(NamedTuple):  # a tuple, not a frozen dataclass: an array may hold 131,072 of them
     slot: int  # 0-based index in the array
     type_guid: bytes
     guid: bytes
@@ -132,9 +132,11 @@ class Tables:
             for e in self.mbr.logical:
                 if not trusted_only or e.last < self.sectors:
                     out.append(Partition("ebr", e.number, e.start, e.last))
-        for name, copy in (("gpt primary", self.primary), ("gpt backup", self.backup)):
-            if copy is not None and (copy.valid or not trusted_only):
-                out += [Partition(name, e.slot + 1, e.first, e.last) for e in copy.used]
+        for copy in self.copies:
+            if trusted_only and not (copy.valid and (copy is self.primary or copy is self.backup)):
+                continue
+            name = "gpt primary" if copy is self.primary else "gpt backup"
+            out += [Partition(name, e.slot + 1, e.first, e.last) for e in copy.used]
         return out
 
     def structures(self) -> list[tuple[int, int]]:
