@@ -101,8 +101,10 @@ class _Progress:
     def add(self, n: int) -> None:
         with self.lock:
             self.done += n
-            done = self.done
-        self.ctx.progress(f"erased {human_bytes(done)} of {human_bytes(self.total)}", done, self.total)
+            # the total was estimated from the kernel's partitions; the tables may list more
+            self.total = max(self.total, self.done)
+            done, total = self.done, self.total
+        self.ctx.progress(f"erased {human_bytes(done)} of {human_bytes(total)}", done, total)
 
 
 def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progress) -> str:
