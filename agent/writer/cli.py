@@ -120,19 +120,19 @@ def run_verify(args: argparse.Namespace) -> int:
             s.close()
     for chunk in drift.table_only:
         print(
-            f"table: chunk {chunk.index} offset {chunk.offset} length {chunk.length} differs only in "
-            "the partition-table sectors sledge updates at deploy"
+            f"table: chunk {chunk.index} offset {chunk.offset} length {chunk.length} differs only by "
+            f"sledge's own table edit ({drift.edit})"
         )
     m = loaded.manifest
-    if drift.drifted:
-        print(
-            f"sledge-agent: {args.device} does not hold the image: {VerifyFailed(drift.drifted)}",
-            file=sys.stderr,
-        )
+    if not drift.clean:
+        failure = VerifyFailed(drift.drifted, drift.tables)
+        print(f"sledge-agent: {args.device} does not hold the image: {failure}", file=sys.stderr)
         for chunk in drift.drifted:
             print(
                 f"differs: chunk {chunk.index} offset {chunk.offset} length {chunk.length} blake3 {chunk.hex}"
             )
+        for problem in drift.tables:
+            print(f"differs: table {problem}")
         return 1
     print(f"{args.device} holds {m.meta.name}:{m.meta.version} ({loaded.digest}): {len(m)} chunks match")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.codec import ProtocolError
+from agent.disk.errors import DiskError, NoSpace, SeedError, TableError
 from agent.errors import FieldError, SledgeError
 from agent.hardware.errors import HardwareError
 from agent.hardware.hints import HintError, NoMatchingDisk, SelectionError
@@ -16,7 +17,6 @@ from agent.image.manifest import ManifestError
 from agent.image.store import NotInStore, StoreError
 from agent.runtime.config import ConfigError
 from agent.runtime.errors import AgentError
-from agent.runtime.partitions import SeedError
 from agent.runtime.transport import TransportError, Unauthorized
 from agent.writer.errors import BadManifest, Cancelled, FetchError, TargetError, WriteError
 from controller.auth import AuthError
@@ -35,7 +35,8 @@ TREE: dict[type[Exception], tuple[type[Exception], ...]] = {
     ImageError: (ManifestError, ChunkInvalid, LayoutError, StoreError, NotInStore),
     WriteError: (TargetError, BadManifest, Cancelled, FetchError),
     HardwareError: (HintError, WireError, SelectionError, NoMatchingDisk),
-    AgentError: (TransportError, Unauthorized, ConfigError, SeedError),
+    AgentError: (TransportError, Unauthorized, ConfigError),
+    DiskError: (SeedError, TableError, NoSpace),
     ControllerError: (
         FleetError,
         NotFound,
@@ -63,7 +64,7 @@ def test_every_error_derives_from_its_package_root_and_from_sledge_error(root: t
 
 
 def test_roots_are_distinct_packages() -> None:
-    roots = [ImageError, WriteError, HardwareError, AgentError, ControllerError]
+    roots = [ImageError, WriteError, HardwareError, AgentError, DiskError, ControllerError]
     for a in roots:
         for b in roots:
             assert a is b or not issubclass(a, b)

@@ -120,3 +120,22 @@ def test_boto3_is_loaded_only_when_a_bucket_is_used() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_disk_format_package_uses_no_other_agent_package() -> None:
+    # agent.disk is shared by the writer, drift, seed and erase: it must not reach back into them.
+    offenders = []
+    for path in (AGENT_DIR / "disk").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [
+                f"{path.name}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] == "agent" and not n.startswith("agent.disk") and n != "agent.errors"
+            ]
+    assert offenders == []

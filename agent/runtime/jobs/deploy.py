@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 from agent import protocol as p
+from agent.disk.errors import DiskError
 from agent.hardware.errors import HardwareError
 from agent.image.errors import ImageError
 from agent.progress import human_bytes
 from agent.runtime.backoff import Backoff
-from agent.runtime.errors import AgentError
 from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
 from agent.runtime.seed import SeedContent
 from agent.writer.errors import BadManifest, ManifestUnavailable, VerifyFailed, WriteError
@@ -93,7 +93,7 @@ def deploy(ctx: JobContext) -> Outcome:
         try:
             content = SeedContent.from_cloud_init(params.cloud_init, instance_id=ctx.assignment.job_id)
             seed = ctx.disks.write_seed(disk.path, content)
-        except (AgentError, WriteError, OSError) as exc:  # SeedError, or the disk refused
+        except (DiskError, WriteError, OSError) as exc:  # SeedError, or the disk refused
             return failed(
                 f"{image} written to {disk.path}, but the cloud-init seed was not: {exc}", disk.path
             )
@@ -133,7 +133,8 @@ def verify(ctx: JobContext) -> Outcome:
     if drift.table_only:
         chunks = ", ".join(str(c.index) for c in drift.table_only)
         note = f" (chunks {chunks} differ only in the partition table sledge updated at deploy)"
-    if drift.drifted:
-        return failed(f"{disk.path} does not match the image: {VerifyFailed(drift.drifted)}{note}", disk.path)
+    if not drift.clean:
+        failure = VerifyFailed(drift.drifted, drift.tables)
+        return failed(f"{disk.path} does not match the image: {failure}{note}", disk.path)
     message = f"{disk.path} matches manifest {loaded.digest}{note}"
     return Outcome(p.JobResult(p.Outcome.SUCCEEDED, message, disk.path))
