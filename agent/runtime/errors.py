@@ -6,4 +6,8 @@ from agent.errors import SledgeError
 
 
 class AgentError(SledgeError):
-    """The agent's own configuration, its controller transport, or the seed it writes failed."""
+    """The agent's own configuration, or its controller transport, failed."""
+
+
+class NoEnrollmentToken(AgentError):
+    """The controller's boot script for this machine carries no enrollment token (yet)."""

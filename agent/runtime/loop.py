@@ -21,6 +21,7 @@ from agent import protocol as p
 from agent.hardware.model import Inventory
 from agent.runtime.backoff import Backoff
 from agent.runtime.config import AgentConfig
+from agent.runtime.errors import AgentError, NoEnrollmentToken
 from agent.runtime.eventlog import EventLog
 from agent.runtime.jobs import Disks, JobContext, Machine, Outcome, Sources, check_io, failed
 from agent.runtime.jobs.deploy import deploy, verify
@@ -142,7 +143,7 @@ class Agent:
             self._enrollment = ""  # used or expired: ask the controller for a fresh one
             self._pause(f"enrollment refused ({exc})")
             return
-        except (TransportError, LookupError) as exc:
+        except AgentError as exc:  # the transport, or no token in the boot script
             self._pause(f"cannot register: {exc}")
             return
         with self._lock:
@@ -162,7 +163,7 @@ class Agent:
             match = _TOKEN_ARG.search(script)
             if match:
                 return match.group(1)
-        raise LookupError(f"no enrollment token: the controller's boot script for {macs} carries none")
+        raise NoEnrollmentToken(f"no enrollment token: the controller's boot script for {macs} carries none")
 
     # -- heartbeat -----------------------------------------------------------------------------------
 
