@@ -1,8 +1,9 @@
 """The agent <-> controller protocol: typed messages, strict decoding, one codec.
 
-Every message is a frozen dataclass with `to_wire()` (plain JSON/msgpack types)
-and `from_wire(obj)`, which refuses unknown fields, wrong types and out-of-range
-values with a ProtocolError naming the field, the expectation and what was found.
+Every message is declared once, as a frozen dataclass whose field types carry their
+bounds (agent.wire): `to_wire()` (plain JSON/msgpack types), `from_wire(obj)` (refuses
+unknown fields, wrong types and out-of-range values with a ProtocolError naming the
+field, the expectation and what was found) and the OpenAPI schema come from it.
 Bodies travel as JSON or msgpack (`decode_body` / `encode_body`, chosen by the
 Content-Type). docs/controller.md lists the endpoints; the paths are below.
 """
@@ -10,32 +11,30 @@ Content-Type). docs/controller.md lists the endpoints; the paths are below.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from agent.codec import _MISSING, _str_item
 from agent.codec import JSON as JSON
 from agent.codec import MAX_BODY as MAX_BODY
 from agent.codec import MSGPACK as MSGPACK
-from agent.codec import Fields as Fields
 from agent.codec import ProtocolError as ProtocolError
 from agent.codec import decode_body as decode_body
 from agent.codec import encode_body as encode_body
 from agent.codec import media_type as media_type
 from agent.codec import normalize_mac as normalize_mac
+from agent.hardware.hints import HINT_NAMES
 from agent.hardware.model import Inventory
 from agent.hardware.wire import WireError
+from agent.wire import Bound, Message, path, reader, schema_of
 
 REGISTER_PATH = "/v1/agent/register"
 HEARTBEAT_PATH = "/v1/agent/heartbeat"
 INVENTORY_PATH = "/v1/agent/inventory"  # POST an Inventory (agent.hardware.model) as the body
 NEXT_JOB_PATH = "/v1/agent/jobs/next"  # GET ?wait=SECONDS; 204 when there is no job
+BOOT_SCRIPT_PATH = "/boot/ipxe"  # GET ?mac=MAC: the iPXE script, with a fresh enrollment token
 STORE_PATH = "/v1/store/"  # + agent.image.layout.chunk_path / manifest_path
 MAX_EVENTS_PER_POST = 1000
-_ID = re.compile(r"[a-z]-[0-9a-f]{12}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def job_events_path(job_id: str) -> str:
@@ -76,25 +75,15 @@ def identity(inventory: Inventory) -> tuple[str, tuple[str, ...]]:
     return (inventory.system.uuid or "").lower(), tuple(dict.fromkeys(macs))
 
 
-DISK_HINT_KEYS = (
-    "by_path",
-    "hctl",
-    "model",
-    "name",
-    "rotational",
-    "serial",
-    "size",
-    "vendor",
-    "wwn",
-    "wwn_vendor_extension",
-    "wwn_with_extension",
-)
-
-
 @dataclass(frozen=True)
 class DiskHints:
-    """Ironic-style root device hints, name -> value (values may carry operators: '>= 100')."""
+    """Ironic-style root device hints, name -> value (values may carry operators: '>= 100').
 
+    The names are the hint engine's (agent.hardware.hints.HINT_NAMES); the expressions are
+    checked by that engine on the agent, against the disks it sees.
+    """
+
+    WIRE_WHERE: ClassVar[str] = "disk"
     items: tuple[tuple[str, str], ...] = ()
 
     @classmethod
@@ -109,8 +98,24 @@ class DiskHints:
 
     @classmethod
     def from_wire(cls, obj: object, where: str = "disk") -> DiskHints:
-        f = Fields(obj, where, DISK_HINT_KEYS)
-        return cls(tuple(sorted((k, f.text(k, max_len=256)) for k in f.obj)))
+        if not isinstance(obj, dict):
+            raise ProtocolError(where or "<body>", "an object", obj)
+        for key in obj:
+            if key not in HINT_NAMES:
+                raise ProtocolError(
+                    path(where, str(key)), f"one of the fields {', '.join(HINT_NAMES)}", "unknown"
+                )
+        return cls(tuple(sorted((k, _HINT_VALUE(v, path(where, k))) for k, v in obj.items())))
+
+    @staticmethod
+    def wire_schema() -> dict[str, Any]:
+        value = schema_of(str, Bound(max_len=MAX_HINT_TEXT))
+        return {
+            "type": "object",
+            "properties": {name: value for name in HINT_NAMES},
+            "additionalProperties": False,
+            "description": "root device hints (docs/root-device-hints.md)",
+        }
 
     @classmethod
     def parse(cls, text: str) -> DiskHints:
@@ -123,6 +128,9 @@ class DiskHints:
             pairs[key.strip()] = value.strip()
         return cls.from_wire(pairs)
 
+
+MAX_HINT_TEXT = 256
+_HINT_VALUE = reader(str, Bound(max_len=MAX_HINT_TEXT))
 
 # -- jobs ----------------------------------------------------------------------------------------------
 
@@ -146,67 +154,45 @@ class PowerAction(enum.StrEnum):
 
 
 MAX_SEED_TEXT = 64 << 10
+# the bounds the messages share
+Id = Annotated[str, Bound(max_len=1024, pattern=r"[a-z]-[0-9a-f]{12}")]
+Seq = Annotated[int, Bound(lo=1, hi=1 << 62)]
+Attempt = Annotated[int, Bound(lo=1, hi=1 << 31)]
+Count = Annotated[int, Bound(lo=0, hi=1 << 62)]
+Text4k = Annotated[str, Bound(max_len=4096)]
+Token = Annotated[str, Bound(max_len=200)]
+Seconds = Annotated[float, Bound(lo=0.0, hi=3600.0)]
+SeedText = Annotated[str, Bound(max_len=MAX_SEED_TEXT)]
+ImageText = Annotated[str, Bound(max_len=128)]
+Digest = Annotated[str, Bound(max_len=64, pattern="|[0-9a-f]{64}", expected="64 lowercase hex characters")]
+Urls = Annotated[tuple[str, ...], Bound(max_len=16, item_len=2048)]
 
 
 @dataclass(frozen=True)
-class CloudInit:
+class CloudInit(Message):
     """A NoCloud seed for the deployed system; empty means none is written."""
 
-    user_data: str = ""
-    meta_data: str = ""
-    network_config: str = ""
+    WIRE_WHERE: ClassVar[str] = "cloud_init"
+    user_data: SeedText = ""
+    meta_data: SeedText = ""
+    network_config: SeedText = ""
 
     def __bool__(self) -> bool:
         return bool(self.user_data or self.meta_data or self.network_config)
 
-    def to_wire(self) -> dict[str, str]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "cloud_init") -> CloudInit:
-        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
-        return cls(
-            f.text("user_data", "", max_len=MAX_SEED_TEXT),
-            f.text("meta_data", "", max_len=MAX_SEED_TEXT),
-            f.text("network_config", "", max_len=MAX_SEED_TEXT),
-        )
-
 
 @dataclass(frozen=True)
-class JobParams:
+class JobParams(Message):
     """Parameters of any job kind; which ones matter depends on the kind (validate_for checks)."""
 
-    image_name: str = ""
-    image_version: str = ""
-    manifest_digest: str = ""
+    WIRE_WHERE: ClassVar[str] = "params"
+    image_name: ImageText = ""
+    image_version: ImageText = ""
+    manifest_digest: Digest = ""
     disk: DiskHints = field(default_factory=DiskHints)
     erase_mode: EraseMode = EraseMode.METADATA
     power: PowerAction = PowerAction.REBOOT
     cloud_init: CloudInit = field(default_factory=CloudInit)
-
-    def to_wire(self) -> dict[str, Any]:
-        wire = dict(self.__dict__)
-        wire["disk"] = self.disk.to_wire()
-        wire["cloud_init"] = self.cloud_init.to_wire()
-        wire["erase_mode"] = self.erase_mode.value
-        wire["power"] = self.power.value
-        return wire
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "params") -> JobParams:
-        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
-        digest = f.text("manifest_digest", "", max_len=64)
-        if digest and not _HEX64.fullmatch(digest):
-            raise ProtocolError(f.path("manifest_digest"), "64 lowercase hex characters", digest)
-        return cls(
-            image_name=f.text("image_name", "", max_len=128),
-            image_version=f.text("image_version", "", max_len=128),
-            manifest_digest=digest,
-            disk=DiskHints.from_wire(f.obj.get("disk", {}), f.path("disk")),
-            erase_mode=f.choice("erase_mode", EraseMode, EraseMode.METADATA),
-            power=f.choice("power", PowerAction, PowerAction.REBOOT),
-            cloud_init=CloudInit.from_wire(f.obj.get("cloud_init", {}), f.path("cloud_init")),
-        )
 
     def validate_for(self, kind: JobKind) -> None:
         if kind in (JobKind.DEPLOY, JobKind.VERIFY) and not self.manifest_digest:
@@ -214,40 +200,16 @@ class JobParams:
 
 
 @dataclass(frozen=True)
-class Assignment:
+class Assignment(Message):
     """A job handed to an agent. Events continue from next_seq; sources are chunk store base URLs."""
 
-    job_id: str
+    job_id: Id
     kind: JobKind
-    attempt: int
-    next_seq: int
-    lease_seconds: float
-    params: JobParams
-    sources: tuple[str, ...] = ()
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "kind": self.kind.value,
-            "attempt": self.attempt,
-            "next_seq": self.next_seq,
-            "lease_seconds": self.lease_seconds,
-            "params": self.params.to_wire(),
-            "sources": list(self.sources),
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "") -> Assignment:
-        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
-        return cls(
-            f.text("job_id", pattern=_ID),
-            f.choice("kind", JobKind),
-            f.integer("attempt", 1, 1 << 31),
-            f.integer("next_seq", 1, 1 << 62),
-            f.number("lease_seconds", 0.0, 86400.0),
-            JobParams.from_wire(f.obj.get("params", {}), f.path("params")),
-            f.items("sources", 16, _str_item, ()),
-        )
+    attempt: Attempt
+    next_seq: Seq
+    lease_seconds: Annotated[float, Bound(lo=0.0, hi=86400.0)]
+    params: JobParams = field(default_factory=JobParams)
+    sources: Urls = ()
 
 
 # -- events and results -------------------------------------------------------------------------------
@@ -261,73 +223,39 @@ class EventKind(enum.StrEnum):
     ERROR = "error"
 
 
+Progress = Annotated[int | None, Bound(lo=0, hi=1 << 62, omit_none=True)]
+
+
 @dataclass(frozen=True)
-class Event:
+class Event(Message):
     """One agent event; seq numbers a job's events from 1 with no gaps."""
 
-    seq: int
-    at: float
+    WIRE_WHERE: ClassVar[str] = "event"
+    seq: Seq
+    at: Annotated[float, Bound(lo=0.0, hi=1e11)]
     kind: EventKind
-    message: str = ""
-    done: int | None = None
-    total: int | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {
-            "seq": self.seq,
-            "at": self.at,
-            "kind": self.kind.value,
-            "message": self.message,
-        }
-        if self.done is not None:
-            wire["done"] = self.done
-        if self.total is not None:
-            wire["total"] = self.total
-        return wire
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "event") -> Event:
-        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
-        return cls(
-            f.integer("seq", 1, 1 << 62),
-            f.number("at", 0.0, 1e11),
-            f.choice("kind", EventKind),
-            f.text("message", "", max_len=4096),
-            f.integer("done", 0, 1 << 62, None),
-            f.integer("total", 0, 1 << 62, None),
-        )
+    message: Text4k = ""
+    done: Progress = None
+    total: Progress = None
 
 
 @dataclass(frozen=True)
-class EventBatch:
-    attempt: int
-    events: tuple[Event, ...]
+class EventBatch(Message):
+    attempt: Attempt
+    events: Annotated[tuple[Event, ...], Bound(max_len=MAX_EVENTS_PER_POST)]
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "events": [e.to_wire() for e in self.events]}
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "") -> EventBatch:
-        f = Fields(obj, where, ("attempt", "events"))
-        events = f.items("events", MAX_EVENTS_PER_POST, Event.from_wire)
+    def wire_check(self, where: str) -> None:
+        events = self.events
         for i in range(1, len(events)):
             if events[i].seq != events[i - 1].seq + 1:
                 raise ProtocolError(
-                    f"events[{i}].seq", f"{events[i - 1].seq + 1} (consecutive)", events[i].seq
+                    path(where, f"events[{i}].seq"), f"{events[i - 1].seq + 1} (consecutive)", events[i].seq
                 )
-        return cls(f.integer("attempt", 1, 1 << 31), events)
 
 
 @dataclass(frozen=True)
-class EventAck:
-    next_seq: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"next_seq": self.next_seq}
-
-    @classmethod
-    def from_wire(cls, obj: object) -> EventAck:
-        return cls(Fields(obj, "", ("next_seq",)).integer("next_seq", 1, 1 << 62))
+class EventAck(Message):
+    next_seq: Seq
 
 
 class Outcome(enum.StrEnum):
@@ -336,118 +264,47 @@ class Outcome(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class JobResult:
+class JobResult(Message):
+    WIRE_WHERE: ClassVar[str] = "result"
     outcome: Outcome
-    message: str = ""
-    disk: str = ""
-    bytes_written: int = 0
-    bytes_fetched: int = 0
-
-    def to_wire(self) -> dict[str, Any]:
-        return {**self.__dict__, "outcome": self.outcome.value}
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "result") -> JobResult:
-        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
-        return cls(
-            f.choice("outcome", Outcome),
-            f.text("message", "", max_len=4096),
-            f.text("disk", "", max_len=256),
-            f.integer("bytes_written", 0, 1 << 62, 0),
-            f.integer("bytes_fetched", 0, 1 << 62, 0),
-        )
+    message: Text4k = ""
+    disk: Annotated[str, Bound(max_len=256)] = ""
+    bytes_written: Count = 0
+    bytes_fetched: Count = 0
 
 
 @dataclass(frozen=True)
-class FinishRequest:
-    attempt: int
+class FinishRequest(Message):
+    attempt: Attempt
     result: JobResult
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "result": self.result.to_wire()}
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "") -> FinishRequest:
-        f = Fields(obj, where, ("attempt", "result"))
-        return cls(
-            f.integer("attempt", 1, 1 << 31),
-            JobResult.from_wire(f._get("result", _MISSING), f.path("result")),
-        )
 
 
 # -- registration and heartbeat ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class RegisterRequest:
-    enrollment_token: str
-    inventory: Inventory
-    agent_version: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "enrollment_token": self.enrollment_token,
-            "inventory": self.inventory.to_wire(),
-            "agent_version": self.agent_version,
-        }
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "") -> RegisterRequest:
-        f = Fields(obj, where, tuple(cls.__dataclass_fields__))
-        return cls(
-            f.text("enrollment_token", max_len=200),
-            read_inventory(f._get("inventory", _MISSING), f.path("inventory")),
-            f.text("agent_version", "", max_len=64),
-        )
+class RegisterRequest(Message):
+    enrollment_token: Token
+    inventory: Annotated[Inventory, Bound(read=read_inventory)]
+    agent_version: Annotated[str, Bound(max_len=64)] = ""
 
 
 @dataclass(frozen=True)
-class RegisterReply:
-    machine_id: str
-    agent_token: str
-    heartbeat_seconds: float
-    poll_seconds: float
-
-    def to_wire(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_wire(cls, obj: object) -> RegisterReply:
-        f = Fields(obj, "", tuple(cls.__dataclass_fields__))
-        return cls(
-            f.text("machine_id", pattern=_ID),
-            f.text("agent_token", max_len=200),
-            f.number("heartbeat_seconds", 0.0, 3600.0),
-            f.number("poll_seconds", 0.0, 3600.0),
-        )
+class RegisterReply(Message):
+    machine_id: Id
+    agent_token: Token
+    heartbeat_seconds: Seconds
+    poll_seconds: Seconds
 
 
 @dataclass(frozen=True)
-class Heartbeat:
-    job_id: str | None = None
-    status: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_wire(cls, obj: object, where: str = "") -> Heartbeat:
-        f = Fields(obj, where, ("job_id", "status"))
-        job_id = f.obj.get("job_id")
-        if job_id is not None:
-            job_id = f.text("job_id", pattern=_ID)
-        return cls(job_id, f.text("status", "", max_len=256))
+class Heartbeat(Message):
+    job_id: Annotated[str | None, Bound(max_len=1024, pattern=r"[a-z]-[0-9a-f]{12}")] = None
+    status: Annotated[str, Bound(max_len=256)] = ""
 
 
 @dataclass(frozen=True)
-class HeartbeatReply:
+class HeartbeatReply(Message):
     """cancel: jobs of this machine the agent must stop (cancelled by an operator, or lease lost)."""
 
-    cancel: tuple[str, ...] = ()
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"cancel": list(self.cancel)}
-
-    @classmethod
-    def from_wire(cls, obj: object) -> HeartbeatReply:
-        return cls(Fields(obj, "", ("cancel",)).items("cancel", 64, _str_item, ()))
+    cancel: Annotated[tuple[str, ...], Bound(max_len=64, item_len=2048)] = ()

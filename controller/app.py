@@ -15,15 +15,19 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from agent.protocol import STORE_PATH
 from controller import auth
-from controller.api import agent, boot, files, openapi, operator
+from controller.api import agent, boot, files, openapi, operator, views
 from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Services, services
 from controller.api.wire import errors_middleware, respond
 from controller.config import Config
 from controller.fleet.agents import Fleet, Policy
+from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.metrics import Metrics
 from controller.state.store import Store
+from controller.trust.leases import Leases
+from controller.trust.limits import FailureLimiter, Limit
 
 __all__ = ["Config", "make_app", "routes"]
 log = logging.getLogger("sledge.app")
@@ -31,7 +35,7 @@ log = logging.getLogger("sledge.app")
 
 async def healthz(request: web.Request) -> web.StreamResponse:
     services(request).ops.counts()  # the database answers
-    return respond(request, {"ok": True})
+    return respond(request, views.Health(True).to_wire())
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -106,13 +110,25 @@ async def _on_shutdown(app: web.Application) -> None:
     svc.hub.wake_all()
 
 
+def _presigner(config: Config) -> Callable[[str], str] | None:
+    if not config.s3_store:
+        return None
+    from controller.images import s3  # boto3 only for a controller that uses a bucket
+
+    loc = s3.S3Location.parse(config.s3_store)
+    return s3.presigner(s3.client(config.s3_endpoint_url), loc, config.presign_seconds)
+
+
 def make_app(
     config: Config,
     store: Store,
     *,
     operator_key: auth.OperatorKey | None = None,
     clock: Callable[[], float] = time.time,
+    leases: Leases | None = None,
 ) -> web.Application:
+    """`leases`: sledge's own DHCP leases (enrollment must then come from the MAC's lease); None
+    when sledge runs no DHCP."""
     hub = Hub()
     policy = Policy(
         lease_seconds=config.lease_seconds,
@@ -120,19 +136,29 @@ def make_app(
         poll_seconds=config.max_poll_seconds,
         enrollment_ttl=config.enrollment_ttl,
         sources=config.sources,
+        discovery=config.discovery,
+    )
+    limiter = FailureLimiter(
+        {
+            "mac": Limit(config.failures_per_mac, config.failure_window),
+            "address": Limit(config.failures_per_address, config.failure_window),
+        },
+        clock,
     )
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body)
     app[SERVICES] = Services(
         config=config,
         fleet=Fleet(store, policy, clock, hub.notify),
+        enrollment=Enrollment(store, policy, limiter, leases, clock, hub.notify),
         ops=Operations(store, policy.max_attempts, clock, hub.notify),
         hub=hub,
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
+        presign=_presigner(config),
     )
     for route in routes():
         app.router.add_route(route.method, route.path, _guard(route), name=route.handler.__name__)
-        if route.path.startswith(("/v1/store/", "/boot/files/")):  # HEAD as a static server answers it
+        if route.path.startswith((STORE_PATH, "/boot/files/")):  # HEAD as a static server answers it
             app.router.add_route("HEAD", route.path, _guard(route))
     app.on_response_prepare.append(files.on_prepare)
     app.cleanup_ctx.append(_reaper)

@@ -15,13 +15,15 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.errors import ControllerError
+
 ENROLLMENT_PREFIX = "sle"
 AGENT_PREFIX = "sla"
 OPERATOR_PREFIX = "slo"
 _TOKEN = re.compile(r"(sle|sla|slo)_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 
-class AuthError(Exception):
+class AuthError(ControllerError):
     """A credential that is missing, malformed, unknown, used, expired or for someone else."""
 
 

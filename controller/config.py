@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.protocol import MAX_BODY
+from agent.protocol import MAX_BODY, STORE_PATH
 from controller.boot.settings import DhcpOptions
+from controller.trust import Discovery
 
 DEFAULT_PORT = 8470
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -28,10 +29,21 @@ class Config:
     port: int = DEFAULT_PORT
     public_url: str = ""  # the URL agents are told; default http(s)://host:port
     mirrors: tuple[str, ...] = ()  # more chunk store base URLs handed to agents (nginx, caches)
+    # A bucket behind /v1/store/: what the local store lacks is answered with a redirect to a
+    # presigned URL that lives presign_seconds (agents get no credentials).
+    s3_store: str = ""  # s3://BUCKET[/PREFIX]
+    s3_endpoint_url: str = ""
+    presign_seconds: int = 300
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     max_poll_seconds: float = 30.0
-    enrollment_ttl: float = 600.0
+    enrollment_ttl: float = 300.0  # seconds an enrollment token lives (a boot takes well under that)
+    discovery: Discovery = Discovery.OPEN  # closed: only expected MACs and ones with a job enroll
+    # Failed enrollments allowed per MAC and per address in failure_window seconds; more are refused
+    # (429). An address is shared by every machine behind a NAT or proxy, so it gets more.
+    failures_per_mac: int = 5
+    failures_per_address: int = 20
+    failure_window: float = 300.0
     reap_interval: float = 2.0
     max_body: int = MAX_BODY
     kernel: str = "vmlinuz"  # under DATA/boot/
@@ -67,7 +79,7 @@ class Config:
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return (f"{self.url}/v1/store/", *self.mirrors)
+        return (f"{self.url}{STORE_PATH}", *self.mirrors)
 
 
 def from_environ(environ: Mapping[str, str] | None = None, euid: int | None = None) -> Config:

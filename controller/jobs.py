@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from agent.protocol import JobKind, Outcome
+from controller.errors import ControllerError
 
 
 class JobState(enum.StrEnum):
@@ -38,6 +39,7 @@ class MachineState(enum.StrEnum):
     DEPLOYED = "deployed"  # boots from its disk
     ERASING = "erasing"
     FAILED = "failed"
+    QUARANTINED = "quarantined"  # registered with hardware unlike its fingerprint; no jobs until accepted
 
 
 # Kinds whose re-run after a lost agent is safe: a deploy resumes (chunks already on the
@@ -47,7 +49,7 @@ RETRYABLE = frozenset({JobKind.DEPLOY, JobKind.ERASE, JobKind.VERIFY, JobKind.IN
 DEFAULT_MAX_ATTEMPTS = 3
 
 
-class TransitionError(Exception):
+class TransitionError(ControllerError):
     """A change the state machine does not allow; the message names the job and its state."""
 
 

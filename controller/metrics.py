@@ -1,4 +1,5 @@
-"""Prometheus text metrics: request latency, bytes served, machines and jobs by state."""
+"""Prometheus text metrics: request latency, bytes served, machines and jobs by state, refused
+enrollments by reason (never a token, an address or a secret: only counts)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from controller.state.model import Counts
+from controller.trust import Refusal
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -29,10 +31,14 @@ class Metrics:
     latency: dict[tuple[str, str], _Histogram] = field(default_factory=lambda: defaultdict(_Histogram))
     responses: dict[tuple[str, str, int], int] = field(default_factory=lambda: defaultdict(int))
     bytes_served: int = 0
+    refusals: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by controller.trust.Refusal
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.latency[(method, route)].observe(seconds)
         self.responses[(method, route, status)] += 1
+
+    def refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
 
     def render(self, counts: Counts) -> str:
         lines = [
@@ -45,6 +51,9 @@ class Metrics:
             "# HELP sledge_served_bytes_total Bytes of manifests, chunks and boot files sent.",
             "# TYPE sledge_served_bytes_total counter",
             f"sledge_served_bytes_total {self.bytes_served}",
+            "# HELP sledge_enrollment_refusals_total Refused enrollments and boots, by reason.",
+            "# TYPE sledge_enrollment_refusals_total counter",
+            *(f'sledge_enrollment_refusals_total{{reason="{r}"}} {self.refusals.get(r, 0)}' for r in Refusal),
             "# HELP sledge_http_responses_total HTTP responses by route and status.",
             "# TYPE sledge_http_responses_total counter",
         ]

@@ -4,6 +4,8 @@ Section A (issue 3): `sledge image import` of a half-sparse image against cat, b
 casync make. Section B (issue 4): `sledge-agent write` to a loop device from nginx on 127.0.0.1
 against curl | dd, bmaptool copy and casync extract, as ratios to the line rate. Section C (issue 7):
 the live image. Section D (issue 5): `sledge serve` under N simulated agents on 127.0.0.1.
+Section E (issue 20): `sledge-agent write` from each common static web server (scripts/webservers.py),
+as ratios to nginx.
 Everything stays on this machine and is removed on exit, Ctrl-C included.
 """
 
@@ -25,6 +27,7 @@ from benchlib.importbench import run_import_bench
 from benchlib.loadbench import LoadConfig, run_load_bench
 from benchlib.proc import BenchError, kill_all, log, run
 from benchlib.report import Row, Target, table, targets_table
+from benchlib.serverbench import run_server_bench
 from benchlib.system import GiB, MiB, fs_type, parse_size, require_root
 from benchlib.writebench import run_write_bench
 
@@ -37,7 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
-    p.add_argument("--only", choices=["import", "write", "boot", "load"], help="run one section")
+    p.add_argument(
+        "--only", choices=["import", "write", "boot", "load", "servers"], help="run one section"
+    )
     p.add_argument("--import-size", type=parse_size, help="section A image size (default 4G; quick 256M)")
     p.add_argument("--write-size", type=parse_size, help="section B image size (default 2G; quick 256M)")
     p.add_argument(
@@ -141,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                 work / "write", args.write_size, args.reps, not args.cold_server
             )
             rows += write_rows
+        if args.only in (None, "servers"):
+            server_rows, server_targets = run_server_bench(
+                work / "servers", args.write_size, args.reps, not args.cold_server
+            )
+            rows += server_rows
+            targets += server_targets
         boot_lines: list[str] = []
         if args.only in (None, "boot"):
             boot_lines, boot_targets = run_boot_bench(work / "boot", args.reps)

@@ -40,8 +40,16 @@ class ChunkServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.bytes_sent = 0
         self.delay = 0.0  # seconds before each chunk response (to slow a writer down)
+        # Chunk requests past this many wait until release(): a writer is held mid-write for as
+        # long as a test needs, however fast or slow the machine is.
+        self.hold_after: int | None = None
+        self.held = 0  # requests waiting now
+        self._released = threading.Event()
         self.url = ""
         self._lock = threading.Lock()
+
+    def release(self) -> None:
+        self._released.set()
 
     def fault(self, digest: str, *faults: str) -> None:
         with self._lock:
@@ -58,6 +66,14 @@ class ChunkServer:
         path = self.root / "chunks" / request.match_info["prefix"] / name
         with self._lock:
             self.requests[name] += 1
+            hold = self.hold_after is not None and sum(self.requests.values()) > self.hold_after
+            self.held += hold
+        try:
+            while hold and not self._released.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            with self._lock:
+                self.held -= hold
         if self.delay:
             await asyncio.sleep(self.delay)
         fault = self._next_fault(name)

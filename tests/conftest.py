@@ -1,7 +1,7 @@
-"""Shared fixtures. Tests marked `root` need root (loop devices); CI is root and
-runs them all. A developer without root sees them skipped with the reason, and
-can deselect them with -m "not root". Under CI=true a skip would hide coverage,
-so there they fail instead."""
+"""Shared fixtures. Tests marked `root` need root (loop devices). A developer without root sees
+them skipped with the reason, and can deselect them with -m "not root". Under CI a skipped root
+test would be lost coverage behind a green run, so there a non-root run stops before any test
+with a non-zero status (tests/tools.py does the same for missing host tools)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,25 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import under_ci
 
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: only tests that would run count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return
-    for item in items:
-        if "root" in item.keywords:
-            if os.environ.get("CI"):
-                item.add_marker(pytest.mark.xfail(reason="CI must run as root", strict=True, run=False))
-            else:
-                item.add_marker(pytest.mark.skip(reason="needs root for loop devices (CI runs it)"))
+    needs_root = [item for item in items if "root" in item.keywords]
+    if not needs_root:
+        return
+    if under_ci():
+        pytest.exit(
+            f"CI must run as root: {len(needs_root)} selected tests need root (loop devices), "
+            f"e.g. {needs_root[0].nodeid}, and this run is uid {os.geteuid()}; run the suite as root "
+            '(deselecting them with -m "not root" drops their coverage)',
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+    for item in needs_root:
+        item.add_marker(pytest.mark.skip(reason="needs root for loop devices (CI runs it)"))
 
 
 @pytest.fixture

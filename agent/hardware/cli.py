@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.hardware.hints import HintError, SelectionError, select_disk
+from agent.hardware.errors import HardwareError
+from agent.hardware.hints import select_disk
 from agent.hardware.inventory import Inventory, collect
-from agent.hardware.wire import WireError, to_wire
+from agent.hardware.wire import to_wire
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,15 +43,15 @@ def run_select_disk(args: argparse.Namespace) -> int:
         hints = None if args.hints is None else _load_json(args.hints, "--hints")
         inventory = _load_inventory(args.inventory) if args.inventory else collect()
         disk = select_disk(inventory.disks, hints)
-    except (HintError, SelectionError, WireError, CliInputError) as e:
+    except HardwareError as e:
         print(f"sledge-agent select-disk: {e}", file=sys.stderr)
         return 1
     _print_json(to_wire(disk), pretty=True)
     return 0
 
 
-class CliInputError(ValueError):
-    pass
+class CliInputError(HardwareError, ValueError):
+    """A --hints or --inventory argument that is not what the command reads."""
 
 
 def _load_json(text: str, source: str) -> Any:

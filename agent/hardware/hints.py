@@ -12,7 +12,7 @@ disk or an error out. docs/root-device-hints.md is the reference; in short:
   `name` with or without /dev/, several matches are refused as ambiguous, and with
   no hints only a fixed, internal, writable disk of at least 4 GiB is chosen.
 - never a disk that holds the running system, is mounted, has holders (busy),
-  is read-only or empty, whatever the hints say.
+  is a ROM device, read-only or empty, whatever the hints say.
 
 Every hint is checked before any disk is looked at (parse_hints), so a typo is a
 HintError naming the hint, not "no disk found".
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from urllib.parse import quote
 
+from agent.errors import FieldError
+from agent.hardware.errors import HardwareError
 from agent.hardware.model import Disk
 
 GiB = 1 << 30
@@ -58,14 +60,14 @@ _FALSE = ("0", "f", "false", "off", "n", "no")
 _PREFIX = {"name": "/dev/", "by_path": "/dev/disk/by-path/", "by_id": "/dev/disk/by-id/"}
 
 
-class HintError(ValueError):
+class HintError(FieldError, HardwareError):
     """An invalid hint; names the hint, what was expected and what was given."""
 
-    def __init__(self, hint: str, expected: str, actual: object) -> None:
-        self.hint = hint
-        self.expected = expected
-        self.actual = actual
-        super().__init__(f"root device hint {hint!r}: expected {expected}, got {actual!r}")
+    label = "root device hint {field!r}"
+
+    @property
+    def hint(self) -> str:
+        return self.field
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,11 @@ def _split(name: str, expression: str) -> tuple[str | None, str]:
 
 def _alternatives(name: str, operand: str, expression: str) -> list[str]:
     values = [v.strip() for v in operand.split("<or>")]
-    if any(not v for v in values):
-        raise HintError(name, "'<or> a <or> b ...' with no empty alternative", expression)
+    while values and not values[-1]:
+        values.pop()  # a trailing `<or>`: Ironic's own tests write "<or> a <or> b <or>"
+    if not values or any(not v for v in values):
+        # Ironic would silently ignore every alternative after an empty one
+        raise HintError(name, "'<or> a <or> b ...' with no empty alternative between two others", expression)
     return values
 
 
@@ -255,7 +260,7 @@ def describe(hint: Hint) -> str:
 # -- choosing one disk ---------------------------------------------------------------------------
 
 
-class SelectionError(Exception):
+class SelectionError(HardwareError):
     """No disk, or more than one, fits; lists every disk seen and why it was not taken."""
 
     def __init__(self, message: str, candidates: Sequence[Candidate]) -> None:
@@ -304,6 +309,9 @@ def refusal(disk: Disk) -> str | None:
     busy = disk.holders + tuple(h for p in disk.partitions for h in p.holders)
     if busy:
         return f"refused: in use by {', '.join(busy)}"
+    if disk.kind == "rom" or disk.name.startswith("sr"):
+        # Ironic never lists them (lsblk TYPE rom); a writable DVD-RAM is still not a root disk
+        return "refused: a rom device (CD/DVD drive)"
     if disk.read_only:
         return "refused: read-only"
     if disk.size == 0:
@@ -313,7 +321,7 @@ def refusal(disk: Disk) -> str | None:
 
 def default_exclusion(disk: Disk) -> str | None:
     """Why a disk is not picked when there are no hints (a hint can still name it)."""
-    if disk.kind in ("loop", "ram", "zram", "rom"):
+    if disk.kind in ("loop", "ram", "zram"):
         return f"not a default choice: {disk.kind} device"
     if disk.removable:
         return "not a default choice: removable"

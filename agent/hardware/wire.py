@@ -14,17 +14,20 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from agent.errors import FieldError
+from agent.hardware.errors import HardwareError
+
 T = TypeVar("T")
 
 
-class WireError(ValueError):
-    """A wire value that does not fit its field; names where, what was expected and what came."""
+class WireError(FieldError, HardwareError):
+    """An inventory value that does not fit its field; names where, what was expected and what came."""
 
-    def __init__(self, where: str, expected: str, actual: object) -> None:
-        self.where = where
-        self.expected = expected
-        self.actual = actual
-        super().__init__(f"{where}: expected {expected}, got {actual!r}")
+    label = "{field}"
+
+    @property
+    def where(self) -> str:
+        return self.field
 
 
 def to_wire(obj: object) -> Any:

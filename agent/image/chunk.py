@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import blake3
 
+from agent.image.errors import ImageError
 from agent.image.manifest import Chunk, ChunkKind, Encoding
 
 
-class ChunkInvalid(ValueError):
+class ChunkInvalid(ImageError, ValueError):
     """Stored bytes that do not decode to the chunk the manifest names."""
 
     def __init__(self, chunk: Chunk, reason: str) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 
+from agent.image.errors import ImageError
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
-class LayoutError(ValueError):
-    pass
+class LayoutError(ImageError, ValueError):
+    """A name, version or digest that cannot be a store path."""
 
 
 def check_digest(value: str) -> str:

@@ -26,6 +26,9 @@ from typing import Any
 import blake3
 import msgpack
 
+from agent.errors import FieldError
+from agent.image.errors import ImageError
+
 FORMAT_VERSION = 1
 DIGEST_SIZE = 32
 MIN_CHUNK_SIZE = 1 << 20
@@ -57,14 +60,10 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-class ManifestError(ValueError):
+class ManifestError(FieldError, ImageError):
     """A manifest that is not valid; names the field, what was expected and what was found."""
 
-    def __init__(self, field_name: str, expected: str, actual: object) -> None:
-        self.field = field_name
-        self.expected = expected
-        self.actual = actual
-        super().__init__(f"manifest field {field_name!r}: expected {expected}, got {actual!r}")
+    label = "manifest field {field!r}"
 
 
 @dataclass(frozen=True, slots=True)

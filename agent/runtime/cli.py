@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         log("sledge-agent: no controller: give --controller URL or sledge.controller= on the kernel cmdline")
         return 2
     # imported here: `sledge-agent write` should not pay for the runtime's imports
+    from agent.runtime.devices import BlockDisks, HttpSources
     from agent.runtime.loop import Agent
     from agent.runtime.machine import RealMachine
     from agent.runtime.transport import HttpTransport
@@ -55,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     agent = Agent(
-        config, HttpTransport(config.controller, config.ca), RealMachine(config.power, log), log, stop
+        config,
+        HttpTransport(config.controller, config.ca),
+        RealMachine(config.power, log),
+        log,
+        stop,
+        sources=HttpSources(config.ca),
+        disks=BlockDisks(),
     )
     log(f"sledge-agent: controller {config.controller}")
     try:

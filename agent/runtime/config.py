@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from agent.runtime.errors import AgentError
 
-class ConfigError(ValueError):
+
+class ConfigError(AgentError, ValueError):
     pass
 
 

@@ -16,12 +16,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from agent import __version__
 from agent import protocol as p
 from agent.hardware.model import Inventory
 from agent.runtime.backoff import Backoff
 from agent.runtime.config import AgentConfig
+from agent.runtime.errors import AgentError, NoEnrollmentToken
 from agent.runtime.eventlog import EventLog
-from agent.runtime.jobs import JobContext, Machine, Outcome, failed
+from agent.runtime.jobs import Disks, JobContext, Machine, Outcome, Sources, check_io, failed
 from agent.runtime.jobs.deploy import deploy, verify
 from agent.runtime.jobs.erase import erase
 from agent.runtime.jobs.simple import inventory, reboot
@@ -35,7 +37,6 @@ JOBS: dict[p.JobKind, Callable[[JobContext], Outcome]] = {
     p.JobKind.REBOOT: reboot,
 }
 _TOKEN_ARG = re.compile(r"sledge\.token=(\S+)")
-VERSION = "0.1.0"
 
 
 class Agent:
@@ -47,10 +48,16 @@ class Agent:
         log: Callable[[str], None] = print,
         stop: threading.Event | None = None,
         backoff: Backoff | None = None,
+        *,
+        sources: Sources,
+        disks: Disks,
     ) -> None:
+        check_io(machine, sources, disks)
         self.config = config
         self.transport = transport
         self.machine = machine
+        self.sources = sources
+        self.disks = disks
         self.log = log
         self.stop = stop or threading.Event()
         self.backoff = backoff or Backoff(cap=config.max_backoff)
@@ -131,12 +138,12 @@ class Agent:
             inv = self.machine.inventory()
             if not self._enrollment:
                 self._enrollment = self._fresh_enrollment_token(inv)
-            reply = self.transport.register(p.RegisterRequest(self._enrollment, inv, VERSION))
+            reply = self.transport.register(p.RegisterRequest(self._enrollment, inv, __version__))
         except Unauthorized as exc:
             self._enrollment = ""  # used or expired: ask the controller for a fresh one
             self._pause(f"enrollment refused ({exc})")
             return
-        except (TransportError, LookupError) as exc:
+        except AgentError as exc:  # the transport, or no token in the boot script
             self._pause(f"cannot register: {exc}")
             return
         with self._lock:
@@ -156,7 +163,7 @@ class Agent:
             match = _TOKEN_ARG.search(script)
             if match:
                 return match.group(1)
-        raise LookupError(f"no enrollment token: the controller's boot script for {macs} carries none")
+        raise NoEnrollmentToken(f"no enrollment token: the controller's boot script for {macs} carries none")
 
     # -- heartbeat -----------------------------------------------------------------------------------
 
@@ -195,7 +202,16 @@ class Agent:
             events.add(kind, message, done, total)
             self.log(f"[{assignment.kind.value} {assignment.job_id}] {kind.value}: {message}")
 
-        ctx = JobContext(assignment, self.config, self.machine, emit, cancel, self._post_inventory)
+        ctx = JobContext(
+            assignment,
+            self.config,
+            self.machine,
+            self.sources,
+            self.disks,
+            emit,
+            cancel,
+            self._post_inventory,
+        )
         emit(p.EventKind.STAGE, f"{assignment.kind.value} started (attempt {assignment.attempt})", None, None)
         try:
             outcome = JOBS[assignment.kind](ctx)

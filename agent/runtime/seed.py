@@ -3,13 +3,13 @@
 After a deploy has written the image, the seed (user-data, meta-data and, if given,
 network-config) goes into a small FAT filesystem labelled CIDATA, in a partition at
 the very end of the disk: growpart grows root only up to the next partition, so the
-seed sits after all the free space. Deciding is pure (partitions.plan_seed, vfat.build_fat);
+seed sits after all the free space. Deciding is pure (agent.disk: seedplan.plan_seed, vfat.build_fat);
 this module reads the table, writes the bytes and reports.
 
 SeedError                   a NoCloud seed cannot be written
-├── TableError              no table, a damaged one, or no free entry (partitions)
-├── NoSpace                 too little free space at the end of the disk (partitions)
-├── SeedTooLarge            the files do not fit the seed filesystem (vfat)
+├── TableError              no table, a damaged one, or no free entry (agent.disk.seedplan)
+├── NoSpace                 too little free space at the end of the disk (agent.disk.seedplan)
+├── SeedTooLarge            the files do not fit the seed filesystem (agent.disk.vfat)
 └── DeviceError             the device cannot be opened, read or written (OS error, with the path)
 """
 
@@ -25,20 +25,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from agent import blockdev
+from agent.disk.errors import NoSpace, SeedError, SeedTooLarge, TableError
+from agent.disk.seedplan import Geometry, Placement, TableType, plan_seed, seed_candidates
+from agent.disk.tables import read_tables
+from agent.disk.vfat import FatFile, build_fat, is_seed_fat
 from agent.protocol import CloudInit
-from agent.runtime.partitions import (
-    MBR_FAT,
-    Geometry,
-    NoSpace,
-    Placement,
-    SeedError,
-    TableError,
-    TableType,
-    mbr_partitions,
-    plan_seed,
-)
-from agent.runtime.vfat import FatFile, SeedTooLarge, build_fat, volume_label
-from agent.writer.gpt import gpt_entries_extent, is_gpt
 
 __all__ = [
     "SEED_SIZE",
@@ -57,7 +48,6 @@ __all__ = [
 SEED_SIZE = 4 << 20
 LABEL = "CIDATA"
 BLKRRPART = 0x125F
-MAX_TABLE = 16 << 20
 
 
 class DeviceError(SeedError):
@@ -114,42 +104,19 @@ class SeedReport:
         )
 
 
-def _read(fd: int, path: str, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise DeviceError(f"{path}: read {length} bytes at {offset}, got {len(data)} (device too small?)")
-    return data
-
-
-def _mbr_seeds(fd: int, path: str, head: bytes, sector: int) -> frozenset[int]:
-    """MBR partitions holding an earlier seed: FAT-typed with the CIDATA label."""
-    found = set()
-    for part in mbr_partitions(head):
-        if part.kind in MBR_FAT:
-            label = volume_label(os.pread(fd, 512, part.start * sector))
-            if label is not None and label.upper() == LABEL:
-                found.add(part.number)
-    return frozenset(found)
-
-
 def plan_device(fd: int, path: str, seed_size: int, guid_seed: bytes | None) -> tuple[Geometry, Placement]:
-    """Read the table of an open device and plan the seed partition on it (writes nothing)."""
+    """Read the tables of an open device (carefully) and plan the seed partition (writes nothing)."""
     geometry = Geometry(blockdev.size_of(fd), blockdev.logical_sector_size(fd))
-    head = _read(fd, path, 0, 2 * geometry.sector)
-    entries, mbr_seeds = b"", frozenset[int]()
-    if is_gpt(head, geometry.sector):
-        offset, length = gpt_entries_extent(head, geometry.sector)
-        if length > MAX_TABLE or offset + length > geometry.size:
-            raise TableError(
-                f"{path}: GPT entry array of {length} bytes at byte {offset}, "
-                f"expected at most {MAX_TABLE} bytes inside the {geometry.size}-byte disk"
-            )
-        entries = _read(fd, path, offset, length)
-    else:
-        mbr_seeds = _mbr_seeds(fd, path, head, geometry.sector)
-    placement = plan_seed(
-        head, entries, geometry, seed_size, disk=path, guid_seed=guid_seed, mbr_seeds=mbr_seeds
+    tables = read_tables(lambda offset, length: os.pread(fd, length, offset), geometry.size, geometry.sector)
+    proven = frozenset(
+        c.number
+        for c in seed_candidates(tables)
+        if c.start < geometry.sectors
+        and is_seed_fat(
+            os.pread(fd, 512, c.start * geometry.sector), geometry.sector, c.start, c.sectors, LABEL
+        )
     )
+    placement = plan_seed(tables, seed_size, disk=path, guid_seed=guid_seed, proven=proven)
     return geometry, placement
 
 

@@ -17,12 +17,13 @@ from typing import Protocol, TypeVar
 from agent import protocol as p
 from agent.endpoint import Endpoint
 from agent.hardware.model import Inventory
+from agent.runtime.errors import AgentError
 
 USER_AGENT = "sledge-agent"
 T = TypeVar("T")
 
 
-class TransportError(Exception):
+class TransportError(AgentError):
     pass
 
 
@@ -123,7 +124,7 @@ class HttpTransport:
         self._call("POST", p.INVENTORY_PATH, token, inventory.to_wire())
 
     def boot_script(self, mac: str) -> str:
-        _, payload = self._call("GET", f"/boot/ipxe?mac={urllib.parse.quote(mac)}")
+        _, payload = self._call("GET", f"{p.BOOT_SCRIPT_PATH}?mac={urllib.parse.quote(mac)}")
         return payload.decode("utf-8", "replace")
 
 

@@ -9,10 +9,10 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from agent.image.chunk import ChunkInvalid
+from agent.image.errors import ImageError
 from agent.progress import ProgressBar, human_bytes
 from agent.writer.device import open_for_read, open_target
-from agent.writer.errors import FetchError, VerifyFailed, WriteError
+from agent.writer.errors import VerifyFailed, WriteError
 from agent.writer.events import Event, Progress, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad --source, --digest...: nothing was touched
         print(f"sledge-agent: write: {exc}", file=sys.stderr)
         return 2
-    except (WriteError, FetchError, ChunkInvalid, OSError) as exc:
+    except (WriteError, ImageError, OSError) as exc:
         print(f"sledge-agent: write failed: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -112,7 +112,7 @@ def run_verify(args: argparse.Namespace) -> int:
             drift = writer.drift(skip_zero=args.skip_zero)
         finally:
             target.close()
-    except (WriteError, FetchError, ValueError, OSError) as exc:
+    except (WriteError, ImageError, ValueError, OSError) as exc:
         print(f"sledge-agent: verify failed: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -120,19 +120,19 @@ def run_verify(args: argparse.Namespace) -> int:
             s.close()
     for chunk in drift.table_only:
         print(
-            f"table: chunk {chunk.index} offset {chunk.offset} length {chunk.length} differs only in "
-            "the partition-table sectors sledge updates at deploy"
+            f"table: chunk {chunk.index} offset {chunk.offset} length {chunk.length} differs only by "
+            f"sledge's own table edit ({drift.edit})"
         )
     m = loaded.manifest
-    if drift.drifted:
-        print(
-            f"sledge-agent: {args.device} does not hold the image: {VerifyFailed(drift.drifted)}",
-            file=sys.stderr,
-        )
+    if not drift.clean:
+        failure = VerifyFailed(drift.drifted, drift.tables)
+        print(f"sledge-agent: {args.device} does not hold the image: {failure}", file=sys.stderr)
         for chunk in drift.drifted:
             print(
                 f"differs: chunk {chunk.index} offset {chunk.offset} length {chunk.length} blake3 {chunk.hex}"
             )
+        for problem in drift.tables:
+            print(f"differs: table {problem}")
         return 1
     print(f"{args.device} holds {m.meta.name}:{m.meta.version} ({loaded.digest}): {len(m)} chunks match")
     return 0

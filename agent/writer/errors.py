@@ -6,19 +6,21 @@ WriteError
 │   └── BadManifest      ... or is not the one asked for, or is invalid
 ├── ChunkUnavailable     every source failed a chunk (names the chunk and each source's error)
 ├── VerifyFailed         read-back found chunks that differ
-└── Cancelled            stopped at a chunk boundary on request
-FetchError               one attempt at one source failed (kept per source, retried)
+├── Cancelled            stopped at a chunk boundary on request
+└── FetchError           one attempt at one source failed (kept per source, retried; a caller
+                         that fails over catches it before WriteError)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from agent.errors import SledgeError
 from agent.image.manifest import Chunk
 
 
-class WriteError(Exception):
-    pass
+class WriteError(SledgeError):
+    """The root of the writer's errors."""
 
 
 class TargetError(WriteError):
@@ -46,14 +48,19 @@ class ChunkUnavailable(WriteError):
 
 
 class VerifyFailed(WriteError):
-    def __init__(self, bad: list[Chunk]) -> None:
+    def __init__(self, bad: list[Chunk], tables: Sequence[str] = ()) -> None:
         self.bad = bad
+        self.tables = list(tables)
         names = ", ".join(f"{c.index}@{c.offset}" for c in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        super().__init__(f"read-back verification: {len(bad)} chunks differ from the image: {names}{more}")
+        parts = [f"{len(bad)} chunks differ from the image: {names}{more}"] if bad or not tables else []
+        if tables:  # past the image's end: table sectors sledge wrote there (the moved backup GPT)
+            parts.append("the partition table past the image differs: " + "; ".join(self.tables[:5]))
+        message = "read-back verification: " + "; ".join(parts)
+        super().__init__(message)
 
 
-class FetchError(Exception):
+class FetchError(WriteError):
     """One failed attempt; `bad_bytes` marks a source that served wrong data (not just failed)."""
 
     def __init__(

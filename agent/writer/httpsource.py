@@ -69,7 +69,9 @@ class _Response(http.client.HTTPResponse):
 @dataclass(eq=False)  # identity: kept in a set
 class _Conn:
     http: http.client.HTTPConnection
-    sock: socket.socket  # kept here: http.client drops its reference on a Connection: close response
+    # Kept here: http.client drops its reference on a `Connection: close` response (and closes
+    # the socket when that body ends, so its fileno() may read -1 by the time we look again).
+    sock: socket.socket
     used: bool = False
 
 
@@ -121,7 +123,9 @@ class HttpSource:
                         break
                     got += n
             finally:
-                if fast is not None and ex.conn is not None:  # not after a failure closed it
+                # Not after a failure closed it, nor after a `Connection: close` body: http.client
+                # closes that socket itself once the last byte is read (HTTP/1.0 servers, say).
+                if fast is not None and ex.conn is not None and fast.fileno() != -1:
                     fast.settimeout(self._timeouts.stall)
             if got < expected:
                 ex.fail(f"body ended after {got} of {expected} bytes", progress=got)

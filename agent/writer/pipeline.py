@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import blake3
 
 from agent import blockdev
+from agent.disk import gpt
+from agent.disk.expect import sledge_edits
+from agent.disk.tables import Read
 from agent.image.manifest import Chunk, ChunkKind, Manifest
-from agent.writer import gpt
 from agent.writer.device import OpenTarget
 from agent.writer.drift import Drift, classify
 from agent.writer.errors import Cancelled, ChunkUnavailable, TargetError, VerifyFailed, WriteError
@@ -111,9 +113,9 @@ class Writer:
             self._phase("verify")
             skip_zero = self.options.zero_mode is ZeroMode.DONT_CARE
             if relocated:  # the table sectors sledge just rewrote differ from the image by design
-                drifted = self.drift(skip_zero).drifted
-                if drifted:
-                    raise VerifyFailed(drifted)
+                drift = self.drift(skip_zero)
+                if not drift.clean:
+                    raise VerifyFailed(drift.drifted, drift.tables)
             else:
                 self.verify(skip_zero)
         self.counters.emit()
@@ -183,7 +185,11 @@ class Writer:
             t.start()
         try:
             for t in threads:
-                t.join()
+                while t.is_alive():
+                    # Bounded waits: a SIGINT landing just before this thread blocks in a join
+                    # does not interrupt the wait, and an unbounded join would hold Ctrl-C
+                    # until the whole write is done.
+                    t.join(0.2)
         except BaseException:
             # Ctrl-C in the caller's thread: the others stop at a chunk boundary, and none may
             # outlive run() (the caller closes the target's fds next)
@@ -350,21 +356,42 @@ class Writer:
         return data
 
     def drift(self, skip_zero: bool = False) -> Drift:
-        """Chunks that differ from the image, less those where only sledge's table edits differ."""
+        """Chunks that differ from the image, less those where only sledge's own table edits
+        differ (replayed on the image's bytes and compared byte for byte)."""
         try:
             self.verify(skip_zero)
         except VerifyFailed as exc:
-            first = self.manifest.chunk(0)
+            fd = self.target.buffered_fd
+
+            def disk(offset: int, length: int) -> bytes:
+                return os.pread(fd, length, offset)
+
             try:
-                return classify(
-                    exc.bad,
-                    self.manifest.image_size,
-                    self.image_bytes(first),
-                    self.read_back,
-                    self.image_bytes,
-                )
+                sector = blockdev.logical_sector_size(fd) if self.target.is_block else 512
+                image_size = self.manifest.image_size
+                edits = sledge_edits(self._image_reader(), image_size, disk, self.target.size, sector)
+                return classify(exc.bad, edits, image_size, sector, self.read_back, self.image_bytes, disk)
             except ChunkUnavailable:
                 # the image's own bytes cannot be had (no source given, or none answers): every
                 # chunk that differs counts as drift, the conservative answer
                 return Drift(list(exc.bad), [])
         return Drift([], [])
+
+    def _image_reader(self) -> Read:
+        """The image's verified bytes by offset, fetched a chunk at a time (cached: tables span few)."""
+        cache: dict[int, bytes] = {}
+
+        def read(offset: int, length: int) -> bytes:
+            out = bytearray()
+            end = min(offset + length, self.manifest.image_size)
+            while offset < end:
+                chunk = self.manifest.chunk(offset // self.manifest.chunk_size)
+                if chunk.index not in cache:
+                    cache[chunk.index] = self.image_bytes(chunk)
+                data = cache[chunk.index]
+                piece = data[offset - chunk.offset : end - chunk.offset]
+                out += piece
+                offset += len(piece)
+            return bytes(out)
+
+        return read

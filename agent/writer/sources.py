@@ -8,11 +8,11 @@ they are good.
 from __future__ import annotations
 
 import os
-import stat
 from typing import Protocol
 
 from agent.image import layout
 from agent.image.manifest import Chunk
+from agent.image.store import NotInStore, StoreError, StoreFileError, read_store_file, read_store_file_into
 from agent.writer.errors import FetchError
 from agent.writer.httpsource import HttpSource, Timeouts
 
@@ -43,46 +43,32 @@ class DirectorySource:
         self.name = root
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
-        path = os.path.join(self.root, layout.chunk_path(chunk.hex))
-        try:  # O_NONBLOCK: a FIFO planted in a store must not hold the open forever
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise FetchError(self.name, f"{path}: no such chunk", missing=True) from None
-        except OSError as exc:
-            raise FetchError(self.name, f"{path}: {exc.strerror}") from None
+        # the one guarded reader of store files (agent.image.store): no FIFO, exact size
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FetchError(self.name, f"{path}: expected a regular file", bad_bytes=True)
-            size = st.st_size
-            if size != chunk.stored_len:
-                raise FetchError(
-                    self.name, f"{path}: expected {chunk.stored_len} bytes, file has {size}", bad_bytes=True
-                )
-            got = 0
-            while got < size:
-                n = os.preadv(fd, [buf[got:size]], got)
-                if n == 0:
-                    raise FetchError(self.name, f"{path}: short read at {got} of {size}", bad_bytes=True)
-                got += n
-            return got
-        finally:
-            os.close(fd)
+            return read_store_file_into(
+                os.path.join(self.root, layout.chunk_path(chunk.hex)), buf, chunk.stored_len
+            )
+        except StoreError as exc:
+            raise _fetch_error(self.name, exc) from None
 
     def get(self, relative: str, limit: int) -> bytes:
-        path = os.path.join(self.root, relative)
         try:
-            with open(path, "rb") as f:
-                return f.read(limit + 1)
-        except OSError as exc:
-            missing = isinstance(exc, FileNotFoundError)
-            raise FetchError(self.name, f"{path}: {exc.strerror}", missing=missing) from None
+            return read_store_file(os.path.join(self.root, relative), limit)
+        except StoreError as exc:
+            raise _fetch_error(self.name, exc) from None
 
     def interrupt(self) -> None:
         pass  # a local read is never stuck for long
 
     def close(self) -> None:
         pass
+
+
+def _fetch_error(name: str, exc: StoreError) -> FetchError:
+    if isinstance(exc, NotInStore):
+        return FetchError(name, str(exc), missing=True)
+    damaged = isinstance(exc, StoreFileError) and exc.damaged
+    return FetchError(name, str(exc), bad_bytes=damaged)
 
 
 def open_source(spec: str, timeouts: Timeouts | None = None) -> ChunkSource:

@@ -7,17 +7,29 @@ a job of any other machine is "not found", whether or not it exists.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from aiohttp import web
 
 from agent import protocol as p
-from controller.api.context import Route, machine_of, services
-from controller.api.wire import query_float, read_body, respond
+from controller.api.context import Route, machine_of, peer, services
+from controller.api.views import Health, JobStateReply
+from controller.api.wire import error, query_float, read_body, respond
+from controller.fleet.enrollment import EnrollmentDenied
 
 
 async def register(request: web.Request) -> web.StreamResponse:
     message = await read_body(request, p.RegisterRequest.from_wire)
-    reply = services(request).fleet.register(message)
+    svc = services(request)
+    try:
+        reply = svc.enrollment.register(message, peer(request))
+    except EnrollmentDenied as exc:
+        svc.metrics.refused(exc.reason)
+        if exc.retry_after is None:
+            raise
+        response = error(429, str(exc))
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     return respond(request, reply.to_wire())
 
 
@@ -30,7 +42,7 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
 async def post_inventory(request: web.Request) -> web.StreamResponse:
     inventory = await read_body(request, p.read_inventory)
     services(request).fleet.update_inventory(machine_of(request), inventory)
-    return respond(request, {"ok": True})
+    return respond(request, Health(True).to_wire())
 
 
 async def next_job(request: web.Request) -> web.StreamResponse:
@@ -58,7 +70,7 @@ async def post_events(request: web.Request) -> web.StreamResponse:
 async def finish(request: web.Request) -> web.StreamResponse:
     message = await read_body(request, p.FinishRequest.from_wire)
     job = services(request).fleet.finish(machine_of(request), request.match_info["job_id"], message)
-    return respond(request, {"job_id": job.id, "state": job.state.value})
+    return respond(request, JobStateReply(job.id, job.state).to_wire())
 
 
 ROUTES = (
@@ -100,7 +112,7 @@ ROUTES = (
     ),
     Route(
         "POST",
-        "/v1/agent/jobs/{job_id}/events",
+        p.job_events_path("{job_id}"),
         post_events,
         "Append events; idempotent by seq",
         auth="agent",
@@ -109,7 +121,7 @@ ROUTES = (
     ),
     Route(
         "POST",
-        "/v1/agent/jobs/{job_id}/finish",
+        p.job_finish_path("{job_id}"),
         finish,
         "Finish a job with its result",
         auth="agent",

@@ -2,17 +2,20 @@
 
 A machine that is deployed and has nothing queued boots its disk (`exit 1` hands
 back to the firmware's next boot entry: a UEFI boot manager whose entry returns
-EFI_SUCCESS stops at its menu instead, so the status must be an error); any other
-machine, known or not, chains the agent with a fresh one-time enrollment token bound to its MAC.
+EFI_SUCCESS stops at its menu instead, so the status must be an error, docs/boot.md);
+so does one that may not enroll (discovery closed and nothing expected of it, or not
+from its DHCP lease). Any other machine chains the agent with a fresh one-time
+enrollment token bound to its MAC and to the address that asked
+(controller.fleet.enrollment, docs/trust.md).
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from agent.protocol import ProtocolError, normalize_mac
-from controller.api.context import SERVED, Route, services
-from controller.state.errors import NotFound
+from agent.protocol import BOOT_SCRIPT_PATH, ProtocolError, normalize_mac
+from controller.api.context import SERVED, Route, peer, services
+from controller.fleet.errors import NotFound
 
 
 async def ipxe(request: web.Request) -> web.StreamResponse:
@@ -21,10 +24,11 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
     if mac is None:
         raise ProtocolError("mac", "the booting NIC's MAC (chain /boot/ipxe?mac=${net0/mac})", "nothing")
     mac = normalize_mac(mac)
-    decision = svc.fleet.boot(mac)
-    if decision.from_disk:
-        echo = f"echo sledge: machine {decision.machine_id} is deployed, booting from disk"
-        script = f"#!ipxe\n{echo}\nexit 1\n"
+    decision = svc.enrollment.boot(mac, peer(request))
+    if decision.refusal is not None:
+        svc.metrics.refused(decision.refusal)
+    if decision.enrollment_token is None:
+        script = f"#!ipxe\necho sledge: {decision.note}\nexit 1\n"
     else:
         cfg = svc.config
         args = (
@@ -33,7 +37,7 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
         )
         script = (
             "#!ipxe\n"
-            f"echo sledge: machine {decision.machine_id}, booting the agent\n"
+            f"echo sledge: {decision.note}\n"
             f"kernel {cfg.url}/boot/files/{cfg.kernel} initrd={cfg.initrd} {args}\n"
             f"initrd {cfg.url}/boot/files/{cfg.initrd}\n"
             "boot\n"
@@ -44,7 +48,7 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
 async def entry(request: web.Request) -> web.StreamResponse:
     """The script a DHCP server names as the boot file: it asks for this machine's own script."""
     url = services(request).config.url
-    script = f"#!ipxe\nchain {url}/boot/ipxe?mac=${{net0/mac}}\n"
+    script = f"#!ipxe\nchain {url}{BOOT_SCRIPT_PATH}?mac=${{net0/mac}}\n"
     return web.Response(text=script, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
 
@@ -71,7 +75,7 @@ ROUTES = (
     ),
     Route(
         "GET",
-        "/boot/ipxe",
+        BOOT_SCRIPT_PATH,
         ipxe,
         "iPXE script for the machine with this MAC",
         auth="none",

@@ -13,6 +13,7 @@ from aiohttp import web
 from controller.auth import OperatorKey
 from controller.config import Config
 from controller.fleet.agents import Fleet
+from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.metrics import Metrics
 
@@ -53,11 +54,13 @@ class Hub:
 class Services:
     config: Config
     fleet: Fleet
+    enrollment: Enrollment
     ops: Operations
     hub: Hub
     metrics: Metrics
     operator: OperatorKey
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    presign: Callable[[str], str] | None = None  # store path -> presigned bucket URL (--s3-store)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -75,13 +78,18 @@ class Route:
     handler: Handler
     summary: str
     auth: Auth = "operator"
-    request: str | None = None  # schema name in openapi.SCHEMAS
+    request: str | None = None  # a message name in openapi.MESSAGES
     response: str | None = None
     params: tuple[str, ...] = ()  # query parameters
 
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def peer(request: web.Request) -> str:
+    """The address the request came from: behind a proxy or QEMU user networking, the forwarder's."""
+    return request.remote or ""
 
 
 def machine_of(request: web.Request) -> str:

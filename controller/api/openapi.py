@@ -1,4 +1,4 @@
-"""The OpenAPI 3 document, written from the route tables (tests hold it to the router)."""
+"""The OpenAPI 3 document: paths from the route tables, schemas from the message declarations."""
 
 from __future__ import annotations
 
@@ -6,125 +6,68 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from agent import protocol as p
+from agent.hardware.model import Inventory
+from agent.wire import schema_of
+from controller.api import views
 from controller.api.context import Route
+from controller.trust.fingerprint import DiskId, Fingerprint
 
-_OBJ: dict[str, Any] = {"type": "object"}
 _STR: dict[str, Any] = {"type": "string"}
-_INT: dict[str, Any] = {"type": "integer"}
-_NUM: dict[str, Any] = {"type": "number"}
+
+# Every schema the document publishes, by name: each is derived from its one declaration.
+MESSAGES: dict[str, type] = {
+    "Error": views.ErrorReply,
+    "Health": views.Health,
+    "RegisterRequest": p.RegisterRequest,
+    "RegisterReply": p.RegisterReply,
+    "Inventory": Inventory,
+    "Heartbeat": p.Heartbeat,
+    "HeartbeatReply": p.HeartbeatReply,
+    "JobParams": p.JobParams,
+    "CloudInit": p.CloudInit,
+    "Assignment": p.Assignment,
+    "Event": p.Event,
+    "EventBatch": p.EventBatch,
+    "EventAck": p.EventAck,
+    "JobResult": p.JobResult,
+    "FinishRequest": p.FinishRequest,
+    "JobState": views.JobStateReply,
+    "Machine": views.MachineView,
+    "MachineDetail": views.MachineDetail,
+    "Fingerprint": Fingerprint,
+    "DiskId": DiskId,
+    "Quarantine": views.QuarantineView,
+    "InventoryAt": views.InventoryAt,
+    "MachineList": views.MachineList,
+    "MachinePatch": views.MachinePatch,
+    "Deleted": views.Deleted,
+    "Image": views.ImageView,
+    "ImageList": views.ImageList,
+    "ImageRegister": views.ImageRegister,
+    "JobCreate": views.JobCreate,
+    "Job": views.JobView,
+    "JobDetail": views.JobDetail,
+    "JobList": views.JobList,
+    "EventRecord": views.EventView,
+    "EventList": views.EventList,
+}
+_NAMES = {cls: name for name, cls in MESSAGES.items()}
 
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _object(required: Iterable[str] = (), strict: bool = True, **props: dict[str, Any]) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": props}
-    if required:
-        schema["required"] = list(required)
-    if strict:
-        schema["additionalProperties"] = False
-    return schema
+def schemas() -> dict[str, dict[str, Any]]:
+    """Each published message's JSON Schema; a message inside another is a $ref to its own."""
+    return {name: _object_schema(cls) for name, cls in MESSAGES.items()}
 
 
-def _list(key: str, item: str) -> dict[str, Any]:
-    items: dict[str, Any] = {"type": "array", "items": _ref(item)}
-    return {"type": "object", "properties": {key: items}, "required": [key], "additionalProperties": False}
+def _object_schema(cls: type) -> dict[str, Any]:
+    # the class itself is named, so describe its fields rather than refer to itself
+    return schema_of(cls, refs=lambda c: None if c is cls else _NAMES.get(c))
 
-
-_HINTS = {
-    "type": "object",
-    "additionalProperties": _STR,
-    "description": "root device hints: serial, wwn, size...",
-}
-_EVENT = _object(
-    ("seq", "at", "kind"),
-    seq=_INT,
-    at=_NUM,
-    kind={"enum": ["stage", "progress", "log", "warning", "error"]},
-    message=_STR,
-    done=_INT,
-    total=_INT,
-)
-_PARAMS = _object(
-    image_name=_STR,
-    image_version=_STR,
-    manifest_digest=_STR,
-    disk=_HINTS,
-    erase_mode={"enum": ["metadata", "full"]},
-    power={"enum": ["reboot", "poweroff"]},
-    cloud_init=_object(user_data=_STR, meta_data=_STR, network_config=_STR),
-)
-_KIND = {"enum": ["deploy", "erase", "verify", "inventory", "reboot"]}
-
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "Error": _object(("error", "status"), error=_STR, status=_INT, field=_STR),
-    "RegisterRequest": _object(
-        ("enrollment_token", "inventory"),
-        enrollment_token=_STR,
-        agent_version=_STR,
-        inventory={**_OBJ, "description": "agent.hardware.model.Inventory (docs/inventory.md)"},
-    ),
-    "Inventory": {**_OBJ, "description": "agent.hardware.model.Inventory (docs/inventory.md)"},
-    "Health": _object(("ok",), ok={"type": "boolean"}),
-    "RegisterReply": _object(
-        ("machine_id", "agent_token", "heartbeat_seconds", "poll_seconds"),
-        machine_id=_STR,
-        agent_token=_STR,
-        heartbeat_seconds=_NUM,
-        poll_seconds=_NUM,
-    ),
-    "Heartbeat": _object(job_id={"type": ["string", "null"]}, status=_STR),
-    "HeartbeatReply": _object(("cancel",), cancel={"type": "array", "items": _STR}),
-    "JobParams": _PARAMS,
-    "Assignment": _object(
-        ("job_id", "kind", "attempt", "next_seq", "lease_seconds", "params"),
-        job_id=_STR,
-        kind=_KIND,
-        attempt=_INT,
-        next_seq=_INT,
-        lease_seconds=_NUM,
-        params=_ref("JobParams"),
-        sources={"type": "array", "items": _STR},
-    ),
-    "Event": _EVENT,
-    "EventBatch": _object(
-        ("attempt", "events"), attempt=_INT, events={"type": "array", "items": _ref("Event")}
-    ),
-    "EventAck": _object(("next_seq",), next_seq=_INT),
-    "JobResult": _object(
-        ("outcome",),
-        outcome={"enum": ["succeeded", "failed"]},
-        message=_STR,
-        disk=_STR,
-        bytes_written=_INT,
-        bytes_fetched=_INT,
-    ),
-    "FinishRequest": _object(("attempt", "result"), attempt=_INT, result=_ref("JobResult")),
-    "JobState": _object(("job_id", "state"), job_id=_STR, state=_STR),
-    "Machine": _object(
-        strict=False, id=_STR, state=_STR, hostname=_STR, macs={"type": "array", "items": _STR}
-    ),
-    "MachineDetail": _object(
-        strict=False, id=_STR, inventory=_OBJ, jobs={"type": "array", "items": _ref("Job")}
-    ),
-    "MachineList": _list("machines", "Machine"),
-    "MachinePatch": _object(desired_image=_STR, disk_hints=_HINTS),
-    "Deleted": _object(("deleted",), deleted=_STR),
-    "Image": _object(strict=False, name=_STR, version=_STR, digest=_STR, image_size=_INT),
-    "ImageList": _list("images", "Image"),
-    "ImageRegister": _object(("ref",), ref=_STR),
-    "JobCreate": _object(("machine", "kind"), machine=_STR, kind=_KIND, image=_STR, params=_ref("JobParams")),
-    "Job": _object(
-        strict=False, id=_STR, machine_id=_STR, kind=_KIND, state=_STR, attempts=_INT, reason=_STR
-    ),
-    "JobDetail": _object(strict=False, id=_STR, events={"type": "array", "items": _ref("EventRecord")}),
-    "JobList": _list("jobs", "Job"),
-    "EventRecord": _object(
-        strict=False, id=_INT, job_id=_STR, seq={"type": ["integer", "null"]}, source=_STR
-    ),
-    "EventList": _list("events", "EventRecord"),
-}
 
 _MEDIA = {
     "IpxeScript": "text/plain",
@@ -151,12 +94,18 @@ def _operation(route: Route) -> dict[str, Any]:
                 m: {"schema": _ref(route.request)} for m in ("application/json", "application/msgpack")
             },
         }
-    ok = "201" if route.method == "POST" and route.path in ("/v1/jobs", "/v1/images") else "200"
+    created = ("/v1/jobs", "/v1/images", "/v1/machines/{machine}/expect")
+    ok = "201" if route.method == "POST" and route.path in created else "200"
     media = _MEDIA.get(route.response or "", "application/json")
-    schema = _ref(route.response) if route.response in SCHEMAS else {"type": "string"}
+    schema = _ref(route.response) if route.response in MESSAGES else _STR
     responses: dict[str, Any] = {ok: {"description": "OK", "content": {media: {"schema": schema}}}}
     if route.path.endswith("/jobs/next"):
         responses["204"] = {"description": "no job within the wait"}
+    if route.path.endswith("/register"):
+        responses["429"] = {
+            "description": "too many failed enrollments from this MAC or address (Retry-After)",
+            "content": {"application/json": {"schema": _ref("Error")}},
+        }
     for code in ("400", "401", "404", "409", "413"):
         responses[code] = {"description": "error", "content": {"application/json": {"schema": _ref("Error")}}}
     op["responses"] = responses
@@ -174,7 +123,7 @@ def document(routes: Iterable[Route]) -> dict[str, Any]:
         "info": {"title": "sledge controller", "version": "1"},
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": schemas(),
             "securitySchemes": {
                 "operator": {"type": "http", "scheme": "bearer", "description": "DATA/operator.token"},
                 "agent": {"type": "http", "scheme": "bearer", "description": "from /v1/agent/register"},

@@ -11,45 +11,62 @@ from aiohttp import web
 
 from agent.image import layout
 from agent.image.store import LocalStore, NotInStore, StoreError
-from agent.protocol import DiskHints, Fields, JobKind, JobParams, ProtocolError
+from agent.protocol import JobKind, ProtocolError
 from controller.api import views
 from controller.api.context import Route, services
 from controller.api.wire import query_int, read_body, respond
+from controller.fleet.errors import Invalid, NotFound
 from controller.fleet.operators import MAX_LIST, Operations
 from controller.jobs import JobState
-from controller.state.errors import Invalid, NotFound
-from controller.state.model import Image
+from controller.state.model import Image, Machine
 
 
 async def list_machines(request: web.Request) -> web.StreamResponse:
-    return respond(request, {"machines": [views.machine(m) for m in services(request).ops.machines()]})
+    found = services(request).ops.machines()
+    return respond(request, views.MachineList(tuple(map(views.MachineView.of, found))).to_wire())
+
+
+def machine_detail(ops: Operations, m: Machine, history: int = 20) -> views.MachineDetail:
+    return views.MachineDetail(
+        **views.MachineView.of(m).__dict__,
+        inventory=m.inventory,
+        jobs=tuple(map(views.JobView.of, ops.jobs(m.id, (), 20))),
+        inventory_history=tuple(map(views.InventoryAt.of, ops.inventory_history(m.id, history))),
+        fingerprint=m.fingerprint,
+        quarantine=views.QuarantineView.of(m.quarantine, m.fingerprint) if m.quarantine else None,
+        events=tuple(map(views.EventView.of, ops.machine_events(m.id))),
+    )
 
 
 async def show_machine(request: web.Request) -> web.StreamResponse:
     ops = services(request).ops
-    ref = request.match_info["machine"]
-    machine = ops.machine(ref)
-    view = views.machine(machine, detail=True)
-    view["jobs"] = [views.job(j) for j in ops.jobs(machine.id, (), 20)]
-    view["inventory_history"] = [
-        {"at": r.at} for r in ops.inventory_history(machine.id, query_int(request, "history", 20, 0, 1000))
-    ]
-    return respond(request, view)
+    m = ops.machine(request.match_info["machine"])
+    return respond(request, machine_detail(ops, m, query_int(request, "history", 20, 0, 1000)).to_wire())
 
 
 async def patch_machine(request: web.Request) -> web.StreamResponse:
-    body = await read_body(request, lambda o: Fields(o, "", ("desired_image", "disk_hints")))
-    image = body.text("desired_image", None, max_len=257)
-    if image:
-        layout.parse_ref(image)
-    hints = DiskHints.from_wire(body.obj["disk_hints"], "disk_hints") if "disk_hints" in body.obj else None
-    machine = services(request).ops.set_desired(request.match_info["machine"], image, hints)
-    return respond(request, views.machine(machine))
+    body = await read_body(request, views.MachinePatch.from_wire)
+    if body.desired_image:
+        layout.parse_ref(body.desired_image)
+    machine = services(request).ops.set_desired(
+        request.match_info["machine"], body.desired_image, body.disk_hints
+    )
+    return respond(request, views.MachineView.of(machine).to_wire())
+
+
+async def accept_machine(request: web.Request) -> web.StreamResponse:
+    ops = services(request).ops
+    return respond(request, machine_detail(ops, ops.accept(request.match_info["machine"])).to_wire())
+
+
+async def expect_machine(request: web.Request) -> web.StreamResponse:
+    machine = services(request).ops.expect(request.match_info["machine"])
+    return respond(request, views.MachineView.of(machine).to_wire(), status=201)
 
 
 async def delete_machine(request: web.Request) -> web.StreamResponse:
     machine = services(request).ops.delete_machine(request.match_info["machine"])
-    return respond(request, {"deleted": machine.id})
+    return respond(request, views.Deleted(machine.id).to_wire())
 
 
 def image_from_store(ops: Operations, store: LocalStore, ref: str, now: float) -> Image:
@@ -71,33 +88,30 @@ def image_from_store(ops: Operations, store: LocalStore, ref: str, now: float) -
 
 
 async def list_images(request: web.Request) -> web.StreamResponse:
-    return respond(request, {"images": [views.image(i) for i in services(request).ops.images()]})
+    found = services(request).ops.images()
+    return respond(request, views.ImageList(tuple(map(views.ImageView.of, found))).to_wire())
 
 
 async def register_image(request: web.Request) -> web.StreamResponse:
-    body = await read_body(request, lambda o: Fields(o, "", ("ref",)))
+    body = await read_body(request, views.ImageRegister.from_wire)
     svc = services(request)
-    image = image_from_store(
-        svc.ops, LocalStore(svc.config.store_dir), body.text("ref", max_len=257), time.time()
-    )
-    return respond(request, views.image(image), status=201)
+    image = image_from_store(svc.ops, LocalStore(svc.config.store_dir), body.ref, time.time())
+    return respond(request, views.ImageView.of(image).to_wire(), status=201)
 
 
 async def create_job(request: web.Request) -> web.StreamResponse:
-    body = await read_body(request, lambda o: Fields(o, "", ("machine", "kind", "image", "params")))
+    body = await read_body(request, views.JobCreate.from_wire)
     svc = services(request)
-    kind = body.choice("kind", JobKind)
-    params = JobParams.from_wire(body.obj.get("params", {}), "params")
-    image_ref = body.text("image", "", max_len=257)
-    if image_ref:
-        image = image_from_store(svc.ops, LocalStore(svc.config.store_dir), image_ref, time.time())
+    params = body.params
+    if body.image:
+        image = image_from_store(svc.ops, LocalStore(svc.config.store_dir), body.image, time.time())
         params = dataclasses.replace(
             params, image_name=image.name, image_version=image.version, manifest_digest=image.digest
         )
-    elif kind is JobKind.DEPLOY:
+    elif body.kind is JobKind.DEPLOY:
         raise ProtocolError("image", "NAME[:VERSION] of the image to deploy", "nothing")
-    job = svc.ops.create_job(body.text("machine", max_len=257), kind, params)
-    return respond(request, views.job(job), status=201)
+    job = svc.ops.create_job(body.machine, body.kind, params)
+    return respond(request, views.JobView.of(job).to_wire(), status=201)
 
 
 def _states(request: web.Request) -> tuple[JobState, ...]:
@@ -112,17 +126,19 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     ops = services(request).ops
     limit = query_int(request, "limit", 100, 1, MAX_LIST)
     found = ops.jobs(request.query.get("machine") or None, _states(request), limit)
-    return respond(request, {"jobs": [views.job(j) for j in found]})
+    return respond(request, views.JobList(tuple(map(views.JobView.of, found))).to_wire())
 
 
 async def show_job(request: web.Request) -> web.StreamResponse:
     ops = services(request).ops
     job = ops.job(request.match_info["job_id"])
-    return respond(request, {**views.job(job), "events": [views.event(e) for e in ops.events(job.id)]})
+    events = tuple(map(views.EventView.of, ops.events(job.id)))
+    return respond(request, views.JobDetail(**views.JobView.of(job).__dict__, events=events).to_wire())
 
 
 async def cancel_job(request: web.Request) -> web.StreamResponse:
-    return respond(request, views.job(services(request).ops.cancel_job(request.match_info["job_id"])))
+    job = services(request).ops.cancel_job(request.match_info["job_id"])
+    return respond(request, views.JobView.of(job).to_wire())
 
 
 async def list_events(request: web.Request) -> web.StreamResponse:
@@ -130,7 +146,7 @@ async def list_events(request: web.Request) -> web.StreamResponse:
     after = query_int(request, "after", 0, 0, 1 << 62)
     limit = query_int(request, "limit", MAX_LIST, 1, MAX_LIST)
     found = ops.events(request.query.get("job") or None, after, limit)
-    return respond(request, {"events": [views.event(e) for e in found]})
+    return respond(request, views.EventList(tuple(map(views.EventView.of, found))).to_wire())
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
@@ -148,7 +164,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         while not svc.stopping.is_set():
             batch = svc.ops.events(job_id, last, MAX_LIST)
             for event in batch:
-                data = json.dumps(views.event(event), separators=(",", ":"))
+                data = json.dumps(views.EventView.of(event).to_wire(), separators=(",", ":"))
                 await response.write(f"id: {event.id}\nevent: {event.kind.value}\ndata: {data}\n\n".encode())
                 last = event.id
             if not batch:
@@ -179,6 +195,20 @@ ROUTES = (
         response="Machine",
     ),
     Route("DELETE", "/v1/machines/{machine}", delete_machine, "Forget a machine", response="Deleted"),
+    Route(
+        "POST",
+        "/v1/machines/{machine}/accept",
+        accept_machine,
+        "Accept a quarantined machine's new hardware (its fingerprint becomes the bound one)",
+        response="MachineDetail",
+    ),
+    Route(
+        "POST",
+        "/v1/machines/{machine}/expect",
+        expect_machine,
+        "Expect a MAC: it may enroll once even with discovery closed (a machine record is made)",
+        response="Machine",
+    ),
     Route("GET", "/v1/images", list_images, "List registered images", response="ImageList"),
     Route(
         "POST",

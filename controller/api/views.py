@@ -1,75 +1,236 @@
-"""Records as the operator API shows them (plain JSON values)."""
+"""The operator API's messages, declared once (agent.wire): the bodies it reads, the views it
+writes. The handlers, the OpenAPI document and the operator CLI (which decodes the views it
+is sent) all use these declarations.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Self
 
-from controller.state.model import EventRecord, Image, InventoryRecord, Job, Machine
+from agent.hardware.model import Inventory
+from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult, read_inventory
+from agent.wire import Bound, Message
+from controller.jobs import JobState, MachineState
+from controller.state.model import EventRecord, Image, InventoryRecord, Job, Machine, Quarantine, Source
+from controller.trust.fingerprint import Fingerprint, changes
 
-
-def machine(m: Machine, detail: bool = False) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "id": m.id,
-        "state": m.state.value,
-        "hostname": m.hostname,
-        "macs": list(m.macs),
-        "system_uuid": m.system_uuid,
-        "desired_image": m.desired_image,
-        "disk_hints": m.disk_hints.to_wire(),
-        "created_at": m.created_at,
-        "last_seen": m.last_seen,
-    }
-    if detail:
-        view["inventory"] = m.inventory.to_wire() if m.inventory else None
-    return view
+Ref = Annotated[str, Bound(max_len=257)]  # NAME[:VERSION], a machine id, MAC or hostname
 
 
-def inventory(r: InventoryRecord) -> dict[str, Any]:
-    return {"at": r.at, "inventory": r.inventory.to_wire()}
+# -- bodies the operator API reads -----------------------------------------------------------------
 
 
-def image(i: Image) -> dict[str, Any]:
-    return {
-        "name": i.name,
-        "version": i.version,
-        "digest": i.digest,
-        "image_size": i.image_size,
-        "data_size": i.data_size,
-        "chunks": i.chunks,
-        "registered_at": i.registered_at,
-    }
+@dataclass(frozen=True)
+class MachinePatch(Message):
+    """Absent fields are left as they are."""
+
+    desired_image: Ref | None = None
+    disk_hints: DiskHints | None = None
 
 
-def job(j: Job) -> dict[str, Any]:
-    s = j.status
-    return {
-        "id": j.id,
-        "machine_id": j.machine_id,
-        "kind": j.kind.value,
-        "params": j.params.to_wire(),
-        "state": s.state.value,
-        "attempts": s.attempts,
-        "max_attempts": s.max_attempts,
-        "lease_deadline": s.lease_deadline,
-        "reason": s.reason,
-        "result": j.result.to_wire() if j.result else None,
-        "done": j.done,
-        "total": j.total,
-        "created_at": j.created_at,
-        "updated_at": j.updated_at,
-    }
+@dataclass(frozen=True)
+class ImageRegister(Message):
+    ref: Ref
 
 
-def event(e: EventRecord) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "job_id": e.job_id,
-        "machine_id": e.machine_id,
-        "seq": e.seq,
-        "at": e.at,
-        "source": e.source.value,
-        "kind": e.kind.value,
-        "message": e.message,
-        "done": e.done,
-        "total": e.total,
-    }
+@dataclass(frozen=True)
+class JobCreate(Message):
+    machine: Ref
+    kind: JobKind
+    image: Ref = ""
+    params: JobParams = field(default_factory=JobParams)
+
+
+# -- views it writes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    error: str
+    status: int
+    field: Annotated[str | None, Bound(omit_none=True)] = None
+
+
+@dataclass(frozen=True)
+class Health(Message):
+    ok: bool
+
+
+@dataclass(frozen=True)
+class JobStateReply(Message):
+    job_id: str
+    state: JobState
+
+
+@dataclass(frozen=True)
+class Deleted(Message):
+    deleted: str
+
+
+@dataclass(frozen=True)
+class MachineView(Message):
+    id: str
+    state: MachineState
+    hostname: str
+    macs: tuple[str, ...]
+    system_uuid: str
+    desired_image: str
+    disk_hints: DiskHints
+    created_at: float
+    last_seen: float | None
+    expected: bool  # may enroll once while discovery is closed (`sledge machine expect`)
+
+    @classmethod
+    def of(cls, m: Machine) -> MachineView:
+        return MachineView(
+            m.id,
+            m.state,
+            m.hostname,
+            m.macs,
+            m.system_uuid,
+            m.desired_image,
+            m.disk_hints,
+            m.created_at,
+            m.last_seen,
+            m.expected,
+        )
+
+
+@dataclass(frozen=True)
+class QuarantineView(Message):
+    """What the operator decides on: the registration's fingerprint, and exactly what changed."""
+
+    at: float
+    address: str
+    previous_state: MachineState
+    fingerprint: Fingerprint
+    changes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, q: Quarantine, bound: Fingerprint | None) -> Self:
+        found = tuple(changes(bound, q.fingerprint)) if bound else ()
+        return cls(q.at, q.address, q.previous_state, q.fingerprint, found)
+
+
+@dataclass(frozen=True)
+class InventoryAt(Message):
+    at: float
+
+    @classmethod
+    def of(cls, r: InventoryRecord) -> Self:
+        return cls(r.at)
+
+
+@dataclass(frozen=True)
+class ImageView(Message):
+    name: str
+    version: str
+    digest: str
+    image_size: int
+    data_size: int
+    chunks: int
+    registered_at: float
+
+    @classmethod
+    def of(cls, i: Image) -> Self:
+        return cls(i.name, i.version, i.digest, i.image_size, i.data_size, i.chunks, i.registered_at)
+
+
+@dataclass(frozen=True)
+class JobView(Message):
+    id: str
+    machine_id: str
+    kind: JobKind
+    params: JobParams
+    state: JobState
+    attempts: int
+    max_attempts: int
+    lease_deadline: float | None
+    reason: str
+    result: JobResult | None
+    done: int | None
+    total: int | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def of(cls, j: Job) -> JobView:
+        s = j.status
+        return JobView(
+            j.id, j.machine_id, j.kind, shown_params(j.params), s.state, s.attempts, s.max_attempts,
+            s.lease_deadline, s.reason, j.result, j.done, j.total, j.created_at, j.updated_at,
+        )  # fmt: skip
+
+
+def shown_params(p: JobParams) -> JobParams:
+    """Job parameters with the cloud-init seed's contents left out: user-data carries SSH keys,
+    passwords and join tokens, and this view ends up in terminals, scripts and their logs. Only
+    the machine's trusted agent receives them (in its Assignment)."""
+    if not p.cloud_init:
+        return p
+    ci = p.cloud_init
+    hidden = [
+        f"<{len(v.encode())} bytes, not shown>" if v else ""
+        for v in (ci.user_data, ci.meta_data, ci.network_config)
+    ]
+    return replace(
+        p, cloud_init=replace(ci, user_data=hidden[0], meta_data=hidden[1], network_config=hidden[2])
+    )
+
+
+@dataclass(frozen=True)
+class EventView(Message):
+    id: int
+    job_id: str | None  # None: an event of the machine itself (a quarantine)
+    machine_id: str
+    seq: int | None
+    at: float
+    source: Source
+    kind: EventKind
+    message: str
+    done: int | None
+    total: int | None
+
+    @classmethod
+    def of(cls, e: EventRecord) -> Self:
+        return cls(e.id, e.job_id, e.machine_id, e.seq, e.at, e.source, e.kind, e.message, e.done, e.total)
+
+
+def _inventory(v: object, where: str) -> Inventory | None:
+    return None if v is None else read_inventory(v, where)
+
+
+@dataclass(frozen=True)
+class MachineDetail(MachineView):
+    inventory: Annotated[Inventory | None, Bound(read=_inventory)]
+    jobs: tuple[JobView, ...]
+    inventory_history: tuple[InventoryAt, ...]
+    fingerprint: Fingerprint | None  # bound at the first registration
+    quarantine: QuarantineView | None
+    events: tuple[EventView, ...]  # the machine's own events (quarantine, accept)
+
+
+@dataclass(frozen=True)
+class JobDetail(JobView):
+    events: tuple[EventView, ...]
+
+
+@dataclass(frozen=True)
+class MachineList(Message):
+    machines: tuple[MachineView, ...]
+
+
+@dataclass(frozen=True)
+class ImageList(Message):
+    images: tuple[ImageView, ...]
+
+
+@dataclass(frozen=True)
+class JobList(Message):
+    jobs: tuple[JobView, ...]
+
+
+@dataclass(frozen=True)
+class EventList(Message):
+    events: tuple[EventView, ...]

@@ -12,18 +12,16 @@ from aiohttp import web
 from agent.image.layout import LayoutError
 from agent.protocol import JSON, MSGPACK, ProtocolError, decode_body, encode_body, media_type
 from controller.api.context import Handler, services
+from controller.api.views import ErrorReply
 from controller.auth import AuthError
-from controller.state.errors import Conflict, Denied, Invalid, NotFound
+from controller.fleet.errors import Conflict, Denied, Invalid, NotFound
 
 log = logging.getLogger("sledge.api")
 T = TypeVar("T")
 
 
 def error(status: int, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, object] = {"error": message, "status": status}
-    if field is not None:
-        body["field"] = field
-    return web.json_response(body, status=status)
+    return web.json_response(ErrorReply(message, status, field).to_wire(), status=status)
 
 
 _STATUS: tuple[tuple[type[Exception], int], ...] = (

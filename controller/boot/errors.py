@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from controller.errors import ControllerError
 
-class BootError(Exception):
+
+class BootError(ControllerError):
     """Network boot cannot be set up as asked."""
 
 

@@ -6,12 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agent.image.chunk import ChunkInvalid
-from agent.image.layout import LayoutError
-from agent.image.manifest import ManifestError
-from agent.image.store import StoreError
-from agent.writer.errors import WriteError
-from controller.boot.errors import BootError
+from agent.errors import SledgeError
 from controller.cli import boot, images, operator, serve
 from controller.config import from_environ
 
@@ -38,16 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return boot.run(args, config)
         if args.cmd in operator.COMMANDS:
             return operator.run(args, config)
-    except (
-        BootError,
-        StoreError,
-        ChunkInvalid,
-        ManifestError,
-        LayoutError,
-        WriteError,
-        OSError,
-        ValueError,
-    ) as exc:
+    except (SledgeError, OSError, ValueError) as exc:
         print(f"sledge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

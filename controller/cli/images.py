@@ -1,10 +1,13 @@
-"""`sledge image ...`: import, list, show, verify, export, rm, prune."""
+"""`sledge image ...`: import, list, show, verify, export, rm, prune, publish, pull."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,11 @@ from agent.image.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_S
 from agent.image.store import CatalogEntry
 from agent.progress import ProgressBar, human_bytes
 from controller.config import Config, store_dir
+from controller.images import s3  # boto3 itself is imported only when a bucket is used
+from controller.images.chain import ImportPolicy
 from controller.images.export import export_image
 from controller.images.importer import ImportOptions, import_image
+from controller.images.inspect import ALLOWED_FORMATS
 from controller.images.sources import open_source
 from controller.images.store import WritableStore
 
@@ -58,7 +64,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--version", default=None, help="default: the import time, UTC, YYYYmmddHHMMSS")
     p.add_argument("--chunk-size", type=chunk_size_arg, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--format", default=None, help="source format (default: detected)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=ALLOWED_FORMATS,
+        help="source format: must match the file; raw is never interpreted (default: detect)",
+    )
+    p.add_argument(
+        "--allow-backing",
+        metavar="DIR",
+        default=None,
+        help="let a qcow2 overlay read its backing chain, only from files under DIR (default: refuse)",
+    )
     p.add_argument("--label", type=label_arg, action="append", default=[])
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON before the digest")
@@ -78,6 +95,29 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("ref")
     isub.add_parser("prune", parents=[common], help="remove chunks no manifest references")
+    bucket = argparse.ArgumentParser(add_help=False)
+    bucket.add_argument(
+        "--endpoint-url", default="", help="the S3 API's URL for anything but AWS (MinIO, Ceph RGW...)"
+    )
+    bucket.add_argument("--workers", type=int, default=8, help="parallel transfers (default 8)")
+    bucket.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = isub.add_parser(
+        "publish",
+        parents=[common, bucket],
+        help="upload an image to object storage (only the chunks it lacks; the manifest last)",
+    )
+    p.add_argument("ref", help="NAME[:VERSION] or manifest digest")
+    p.add_argument("dest", help="s3://BUCKET[/PREFIX]")
+    p = isub.add_parser(
+        "pull", parents=[common, bucket], help="download an image from object storage into the store"
+    )
+    p.add_argument("src", help="s3://BUCKET[/PREFIX]")
+    p.add_argument("ref", help="NAME[:VERSION] or manifest digest")
+    p.add_argument(
+        "--manifest-only",
+        action="store_true",
+        help="only the manifest and catalog entry (for `sledge serve --s3-store`)",
+    )
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -92,6 +132,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
         "export": _export,
         "rm": _rm,
         "prune": _prune,
+        "publish": _publish,
+        "pull": _pull,
     }[args.image_cmd]
     return handler(store, args)
 
@@ -109,7 +151,8 @@ def _import(store: WritableStore, args: argparse.Namespace, created: int | None)
     from agent.image import layout
 
     layout.catalog_path(options.name, options.version)  # refuse a bad name before reading anything
-    source = open_source(args.src, args.format)
+    policy = ImportPolicy(allow_backing=args.allow_backing)
+    source = open_source(args.src, args.format, policy)
     try:
         bar = ProgressBar(source.size, f"import {args.name}:{version}")
         result = import_image(store, source, options, bar.advance)
@@ -118,8 +161,13 @@ def _import(store: WritableStore, args: argparse.Namespace, created: int | None)
         source.close()
     s = result.stats
     if args.json:
-        print(json.dumps({"digest": result.digest, "name": args.name, "version": version, **vars(s)}))
+        extra = {"format": source.format, "backing_files": list(source.backing_files)}
+        print(
+            json.dumps({"digest": result.digest, "name": args.name, "version": version, **extra, **vars(s)})
+        )
     else:
+        for path in source.backing_files:
+            print(f"read backing file {path} (under --allow-backing {args.allow_backing})")
         print(
             f"imported {args.name}:{version} ({source.format}): {human_bytes(s.image_size)} image, "
             f"{human_bytes(s.data_bytes)} data in {s.data_chunks} chunks, {s.zero_chunks} zero chunks; "
@@ -210,7 +258,7 @@ def _export(store: WritableStore, args: argparse.Namespace) -> int:
     entry = store.resolve(args.ref)
     manifest = store.manifest(entry.digest)
     bar = ProgressBar(manifest.image_size, f"export {args.ref}")
-    export_image(store, manifest, args.dest, bar.advance)
+    export_image(store, manifest, entry.digest, args.dest, bar.update)
     bar.close()
     print(f"exported {entry.name}:{entry.version} ({entry.digest}) to {args.dest}")
     return 0
@@ -226,6 +274,50 @@ def _rm(store: WritableStore, args: argparse.Namespace) -> int:
 def _prune(store: WritableStore, args: argparse.Namespace) -> int:
     files, freed = store.prune()
     print(f"pruned {files} files, {human_bytes(freed)} freed")
+    return 0
+
+
+def _publish(store: WritableStore, args: argparse.Namespace) -> int:
+    dest = s3.S3Location.parse(args.dest)
+    entry = store.resolve(args.ref)
+    bar = ProgressBar(store.manifest(entry.digest).stored_size, f"publish {args.ref}")
+    bucket = s3.client(args.endpoint_url, args.workers)
+    result = s3.publish(store, args.ref, dest, bucket, args.workers, _locked(bar.advance))
+    bar.close()
+    return _transfer_report(result, args.json, f"published to {dest}", "uploaded")
+
+
+def _pull(store: WritableStore, args: argparse.Namespace) -> int:
+    src = s3.S3Location.parse(args.src)
+    bar = ProgressBar(0, f"pull {args.ref}")
+    bucket = s3.client(args.endpoint_url, args.workers)
+    result = s3.pull(src, args.ref, store, bucket, args.workers, args.manifest_only, _locked(bar.advance))
+    bar.close()
+    return _transfer_report(result, args.json, f"pulled from {src}", "downloaded")
+
+
+def _locked(advance: Callable[[int], None]) -> Callable[[int], None]:
+    """The bar's advance for several transfer threads at once."""
+    lock = threading.Lock()
+
+    def call(n: int) -> None:
+        with lock:
+            advance(n)
+
+    return call
+
+
+def _transfer_report(result: s3.Transfer, as_json: bool, done: str, verb: str) -> int:
+    if as_json:
+        print(json.dumps(dataclasses.asdict(result)))
+        return 0
+    what = f"{result.name}:{result.version}" if result.name else result.digest
+    print(
+        f"{what} {done}: {result.moved} of {result.chunks} chunks {verb} "
+        f"({human_bytes(result.moved_bytes)}), {result.chunks - result.moved} already there; "
+        f"{result.seconds:.2f} s"
+    )
+    print(result.digest)
     return 0
 
 

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.progress import ProgressBar, human_bytes
-from agent.protocol import DiskHints, ProtocolError
+from agent.protocol import CloudInit, DiskHints, EraseMode, JobKind, JobParams, PowerAction, ProtocolError
+from controller.api import views
 from controller.auth import AuthError, operator_token_path, read_operator_token
 from controller.config import Config
+from controller.errors import ControllerError
+from controller.jobs import JobState
+from controller.trust.fingerprint import Fingerprint
 
 COMMANDS = (
     "machines",
@@ -40,7 +44,7 @@ COMMANDS = (
 Json = dict[str, Any]
 
 
-class CliError(Exception):
+class CliError(ControllerError):
     """Anything that ends a command: printed as one line."""
 
 
@@ -118,6 +122,12 @@ def add_parsers(sub: Any) -> None:
     msub.add_parser("show", parents=[common], help="show a machine with its inventory").add_argument(
         "machine"
     )
+    msub.add_parser(
+        "accept", parents=[common], help="accept a quarantined machine's new hardware (see `machine show`)"
+    ).add_argument("machine", help="id, MAC or hostname")
+    msub.add_parser(
+        "expect", parents=[common], help="let a MAC enroll once even with `sledge serve --discovery closed`"
+    ).add_argument("machine", metavar="MAC")
     p = sub.add_parser("images", parents=[common], help="list registered images")
     p.add_argument("--register", metavar="NAME[:VERSION]", help="register an image from the chunk store")
     p = sub.add_parser("deploy", parents=[common, disk, wait], help="write an image to a machine's disk")
@@ -129,8 +139,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("machine")
     p.add_argument(
         "--mode",
-        choices=("metadata", "full"),
-        default="metadata",
+        choices=[m.value for m in EraseMode],
+        default=EraseMode.METADATA.value,
         help="metadata: signatures and both GPT copies; full: every byte (BLKZEROOUT)",
     )
     p = sub.add_parser("verify", parents=[common, disk, wait], help="check a disk against an image (drift)")
@@ -141,7 +151,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--poweroff", action="store_true")
     p = sub.add_parser("jobs", parents=[common], help="list jobs, newest first")
     p.add_argument("--machine", default=None)
-    p.add_argument("--state", default=None, help="queued,running,succeeded,failed,cancelled")
+    p.add_argument("--state", default=None, help=",".join(s.value for s in JobState))
     p.add_argument("--limit", type=int, default=50)
     sub.add_parser("cancel", parents=[common], help="cancel a job").add_argument("job")
     for name in ("events", "logs"):
@@ -165,6 +175,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
         return _COMMANDS[args.cmd](client, args)
     except CliError as exc:
         print(f"sledge: {exc}", file=sys.stderr)
+        return 1
+    except ProtocolError as exc:
+        print(f"sledge: the controller's reply does not match this sledge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -191,169 +204,181 @@ def emit(args: argparse.Namespace, data: object, text: str) -> int:
     return 0
 
 
-def progress(job: Json) -> str:
-    if job.get("total"):
-        return f"{100 * (job.get('done') or 0) / job['total']:.0f}% of {human_bytes(job['total'])}"
+def progress(job: views.JobView) -> str:
+    if job.total:
+        return f"{100 * (job.done or 0) / job.total:.0f}% of {human_bytes(job.total)}"
     return ""
 
 
-def event_line(e: Json) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
-    seq = f"#{e['seq']}" if e.get("seq") is not None else "ctl"
-    done = f" [{human_bytes(e['done'])}/{human_bytes(e['total'])}]" if e.get("total") else ""
-    return f"{stamp} {e['job_id']} {seq:>5} {e['kind']:<8} {e['message']}{done}"
+def event_line(e: views.EventView) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
+    seq = f"#{e.seq}" if e.seq is not None else "ctl"
+    done = f" [{human_bytes(e.done or 0)}/{human_bytes(e.total)}]" if e.total else ""
+    return f"{stamp} {e.job_id or e.machine_id} {seq:>5} {e.kind:<8} {e.message}{done}"
 
 
 # -- commands ------------------------------------------------------------------------------------------
 
 
 def machines(c: Client, args: argparse.Namespace) -> int:
-    found = c.call("GET", "/v1/machines")["machines"]
+    reply = c.call("GET", "/v1/machines")
     rows = [
-        (m["id"], m["state"], m["hostname"], ",".join(m["macs"]), m["desired_image"], ago(m["last_seen"]))
-        for m in found
+        (m.id, m.state, m.hostname, ",".join(m.macs), m.desired_image, ago(m.last_seen))
+        for m in views.MachineList.from_wire(reply).machines
     ]
-    return emit(args, found, table(rows, ("ID", "STATE", "HOSTNAME", "MACS", "IMAGE", "SEEN")))
+    return emit(args, reply["machines"], table(rows, ("ID", "STATE", "HOSTNAME", "MACS", "IMAGE", "SEEN")))
 
 
 def machine(c: Client, args: argparse.Namespace) -> int:
-    m = c.call("GET", f"/v1/machines/{urllib.parse.quote(args.machine, safe='')}")
-    inv = m.get("inventory") or {}
-    system, memory = inv.get("system") or {}, inv.get("memory") or {}
+    ref = urllib.parse.quote(args.machine, safe="")
+    if args.machine_cmd == "accept":
+        reply = c.call("POST", f"/v1/machines/{ref}/accept")
+        m = views.MachineDetail.from_wire(reply)
+        bound = fingerprint_line(m.fingerprint) if m.fingerprint else "-"
+        return emit(args, reply, f"{m.id}: accepted, now {m.state}; fingerprint {bound}")
+    if args.machine_cmd == "expect":
+        reply = c.call("POST", f"/v1/machines/{ref}/expect")
+        e = views.MachineView.from_wire(reply)
+        return emit(args, reply, f"{e.id}: expected ({', '.join(e.macs)}); it may enroll once")
+    reply = c.call("GET", f"/v1/machines/{ref}")
+    m = views.MachineDetail.from_wire(reply)
+    inv = m.inventory
+    system = f"{inv.system.vendor or ''} {inv.system.product or ''}" if inv else ""
+    hints = ",".join(f"{k}={v}" for k, v in m.disk_hints.items) or "-"
     lines = [
-        f"machine   {m['id']}  ({m['state']})",
-        f"hostname  {m['hostname']}",
-        f"macs      {', '.join(m['macs'])}",
-        f"uuid      {m['system_uuid']}",
-        f"system    {system.get('vendor') or ''} {system.get('product') or ''}",
-        f"serial    {system.get('serial') or '-'}",
-        f"memory    {human_bytes(memory.get('total') or 0)}",
-        f"image     {m['desired_image'] or '-'}   disk hints {m['disk_hints'] or '-'}",
-        f"seen      {ago(m['last_seen'])}   inventories {len(m['inventory_history'])}",
+        f"machine   {m.id}  ({m.state})",
+        f"hostname  {m.hostname}",
+        f"macs      {', '.join(m.macs)}",
+        f"uuid      {m.system_uuid}",
+        f"system    {system}",
+        f"serial    {(inv.system.serial if inv else None) or '-'}",
+        f"memory    {human_bytes(inv.memory.total if inv else 0)}",
+        f"image     {m.desired_image or '-'}   disk hints {hints}",
+        f"seen      {ago(m.last_seen)}   inventories {len(m.inventory_history)}",
     ]
-    disks = [
-        (d["name"], human_bytes(d["size"]), d.get("model"), d.get("serial"), d.get("tran"))
-        for d in inv.get("disks", ())
-    ]
+    if m.fingerprint:
+        lines.append(f"bound     {fingerprint_line(m.fingerprint)}")
+    q = m.quarantine
+    if q:
+        lines += [
+            f"QUARANTINED since {ago(q.at)}: a registration from {q.address} reported different hardware",
+            f"  seen    {fingerprint_line(q.fingerprint)}",
+            *(f"  change  {change}" for change in q.changes),
+            f"  no jobs until `sledge machine accept {m.macs[0] if m.macs else m.id}`",
+        ]
+    disks = [(d.name, human_bytes(d.size), d.model, d.serial, d.tran) for d in (inv.disks if inv else ())]
     if disks:
         lines += ["", table(disks, ("DISK", "SIZE", "MODEL", "SERIAL", "TRAN"))]
-    jobs_ = [(j["id"], j["kind"], j["state"], j["attempts"], j["reason"]) for j in m["jobs"]]
+    jobs_ = [(j.id, j.kind, j.state, j.attempts, j.reason) for j in m.jobs]
     if jobs_:
         lines += ["", table(jobs_, ("JOB", "KIND", "STATE", "ATTEMPTS", "REASON"))]
-    return emit(args, m, "\n".join(lines))
+    return emit(args, reply, "\n".join(lines))
+
+
+def fingerprint_line(f: Fingerprint) -> str:
+    return str(f)
 
 
 def images(c: Client, args: argparse.Namespace) -> int:
     if args.register:
-        image = c.call("POST", "/v1/images", {"ref": args.register})
-        return emit(args, image, f"registered {image['name']}:{image['version']} {image['digest']}")
-    found = c.call("GET", "/v1/images")["images"]
+        reply = c.call("POST", "/v1/images", views.ImageRegister(args.register).to_wire())
+        image = views.ImageView.from_wire(reply)
+        return emit(args, reply, f"registered {image.name}:{image.version} {image.digest}")
+    reply = c.call("GET", "/v1/images")
     rows = [
-        (i["name"], i["version"], human_bytes(i["image_size"]), human_bytes(i["data_size"]), i["digest"][:16])
-        for i in found
+        (i.name, i.version, human_bytes(i.image_size), human_bytes(i.data_size), i.digest[:16])
+        for i in views.ImageList.from_wire(reply).images
     ]
-    return emit(args, found, table(rows, ("NAME", "VERSION", "SIZE", "DATA", "DIGEST")))
+    return emit(args, reply["images"], table(rows, ("NAME", "VERSION", "SIZE", "DATA", "DIGEST")))
 
 
-def _job(c: Client, args: argparse.Namespace, kind: str, image: str = "", **params: object) -> int:
-    body: Json = {"machine": args.machine, "kind": kind, "params": params}
-    if image:
-        body["image"] = image
+def _job(c: Client, args: argparse.Namespace, kind: JobKind, image: str = "", **params: Any) -> int:
     if getattr(args, "disk", None) is not None:
-        params["disk"] = args.disk.to_wire()
-    job = c.call("POST", "/v1/jobs", body)
+        params["disk"] = args.disk
+    body = views.JobCreate(args.machine, kind, image, JobParams(**params))
+    reply = c.call("POST", "/v1/jobs", body.to_wire())
+    job = views.JobView.from_wire(reply)
     if not args.wait:
-        return emit(args, job, job["id"])
-    print(f"{job['id']}: {kind} on {job['machine_id']}", file=sys.stderr)
-    return wait_for(c, args, job["id"])
+        return emit(args, reply, job.id)
+    print(f"{job.id}: {kind} on {job.machine_id}", file=sys.stderr)
+    return wait_for(c, args, job.id)
 
 
 def wait_for(c: Client, args: argparse.Namespace, job_id: str) -> int:
     bar: ProgressBar | None = None
     for e in c.stream(f"/v1/events/stream?job={job_id}"):
-        if e.get("total"):
-            bar = bar or ProgressBar(e["total"], job_id)
-            bar.update(e["done"] or 0)
+        event = views.EventView.from_wire(e)
+        if event.total:
+            bar = bar or ProgressBar(event.total, job_id)
+            bar.update(event.done or 0)
         elif not args.json:
-            print(event_line(e), file=sys.stderr)
-        job = c.call("GET", f"/v1/jobs/{job_id}")
-        if job["state"] in ("succeeded", "failed", "cancelled"):
+            print(event_line(event), file=sys.stderr)
+        reply = c.call("GET", f"/v1/jobs/{job_id}")
+        job = views.JobDetail.from_wire(reply)
+        if job.state.terminal:
             if bar:
                 bar.close()
-            emit(args, job, f"{job_id}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""))
-            return 0 if job["state"] == "succeeded" else 1
+            emit(args, reply, f"{job_id}: {job.state}" + (f" ({job.reason})" if job.reason else ""))
+            return 0 if job.state is JobState.SUCCEEDED else 1
     raise CliError(f"job {job_id}: the controller closed the event stream before the job ended")
 
 
 def deploy(c: Client, args: argparse.Namespace) -> int:
-    seed = {
-        key: path.read_text()
-        for key, path in (
-            ("user_data", args.user_data),
-            ("meta_data", args.meta_data),
-            ("network_config", args.network_config),
+    seed = CloudInit(
+        *(
+            path.read_text() if path is not None else ""
+            for path in (args.user_data, args.meta_data, args.network_config)
         )
-        if path is not None
-    }
-    if seed:
-        return _job(c, args, "deploy", args.image, cloud_init=seed)
-    return _job(c, args, "deploy", args.image)
+    )
+    return _job(c, args, JobKind.DEPLOY, args.image, cloud_init=seed)
 
 
 def erase(c: Client, args: argparse.Namespace) -> int:
-    return _job(c, args, "erase", erase_mode=args.mode)
+    return _job(c, args, JobKind.ERASE, erase_mode=EraseMode(args.mode))
 
 
 def verify(c: Client, args: argparse.Namespace) -> int:
-    return _job(c, args, "verify", args.image)
+    return _job(c, args, JobKind.VERIFY, args.image)
 
 
 def reboot(c: Client, args: argparse.Namespace) -> int:
-    return _job(c, args, "reboot", power="poweroff" if args.poweroff else "reboot")
+    return _job(c, args, JobKind.REBOOT, power=PowerAction.POWEROFF if args.poweroff else PowerAction.REBOOT)
 
 
 def jobs(c: Client, args: argparse.Namespace) -> int:
     query = {
         k: v for k, v in (("machine", args.machine), ("state", args.state), ("limit", str(args.limit))) if v
     }
-    found = c.call("GET", "/v1/jobs?" + urllib.parse.urlencode(query))["jobs"]
+    reply = c.call("GET", "/v1/jobs?" + urllib.parse.urlencode(query))
     rows = [
-        (
-            j["id"],
-            j["machine_id"],
-            j["kind"],
-            j["state"],
-            j["attempts"],
-            progress(j),
-            ago(j["updated_at"]),
-            j["reason"],
-        )
-        for j in found
+        (j.id, j.machine_id, j.kind, j.state, j.attempts, progress(j), ago(j.updated_at), j.reason)
+        for j in views.JobList.from_wire(reply).jobs
     ]
     return emit(
         args,
-        found,
+        reply["jobs"],
         table(rows, ("JOB", "MACHINE", "KIND", "STATE", "TRIES", "PROGRESS", "UPDATED", "REASON")),
     )
 
 
 def cancel(c: Client, args: argparse.Namespace) -> int:
-    job = c.call("POST", f"/v1/jobs/{urllib.parse.quote(args.job, safe='')}/cancel")
-    return emit(args, job, f"{job['id']}: {job['state']}")
+    reply = c.call("POST", f"/v1/jobs/{urllib.parse.quote(args.job, safe='')}/cancel")
+    job = views.JobView.from_wire(reply)
+    return emit(args, reply, f"{job.id}: {job.state}")
 
 
 def events(c: Client, args: argparse.Namespace) -> int:
-    job_id = urllib.parse.quote(args.job, safe="")
-    job = c.call("GET", f"/v1/jobs/{job_id}")
+    reply = c.call("GET", f"/v1/jobs/{urllib.parse.quote(args.job, safe='')}")
+    job = views.JobDetail.from_wire(reply)
     if args.follow:
-        return wait_for(c, args, job["id"])
-    return emit(args, job["events"], "\n".join(event_line(e) for e in job["events"]))
+        return wait_for(c, args, job.id)
+    return emit(args, reply["events"], "\n".join(event_line(e) for e in job.events))
 
 
 def watch(c: Client, args: argparse.Namespace) -> int:
     path = "/v1/events/stream" + (f"?job={urllib.parse.quote(args.job)}" if args.job else "")
     for e in c.stream(path):
-        print(json.dumps(e) if args.json else event_line(e), flush=True)
+        print(json.dumps(e) if args.json else event_line(views.EventView.from_wire(e)), flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from controller.boot.settings import DhcpOptions, parse_efi, parse_lease_time, p
 from controller.boot.supervisor import Supervisor, cleanup_ctx, end_stale
 from controller.config import DEFAULT_PORT, Config
 from controller.state.sqlite import SqliteStore
+from controller.trust import Discovery
 
 
 def listen_arg(text: str) -> tuple[str, int]:
@@ -39,6 +40,20 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--mirror", action="append", default=[], help="another chunk store base URL for agents")
     p.add_argument(
+        "--s3-store",
+        default="",
+        metavar="s3://BUCKET[/PREFIX]",
+        help="answer chunk and manifest requests the local store cannot with a redirect to a "
+        "presigned URL of this bucket (boto3's credentials stay here; agents get none)",
+    )
+    p.add_argument("--s3-endpoint-url", default="", help="the S3 API's URL for anything but AWS")
+    p.add_argument(
+        "--presign-seconds",
+        type=int,
+        default=Config.presign_seconds,
+        help="lifetime of a presigned URL (default: %(default)s)",
+    )
+    p.add_argument(
         "--kernel-args",
         default=Config.kernel_args,
         help="more agent kernel arguments, e.g. sledge.ca=... to pin the CA (default: %(default)s)",
@@ -46,6 +61,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tls-cert", type=Path, default=None)
     p.add_argument("--tls-key", type=Path, default=None)
     p.add_argument("--lease", type=float, default=60.0, help="seconds a job survives without a heartbeat")
+    p.add_argument(
+        "--discovery",
+        choices=[d.value for d in Discovery],
+        default=Config.discovery.value,
+        help="open: any booting MAC may enroll; closed: only MACs with a job or `sledge machine expect`"
+        " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--enrollment-ttl",
+        type=float,
+        default=Config.enrollment_ttl,
+        help="seconds an enrollment token lives (default: %(default)s)",
+    )
     p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     add_dhcp_arguments(p)
 
@@ -78,6 +106,8 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     host, port = args.listen
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("TLS: expected both --tls-cert and --tls-key, or neither")
+    if not args.enrollment_ttl > 0:
+        raise ValueError(f"--enrollment-ttl: expected seconds > 0, got {args.enrollment_ttl}")
     return replace(
         base,
         data_dir=args.data or base.data_dir,
@@ -85,7 +115,12 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         port=port,
         public_url=args.url,
         mirrors=tuple(args.mirror),
+        s3_store=args.s3_store,
+        s3_endpoint_url=args.s3_endpoint_url,
+        presign_seconds=args.presign_seconds,
         lease_seconds=args.lease,
+        discovery=Discovery(args.discovery),
+        enrollment_ttl=args.enrollment_ttl,
         reap_interval=args.reap_interval,
         kernel_args=args.kernel_args,
         tls_cert=args.tls_cert,

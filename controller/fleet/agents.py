@@ -1,8 +1,9 @@
-"""Fleet operations for boot and agents: each method is one store transaction.
+"""Fleet operations for enrolled agents: each method is one store transaction.
 
-controller.jobs decides, the store records; a method that fails changes nothing.
-Operator operations are in fleet.operators. `notify(machine_id)` is called after
-every commit that could wake a long-poll or an event stream.
+controller.jobs decides, the store records; a method that fails changes nothing. Boot and
+registration are in fleet.enrollment, operator operations in fleet.operators. A quarantined
+machine's agent is authenticated but given no job, and may not post events or inventory.
+`notify(machine_id)` is called after every commit that could wake a long-poll or an event stream.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from agent.protocol import (
     FinishRequest,
     Heartbeat,
     HeartbeatReply,
-    RegisterReply,
-    RegisterRequest,
     identity,
 )
 from controller import auth, jobs
-from controller.jobs import JobState, MachineState
-from controller.state.errors import Conflict, Denied, NotFound
-from controller.state.model import EventRecord, InventoryRecord, Job, Machine, Source, Token, TokenKind
+from controller.fleet.errors import Conflict, Denied, NotFound
+from controller.jobs import JobState
+from controller.state.model import EventRecord, InventoryRecord, Job, Machine, Source
 from controller.state.store import Store, Tx
+from controller.trust import Discovery
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,10 @@ class Policy:
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     poll_seconds: float = 30.0
-    enrollment_ttl: float = 600.0
+    enrollment_ttl: float = 300.0
     max_attempts: int = jobs.DEFAULT_MAX_ATTEMPTS
     sources: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class BootDecision:
-    machine_id: str
-    from_disk: bool
-    enrollment_token: str | None
+    discovery: Discovery = Discovery.OPEN
 
 
 def new_id(prefix: str) -> str:
@@ -57,12 +51,27 @@ def controller_event(tx: Tx, job: Job, now: float, kind: EventKind, message: str
     tx.add_event(EventRecord(0, job.id, job.machine_id, None, now, Source.CONTROLLER, kind, message))
 
 
+def machine_event(tx: Tx, machine_id: str, now: float, kind: EventKind, message: str) -> None:
+    """An event of the machine itself, outside any job (quarantine, accept)."""
+    tx.add_event(EventRecord(0, None, machine_id, None, now, Source.CONTROLLER, kind, message))
+
+
+def quarantined(machine: Machine) -> str:
+    return (
+        f"{machine.label}: quarantined (its hardware differs from the bound fingerprint); expected an"
+        f" operator's `sledge machine accept` first"
+    )
+
+
 def end_job(tx: Tx, job: Job, status: jobs.JobStatus, now: float, message: str) -> Job:
     """Record a job's move out of running/queued and the machine's matching state."""
     ended = replace(job, status=status, updated_at=now)
     tx.put_job(ended)
     machine = tx.machine(job.machine_id)
-    if machine is not None:
+    if machine is not None and machine.quarantine is not None:  # it returns there when accepted
+        state = jobs.machine_on_end(machine.quarantine.previous_state, job.kind, status.state)
+        tx.put_machine(replace(machine, quarantine=replace(machine.quarantine, previous_state=state)))
+    elif machine is not None:
         state = jobs.machine_on_end(machine.state, job.kind, status.state)
         tx.put_machine(replace(machine, state=state))
     kind = EventKind.ERROR if status.state is JobState.FAILED else EventKind.STAGE
@@ -82,85 +91,6 @@ class Fleet:
         self.policy = policy
         self.clock = clock
         self.notify = notify
-
-    # -- boot and enrollment ---------------------------------------------------------------------
-
-    def boot(self, mac: str) -> BootDecision:
-        """The iPXE decision for a MAC; a machine never seen becomes `discovered`."""
-        now = self.clock()
-        with self.store.transaction() as tx:
-            machine = tx.machine_by_mac(mac)
-            if machine is None:
-                machine = Machine(new_id("m"), MachineState.DISCOVERED, (mac,), created_at=now)
-            machine = replace(machine, last_seen=now)
-            tx.put_machine(machine)
-            tx.delete_expired_tokens(now)
-            if jobs.boots_from_disk(machine.state, tx.next_job(machine.id) is not None):
-                return BootDecision(machine.id, True, None)
-            token = auth.new_token(auth.ENROLLMENT_PREFIX)
-            tx.put_token(
-                Token(
-                    token.id,
-                    TokenKind.ENROLLMENT,
-                    token.secret_hash,
-                    now,
-                    mac=mac,
-                    expires_at=now + self.policy.enrollment_ttl,
-                )
-            )
-            return BootDecision(machine.id, False, token.text)
-
-    def register(self, request: RegisterRequest) -> RegisterReply:
-        now = self.clock()
-        token_id, secret = self._parse(request.enrollment_token, auth.ENROLLMENT_PREFIX, "enrollment token")
-        uuid, macs = identity(request.inventory)
-        with self.store.transaction() as tx:
-            token = tx.token(token_id)
-            if (
-                token is None
-                or token.kind is not TokenKind.ENROLLMENT
-                or not auth.secret_matches(secret, token.secret_hash)
-            ):
-                raise Denied("enrollment token: unknown (expected one from this controller's boot script)")
-            if token.used_at is not None:
-                raise Denied(
-                    f"enrollment token {token_id}: already used; boot the machine again for a new one"
-                )
-            if token.expires_at is not None and token.expires_at < now:
-                raise Denied(
-                    f"enrollment token {token_id}: expired {now - token.expires_at:.0f}s ago; reboot"
-                )
-            if token.mac not in macs:
-                raise Denied(
-                    f"enrollment token {token_id}: issued to MAC {token.mac}, not to this machine {macs}"
-                )
-            tx.put_token(replace(token, used_at=now))
-            machine = (tx.machine_by_uuid(uuid) if uuid else None) or next(
-                (m for m in map(tx.machine_by_mac, macs) if m is not None), None
-            )
-            if machine is None:
-                machine = Machine(new_id("m"), MachineState.DISCOVERED, macs, created_at=now)
-            for mac in macs:  # a machine found by UUID absorbs the `discovered` stub its boot created
-                stub = tx.machine_by_mac(mac)
-                if stub is not None and stub.id != machine.id and stub.state is MachineState.DISCOVERED:
-                    tx.delete_machine(stub.id)
-            machine = replace(
-                machine,
-                state=jobs.machine_on_register(machine.state),
-                macs=macs,
-                system_uuid=uuid,
-                hostname=request.inventory.system.hostname or machine.hostname,
-                inventory=request.inventory,
-                last_seen=now,
-            )
-            tx.put_machine(machine)
-            tx.add_inventory(InventoryRecord(machine.id, now, request.inventory))
-            tx.delete_tokens(machine.id, TokenKind.AGENT)
-            agent_token = auth.new_token(auth.AGENT_PREFIX)
-            tx.put_token(Token(agent_token.id, TokenKind.AGENT, agent_token.secret_hash, now, machine.id))
-        return RegisterReply(
-            machine.id, agent_token.text, self.policy.heartbeat_seconds, self.policy.poll_seconds
-        )
 
     @staticmethod
     def _parse(text: str, prefix: str, what: str) -> tuple[str, str]:
@@ -188,6 +118,8 @@ class Fleet:
             machine = tx.machine(machine_id)
             if machine is None:
                 raise NotFound(f"machine {machine_id}: deleted; register again")
+            if machine.quarantine is not None:
+                raise Conflict(quarantined(machine))
             if machine.system_uuid and uuid and uuid != machine.system_uuid:
                 raise Conflict(
                     f"{machine.label}: inventory.system.uuid is {uuid}, expected {machine.system_uuid}"
@@ -199,6 +131,9 @@ class Fleet:
     # -- agent work ----------------------------------------------------------------------------------
 
     def _own_job(self, tx: Tx, machine_id: str, job_id: str) -> Job:
+        machine = tx.machine(machine_id)
+        if machine is not None and machine.quarantine is not None:
+            raise Conflict(quarantined(machine))
         job = tx.job(job_id)
         if job is None or job.machine_id != machine_id:
             raise NotFound(f"job {job_id}: no such job for machine {machine_id}")
@@ -213,6 +148,8 @@ class Fleet:
             tx.put_machine(replace(machine, last_seen=now))
             if beat.job_id is None:
                 return HeartbeatReply()
+            if machine.quarantine is not None:
+                return HeartbeatReply(cancel=(beat.job_id,))  # stop: this agent is not trusted yet
             job = self._own_job(tx, machine_id, beat.job_id)
             if job.state is not JobState.RUNNING:
                 return HeartbeatReply(cancel=(job.id,))
@@ -228,8 +165,8 @@ class Fleet:
             if machine is None:
                 raise NotFound(f"machine {machine_id}: deleted; register again")
             job = tx.next_job(machine_id)
-            if job is None:
-                return None
+            if job is None or machine.quarantine is not None:
+                return None  # a quarantined machine's agent waits: jobs and their secrets stay here
             status = jobs.claim(job.id, job.status, now, self.policy.lease_seconds)
             first = job.state is JobState.QUEUED
             job = replace(job, status=status, updated_at=now)

@@ -6,13 +6,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from agent.protocol import DiskHints, EventKind, JobKind, JobParams, ProtocolError, normalize_mac
+from agent.protocol import DiskHints, EventKind, JobKind, JobParams, ProtocolError, identity, normalize_mac
 from controller import jobs
-from controller.fleet.agents import controller_event, end_job, new_id
-from controller.jobs import JobState, JobStatus
-from controller.state.errors import Conflict, Invalid, NotFound
+from controller.fleet.agents import controller_event, end_job, machine_event, new_id
+from controller.fleet.errors import Conflict, Invalid, NotFound
+from controller.jobs import JobState, JobStatus, MachineState
 from controller.state.model import Counts, EventRecord, Image, InventoryRecord, Job, Machine
 from controller.state.store import Store, Tx
+from controller.trust.fingerprint import changes, fingerprint
 
 MAX_LIST = 1000
 
@@ -71,6 +72,66 @@ class Operations:
                 machine = replace(machine, disk_hints=disk)
             tx.put_machine(machine)
             return machine
+
+    def accept(self, ref: str) -> Machine:
+        """Accept a quarantined machine's new hardware: its fingerprint becomes the bound one."""
+        now = self.clock()
+        with self.store.transaction() as tx:
+            machine = find_machine(tx, ref)
+            held = machine.quarantine
+            if held is None:
+                raise Conflict(
+                    f"{machine.label}: expected a quarantined machine to accept, but it is {machine.state}"
+                )
+            bound = machine.fingerprint or (fingerprint(machine.inventory) if machine.inventory else None)
+            diff = "; ".join(changes(bound, held.fingerprint)) if bound else "first fingerprint"
+            _, macs = identity(held.inventory)
+            for mac in macs:  # a NIC that moved here from a machine the operator deleted meanwhile
+                other = tx.machine_by_mac(mac)
+                if (
+                    other is not None
+                    and other.id != machine.id
+                    and other.state is not MachineState.DISCOVERED
+                ):
+                    raise Conflict(
+                        f"{machine.label}: its new MAC {mac} belongs to {other.label}; delete that first"
+                    )
+            machine = replace(
+                machine,
+                state=jobs.machine_on_register(held.previous_state),
+                quarantine=None,
+                fingerprint=held.fingerprint,
+                macs=macs,
+                system_uuid=held.fingerprint.system_uuid,
+                hostname=held.inventory.system.hostname or machine.hostname,
+                inventory=held.inventory,
+            )
+            tx.put_machine(machine)
+            tx.add_inventory(InventoryRecord(machine.id, now, held.inventory))
+            machine_event(
+                tx, machine.id, now, EventKind.STAGE, f"accepted by operator: {diff}; now {held.fingerprint}"
+            )
+        self.notify(machine.id)
+        return machine
+
+    def expect(self, mac: str) -> Machine:
+        """Let this MAC enroll once with discovery closed (a machine record is made if it has none)."""
+        try:
+            mac = normalize_mac(mac)
+        except ProtocolError as exc:
+            raise Invalid(str(exc)) from None
+        now = self.clock()
+        with self.store.transaction() as tx:
+            machine = tx.machine_by_mac(mac) or Machine(
+                new_id("m"), MachineState.DISCOVERED, (mac,), created_at=now
+            )
+            machine = replace(machine, expected=True)
+            tx.put_machine(machine)
+            return machine
+
+    def machine_events(self, ref: str, limit: int = 20) -> list[EventRecord]:
+        with self.store.transaction() as tx:
+            return tx.machine_events(find_machine(tx, ref).id, limit)
 
     def delete_machine(self, ref: str) -> Machine:
         with self.store.transaction() as tx:

@@ -1,6 +1,7 @@
 """Reading disk images qemu understands (qcow2, vmdk, vhdx...) through qemu-nbd.
 
-qemu-nbd serves the image, read-only, on a private unix socket; this is the
+qemu-nbd serves the image, read-only, on a private unix socket, inside the
+sandbox of sandbox.py (as do qemu-img info and map); this is the
 smallest client that reads from it (fixed newstyle handshake, simple replies).
 The allocation map comes from `qemu-img map`, so unallocated or zero ranges are
 never read. No temporary copy of the image is made.
@@ -20,6 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from controller.images.errors import ImageToolError
+from controller.images.sandbox import SOCKET_DIR, SandboxedImage, bwrap_argv, limited, qemu_tool
+
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
 OPT_EXPORT_NAME = 1
@@ -32,7 +36,7 @@ CMD_DISC = 2
 MAX_REQUEST = 8 << 20
 
 
-class NbdError(OSError):
+class NbdError(ImageToolError):
     pass
 
 
@@ -93,15 +97,15 @@ class NbdClient:
         self.sock.close()
 
 
-def image_info(path: str) -> dict[str, object]:
-    out = _run(["qemu-img", "info", "--output=json", path])
+def image_info(image: SandboxedImage) -> dict[str, object]:
+    out = _run(image.top_only(), ["qemu-img", "info", "--output=json"])
     info: dict[str, object] = json.loads(out)
     return info
 
 
-def data_ranges(path: str, fmt: str) -> list[tuple[int, int]]:
+def data_ranges(image: SandboxedImage) -> list[tuple[int, int]]:
     """Ranges [start, end) that qemu says may hold non-zero data."""
-    out = _run(["qemu-img", "map", "--output=json", "-f", fmt, path])
+    out = _run(image, ["qemu-img", "map", "--output=json"])
     ranges: list[tuple[int, int]] = []
     for ext in json.loads(out):
         if ext.get("zero") and not ext.get("data"):
@@ -114,27 +118,33 @@ def data_ranges(path: str, fmt: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def _run(cmd: list[str]) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise NbdError(f"{cmd[0]} not found: install qemu-utils to import non-raw images")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run(image: SandboxedImage, cmd: list[str]) -> str:
+    argv = limited(bwrap_argv(image, [qemu_tool(cmd[0]), *cmd[1:], image.target()]))
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, pass_fds=image.fds())
     if proc.returncode != 0:
-        raise NbdError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+        raise NbdError(f"{' '.join(cmd)} (sandboxed) failed: {proc.stderr.strip()}")
     return proc.stdout
 
 
 class QemuNbdServer:
     """qemu-nbd serving one image read-only on a private socket, for the life of a `with`."""
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, image: SandboxedImage) -> None:
         self.path = path
-        self.fmt = fmt
+        fmt = image.layers[0].format
         self._dir = tempfile.mkdtemp(prefix="sledge-nbd-")
         self.socket_path = os.path.join(self._dir, "sock")
-        if shutil.which("qemu-nbd") is None:
-            raise NbdError("qemu-nbd not found: install qemu-utils to import non-raw images")
+        inner = [
+            qemu_tool("qemu-nbd"),
+            "--read-only",
+            "--persistent",
+            "-k",
+            f"{SOCKET_DIR}/sock",
+            image.target(),
+        ]
         self._proc = subprocess.Popen(
-            ["qemu-nbd", "--read-only", "--persistent", "-f", fmt, "-k", self.socket_path, path],
+            bwrap_argv(image, inner, socket_dir=self._dir),
+            pass_fds=image.fds(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -7,27 +7,20 @@ import os
 from typing import Protocol
 
 from agent.blockdev import is_block_device, size_of
+from controller.images.chain import ImportPolicy, Inspected, inspect_file
+from controller.images.errors import ImageToolError
 from controller.images.nbd import NbdClient, QemuNbdServer, data_ranges, image_info
-
-# (offset, magic) -> qemu format name; anything else is raw.
-_MAGICS = (
-    (0, b"QFI\xfb", "qcow2"),
-    (0, b"KDMV", "vmdk"),
-    (0, b"# Disk DescriptorFile", "vmdk"),
-    (0, b"vhdxfile", "vhdx"),
-    (0, b"conectix", "vpc"),
-    (0, b"QED\x00", "qed"),
-    (64, b"\x7f\x10\xda\xbe", "vdi"),
-)
+from controller.images.sandbox import SandboxedImage, SandboxLayer
 
 
-class SourceError(OSError):
+class SourceError(ImageToolError):
     pass
 
 
 class ImageSource(Protocol):
     size: int
     format: str
+    backing_files: tuple[str, ...]  # files read besides the image (--allow-backing)
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """[start, end) ranges that may hold data; everything else reads as zeros."""
@@ -40,6 +33,7 @@ class ImageSource(Protocol):
 
 class RawSource:
     format = "raw"
+    backing_files: tuple[str, ...] = ()
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -83,13 +77,27 @@ class RawSource:
 
 
 class QemuSource:
-    def __init__(self, path: str, fmt: str) -> None:
-        self.path = path
-        self.format = fmt
-        info = image_info(path)
+    """An inspected image read through qemu-nbd in the sandbox; owns the inspected descriptors."""
+
+    def __init__(self, inspected: Inspected, policy: ImportPolicy) -> None:
+        self.path = inspected.path
+        self.format = inspected.format
+        self.backing_files = inspected.backing_files
+        self._inspected = inspected
+        image = SandboxedImage(
+            tuple(SandboxLayer(x.fd, x.block_device, x.facts.format) for x in inspected.layers),
+            pin_nodes=policy.pin_nodes,
+        )
+        info = image_info(image)
         self.size = int(str(info["virtual-size"]))
-        self._ranges = data_ranges(path, fmt)
-        self._server = QemuNbdServer(path, fmt)
+        if policy.inspect and self.size != inspected.virtual_size:
+            raise SourceError(
+                errno.EINVAL,
+                f"image {self.path} ({self.format}): qemu reports a virtual size of {self.size} bytes, "
+                f"its header says {inspected.virtual_size}",
+            )
+        self._ranges = data_ranges(image)
+        self._server = QemuNbdServer(self.path, image)
         try:
             self._client = NbdClient(self._server.socket_path)
         except BaseException:
@@ -99,7 +107,7 @@ class QemuSource:
             self.close()
             raise SourceError(
                 errno.EIO,
-                f"{path}: qemu-nbd exports {self._client.size} bytes, qemu-img says {self.size}",
+                f"{self.path}: qemu-nbd exports {self._client.size} bytes, qemu-img says {self.size}",
             )
 
     def data_ranges(self) -> list[tuple[int, int]]:
@@ -111,22 +119,19 @@ class QemuSource:
     def close(self) -> None:
         self._client.close()
         self._server.close()
+        self._inspected.close()
 
 
-def detect_format(path: str) -> str:
+def open_source(path: str, fmt: str | None = None, policy: ImportPolicy | None = None) -> ImageSource:
+    """Inspect the image (and any backing chain the policy permits), then open it for reading:
+    raw bytes directly, anything else through sandboxed qemu. Raises ImageRefused."""
+    policy = policy or ImportPolicy()
+    inspected = inspect_file(path, fmt, policy)
     try:
-        with open(path, "rb") as f:
-            head = f.read(128)
-    except OSError as exc:
-        raise SourceError(exc.errno, f"cannot open image source {path}: {exc.strerror}") from None
-    for offset, magic, fmt in _MAGICS:
-        if head[offset : offset + len(magic)] == magic:
-            return fmt
-    return "raw"
-
-
-def open_source(path: str, fmt: str | None = None) -> ImageSource:
-    fmt = fmt or detect_format(path)
-    if fmt == "raw":
-        return RawSource(path)
-    return QemuSource(path, fmt)
+        if inspected.format == "raw":
+            inspected.close()
+            return RawSource(path)
+        return QemuSource(inspected, policy)
+    except BaseException:
+        inspected.close()
+        raise

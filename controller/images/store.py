@@ -20,7 +20,7 @@ from pathlib import Path
 from agent.image import layout
 from agent.image.chunk import ChunkInvalid
 from agent.image.manifest import Chunk, Manifest, manifest_digest
-from agent.image.store import CatalogEntry, LocalStore, NotInStore, StoreError
+from agent.image.store import CatalogEntry, LocalStore, NotInStore, StoreError, StoreFileError
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ class WritableStore(LocalStore):
 
     def sync_chunk_dirs(self, manifest: Manifest) -> None:
         for prefix in sorted({c.hex[:2] for c in manifest.data_chunks()}):
-            _fsync_dir(self.root / "chunks" / prefix)
+            directory = self.root / "chunks" / prefix
+            if directory.is_dir():  # absent after a manifest-only pull: nothing there to sync
+                _fsync_dir(directory)
 
     def put_manifest(self, manifest: Manifest) -> str:
         data = manifest.encode()
@@ -167,8 +169,8 @@ class WritableStore(LocalStore):
         for hex_digest, chunk in sorted(chunks.items()):
             try:
                 self.read_chunk(chunk)
-            except (ChunkInvalid, NotInStore) as exc:
-                reason = exc.reason if isinstance(exc, ChunkInvalid) else "missing"
+            except (ChunkInvalid, NotInStore, StoreFileError) as exc:
+                reason = "missing" if isinstance(exc, NotInStore) else exc.reason
                 bad.append(BadChunk(self.chunk_file(chunk), reason, tuple(users[hex_digest])))
             checked += chunk.stored_len
             if progress:

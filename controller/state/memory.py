@@ -54,7 +54,7 @@ class MemoryTx:
         gone = {j.id for j in self.t.jobs.values() if j.machine_id == machine_id}
         self.t.jobs = {k: v for k, v in self.t.jobs.items() if k not in gone}
         self.t.job_order = [k for k in self.t.job_order if k not in gone]
-        self.t.events = [e for e in self.t.events if e.job_id not in gone]
+        self.t.events = [e for e in self.t.events if e.job_id not in gone and e.machine_id != machine_id]
         self.t.seqs = {s for s in self.t.seqs if s[0] not in gone}
 
     def add_inventory(self, record: InventoryRecord) -> None:
@@ -72,6 +72,13 @@ class MemoryTx:
     def delete_tokens(self, machine_id: str, kind: TokenKind) -> None:
         self.t.tokens = {
             k: v for k, v in self.t.tokens.items() if not (v.machine_id == machine_id and v.kind is kind)
+        }
+
+    def delete_enrollment_tokens(self, mac: str, address: str) -> None:
+        self.t.tokens = {
+            k: v
+            for k, v in self.t.tokens.items()
+            if not (v.kind is TokenKind.ENROLLMENT and v.mac == mac and v.address == address)
         }
 
     def delete_expired_tokens(self, now: float) -> int:
@@ -115,9 +122,9 @@ class MemoryTx:
 
     def add_event(self, event: EventRecord) -> bool:
         if event.seq is not None:
-            if (event.job_id, event.seq) in self.t.seqs:
+            if (event.job_id or "", event.seq) in self.t.seqs:
                 return False
-            self.t.seqs.add((event.job_id, event.seq))
+            self.t.seqs.add((event.job_id or "", event.seq))
         self.t.events.append(replace(event, id=len(self.t.events) + 1))
         return True
 
@@ -127,6 +134,10 @@ class MemoryTx:
     def events(self, job_id: str | None, after_id: int, limit: int) -> list[EventRecord]:
         out = [e for e in self.t.events if e.id > after_id and (job_id is None or e.job_id == job_id)]
         return out[:limit]
+
+    def machine_events(self, machine_id: str, limit: int) -> list[EventRecord]:
+        mine = [e for e in self.t.events if e.machine_id == machine_id and e.job_id is None]
+        return mine[-limit:] if limit else []
 
     def counts(self) -> Counts:
         machines = {s: 0 for s in MachineState}

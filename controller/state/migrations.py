@@ -86,4 +86,33 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (job_id, seq)
     );
     """,
+    # 2: enrollment trust (docs/trust.md): the hardware fingerprint bound at the first
+    # registration, a quarantined registration held for the operator, the operator's `expect`,
+    # the address that fetched an enrollment token's boot script; and events of a machine with
+    # no job (quarantine, accept), which needs events rebuilt with job_id nullable.
+    """
+    ALTER TABLE machines ADD COLUMN fingerprint TEXT;
+    ALTER TABLE machines ADD COLUMN quarantine TEXT;
+    ALTER TABLE machines ADD COLUMN expected INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tokens ADD COLUMN address TEXT;
+    CREATE TABLE events_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT REFERENCES jobs (id) ON DELETE CASCADE,
+        machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+        seq INTEGER,
+        at REAL NOT NULL,
+        source TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        done INTEGER,
+        total INTEGER,
+        UNIQUE (job_id, seq)
+    );
+    INSERT INTO events_v2 (id, job_id, machine_id, seq, at, source, kind, message, done, total)
+        SELECT id, job_id, machine_id, seq, at, source, kind, message, done, total FROM events
+        WHERE machine_id IN (SELECT id FROM machines);
+    DROP TABLE events;
+    ALTER TABLE events_v2 RENAME TO events;
+    CREATE INDEX events_machine ON events (machine_id, id);
+    """,
 )

@@ -4,10 +4,42 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.hardware.model import Inventory
 from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult
 from controller.jobs import JobState, JobStatus, MachineState
+from controller.trust.fingerprint import Fingerprint
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A registration whose hardware differs from the machine's bound fingerprint, held for an operator."""
+
+    fingerprint: Fingerprint  # what the registration reported
+    inventory: Inventory  # applied to the machine only if an operator accepts it
+    previous_state: MachineState  # where `sledge machine accept` returns the machine
+    at: float
+    address: str  # where the registration came from
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint.to_wire(),
+            "inventory": self.inventory.to_wire(),
+            "previous_state": self.previous_state.value,
+            "at": self.at,
+            "address": self.address,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Quarantine:
+        return cls(
+            Fingerprint.from_wire(obj["fingerprint"]),
+            Inventory.from_wire(obj["inventory"]),
+            MachineState(obj["previous_state"]),
+            float(obj["at"]),
+            str(obj["address"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -22,6 +54,9 @@ class Machine:
     created_at: float = 0.0
     last_seen: float | None = None
     inventory: Inventory | None = None
+    fingerprint: Fingerprint | None = None  # bound at the first registration
+    quarantine: Quarantine | None = None  # set while state is quarantined
+    expected: bool = False  # an operator's `machine expect`: may enroll once with discovery closed
 
     @property
     def label(self) -> str:
@@ -78,7 +113,7 @@ class EventRecord:
     """An event as stored: agent events carry the agent's seq; controller events have none."""
 
     id: int
-    job_id: str
+    job_id: str | None  # None: an event of the machine itself (quarantine, accept)
     machine_id: str
     seq: int | None
     at: float
@@ -106,6 +141,7 @@ class Token:
     mac: str | None = None
     expires_at: float | None = None
     used_at: float | None = None
+    address: str | None = None  # enrollment: the address that fetched the boot script holding it
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.hardware.model import Inventory
 from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult
+from controller.errors import ControllerError
 from controller.jobs import JobState, JobStatus, MachineState
 from controller.state.migrations import MIGRATIONS
 from controller.state.model import (
@@ -24,13 +25,15 @@ from controller.state.model import (
     InventoryRecord,
     Job,
     Machine,
+    Quarantine,
     Source,
     Token,
     TokenKind,
 )
+from controller.trust.fingerprint import Fingerprint
 
 
-class StateError(Exception):
+class StateError(ControllerError):
     """The state database cannot be used (newer schema, unreadable file)."""
 
 
@@ -51,6 +54,9 @@ def _machine(row: sqlite3.Row, macs: tuple[str, ...]) -> Machine:
         created_at=row["created_at"],
         last_seen=row["last_seen"],
         inventory=inventory,
+        fingerprint=Fingerprint.from_wire(json.loads(row["fingerprint"])) if row["fingerprint"] else None,
+        quarantine=Quarantine.from_wire(json.loads(row["quarantine"])) if row["quarantine"] else None,
+        expected=bool(row["expected"]),
     )
 
 
@@ -98,6 +104,7 @@ def _token(row: sqlite3.Row) -> Token:
         row["mac"],
         row["expires_at"],
         row["used_at"],
+        row["address"],
     )
 
 
@@ -139,10 +146,13 @@ class SqliteTx:
     def put_machine(self, m: Machine) -> None:
         self.db.execute(
             "INSERT INTO machines (id, state, system_uuid, hostname, desired_image, disk_hints, created_at,"
-            " last_seen, inventory) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " last_seen, inventory, fingerprint, quarantine, expected)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
             " state = excluded.state, system_uuid = excluded.system_uuid, hostname = excluded.hostname,"
             " desired_image = excluded.desired_image, disk_hints = excluded.disk_hints,"
-            " last_seen = excluded.last_seen, inventory = excluded.inventory",
+            " last_seen = excluded.last_seen, inventory = excluded.inventory,"
+            " fingerprint = excluded.fingerprint, quarantine = excluded.quarantine,"
+            " expected = excluded.expected",
             (
                 m.id,
                 m.state.value,
@@ -153,6 +163,9 @@ class SqliteTx:
                 m.created_at,
                 m.last_seen,
                 _json(m.inventory.to_wire()) if m.inventory else None,
+                _json(m.fingerprint.to_wire()) if m.fingerprint else None,
+                _json(m.quarantine.to_wire()) if m.quarantine else None,
+                int(m.expected),
             ),
         )
         self.db.execute("DELETE FROM machine_macs WHERE machine_id = ?", (m.id,))
@@ -183,8 +196,18 @@ class SqliteTx:
     def put_token(self, t: Token) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO tokens (id, kind, secret_hash, created_at, machine_id, mac, expires_at,"
-            " used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (t.id, t.kind.value, t.secret_hash, t.created_at, t.machine_id, t.mac, t.expires_at, t.used_at),
+            " used_at, address) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                t.id,
+                t.kind.value,
+                t.secret_hash,
+                t.created_at,
+                t.machine_id,
+                t.mac,
+                t.expires_at,
+                t.used_at,
+                t.address,
+            ),
         )
 
     def token(self, token_id: str) -> Token | None:
@@ -193,6 +216,12 @@ class SqliteTx:
 
     def delete_tokens(self, machine_id: str, kind: TokenKind) -> None:
         self.db.execute("DELETE FROM tokens WHERE machine_id = ? AND kind = ?", (machine_id, kind.value))
+
+    def delete_enrollment_tokens(self, mac: str, address: str) -> None:
+        self.db.execute(
+            "DELETE FROM tokens WHERE kind = ? AND mac = ? AND address = ?",
+            (TokenKind.ENROLLMENT.value, mac, address),
+        )
 
     def delete_expired_tokens(self, now: float) -> int:
         return self.db.execute("DELETE FROM tokens WHERE expires_at < ?", (now,)).rowcount
@@ -284,6 +313,14 @@ class SqliteTx:
                 limit,
             )
         return [_event(r) for r in rows]
+
+    def machine_events(self, machine_id: str, limit: int) -> list[EventRecord]:
+        rows = self._all(
+            "SELECT * FROM events WHERE machine_id = ? AND job_id IS NULL ORDER BY id DESC LIMIT ?",
+            machine_id,
+            limit,
+        )
+        return [_event(r) for r in reversed(rows)]
 
     def counts(self) -> Counts:
         machines = {s: 0 for s in MachineState}

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.protocol import REGISTER_PATH
 from tests.tools import need
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +182,7 @@ def test_e_wrong_and_reused_enrollment_tokens_are_refused_and_change_nothing(lab
     before = lab.controller.call("GET", f"/v1/machines/{MAC}")[1]
     status, body = lab.controller.call(
         "POST",
-        "/v1/agent/register",
+        REGISTER_PATH,
         {"enrollment_token": "not-a-token", "inventory": before["inventory"]},
         None,
     )
@@ -189,8 +190,8 @@ def test_e_wrong_and_reused_enrollment_tokens_are_refused_and_change_nothing(lab
     _, script = lab.controller.call("GET", f"/boot/ipxe?mac={MAC}", token=None)
     token = script.decode().split("sledge.token=")[1].split()[0]
     request = {"enrollment_token": token, "inventory": before["inventory"]}
-    assert lab.controller.call("POST", "/v1/agent/register", request, None)[0] == 200
+    assert lab.controller.call("POST", REGISTER_PATH, request, None)[0] == 200
     after_first = lab.controller.call("GET", f"/v1/machines/{MAC}")[1]
-    status, body = lab.controller.call("POST", "/v1/agent/register", request, None)
+    status, body = lab.controller.call("POST", REGISTER_PATH, request, None)
     assert status == 401 and "used" in body["error"]
     assert lab.controller.call("GET", f"/v1/machines/{MAC}")[1] == after_first  # nothing changed

@@ -16,6 +16,7 @@ from agent import protocol as p
 from agent.hardware.model import Disk
 from agent.runtime.backoff import Backoff
 from agent.runtime.config import AgentConfig
+from agent.runtime.devices import BlockDisks, HttpSources
 from agent.runtime.loop import Agent
 from agent.runtime.machine import FakeMachine
 from agent.runtime.transport import HttpTransport
@@ -24,6 +25,7 @@ from controller.images.sources import RawSource
 from controller.images.store import WritableStore
 from tests.images import MiB, half_sparse_image
 from tests.integration.test_controller_serve import MAC, Server, free_port
+from tests.tools import need
 from tests.unit.test_controller_kit import inventory
 
 
@@ -106,7 +108,13 @@ def start_agent(
         workers=2,
     )
     agent = Agent(
-        config, HttpTransport(server.url, timeout=5), machine, lines.append, backoff=Backoff(0.05, 0.5)
+        config,
+        HttpTransport(server.url, timeout=5),
+        machine,
+        lines.append,
+        backoff=Backoff(0.05, 0.5),
+        sources=HttpSources(),
+        disks=BlockDisks(),
     )
     thread = threading.Thread(target=agent.run, args=(jobs,), daemon=True)
     thread.start()
@@ -246,11 +254,9 @@ def test_operator_cancel_stops_the_job_at_a_chunk_boundary(server: Server, tmp_p
 
 
 def test_deploy_with_a_cloud_init_seed_then_verify(server: Server, tmp_path: Path) -> None:
-    import shutil
     import subprocess
 
-    if not shutil.which("sgdisk") or not shutil.which("mcopy"):
-        pytest.skip("needs gdisk and mtools (scripts/setup installs them)")
+    need("sgdisk", "mcopy")
     src = tmp_path / "gpt.img"
     with open(src, "wb") as f:
         f.truncate(32 * MiB)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.protocol import HEARTBEAT_PATH, NEXT_JOB_PATH, REGISTER_PATH, job_events_path, job_finish_path
 from controller.cli import main
 from tests.unit.test_controller_kit import add_image, event, inventory
 
@@ -103,7 +104,7 @@ class Server:
         token = script.decode().split("sledge.token=")[1].split()[0]
         status, reply = self.call(
             "POST",
-            "/v1/agent/register",
+            REGISTER_PATH,
             {"enrollment_token": token, "inventory": inventory(macs=(MAC,)).to_wire()},
         )
         assert status == 200, reply
@@ -133,9 +134,9 @@ def test_kill_9_mid_deploy_loses_and_doubles_nothing(
     rc, out, err = sledge(capsys, server, "deploy", MAC, "tiny:1", "--json")
     assert rc == 0, err
     job_id = json.loads(out)["id"]
-    status, assignment = server.call("GET", "/v1/agent/jobs/next?wait=0", token=agent)
+    status, assignment = server.call("GET", f"{NEXT_JOB_PATH}?wait=0", token=agent)
     assert status == 200 and assignment["job_id"] == job_id and assignment["next_seq"] == 1
-    events_url = f"/v1/agent/jobs/{job_id}/events"
+    events_url = job_events_path(job_id)
     status, ack = server.call(
         "POST", events_url, {"attempt": 1, "events": [event(s, done=s, total=8) for s in range(1, 6)]}, agent
     )
@@ -149,10 +150,10 @@ def test_kill_9_mid_deploy_loses_and_doubles_nothing(
         "POST", events_url, {"attempt": 1, "events": [event(s, done=s, total=8) for s in range(4, 9)]}, agent
     )
     assert (status, ack) == (200, {"next_seq": 9})
-    status, beat = server.call("POST", "/v1/agent/heartbeat", {"job_id": job_id}, agent)
+    status, beat = server.call("POST", HEARTBEAT_PATH, {"job_id": job_id}, agent)
     assert (status, beat) == (200, {"cancel": []})
     finish = {"attempt": 1, "result": {"outcome": "succeeded", "bytes_written": 4200}}
-    assert server.call("POST", f"/v1/agent/jobs/{job_id}/finish", finish, agent)[0] == 200
+    assert server.call("POST", job_finish_path(job_id), finish, agent)[0] == 200
 
     status, job = server.call("GET", f"/v1/jobs/{job_id}", token=server.operator)
     assert job["state"] == "succeeded" and job["attempts"] == 1 and (job["done"], job["total"]) == (8, 8)
@@ -189,7 +190,7 @@ def test_lease_expiry_requeues_with_the_reason_and_wait_follows_it(
             "POST", "/v1/jobs", {"machine": machine_id, "kind": "erase"}, server.operator
         )
         assert status == 201, job
-        assert server.call("GET", "/v1/agent/jobs/next?wait=0", token=agent)[0] == 200
+        assert server.call("GET", f"{NEXT_JOB_PATH}?wait=0", token=agent)[0] == 200
         time.sleep(1.0)  # the agent goes silent
         _status, shown = server.call("GET", f"/v1/jobs/{job['id']}", token=server.operator)
         assert (
@@ -199,12 +200,12 @@ def test_lease_expiry_requeues_with_the_reason_and_wait_follows_it(
 
         def agent_runs_it() -> None:
             time.sleep(0.3)
-            _, again = server.call("GET", "/v1/agent/jobs/next?wait=0", token=agent)
-            url = f"/v1/agent/jobs/{job['id']}/events"
+            _, again = server.call("GET", f"{NEXT_JOB_PATH}?wait=0", token=agent)
+            url = job_events_path(job["id"])
             server.call("POST", url, {"attempt": 2, "events": [event(1, "zeroing", done=5, total=10)]}, agent)
             server.call(
                 "POST",
-                f"/v1/agent/jobs/{job['id']}/finish",
+                job_finish_path(job["id"]),
                 {"attempt": again["attempt"], "result": {"outcome": "failed", "message": "disk gone"}},
                 agent,
             )

@@ -13,6 +13,7 @@ import pytest
 from agent import protocol as p
 from agent.hardware.inventory import collect
 from agent.runtime.config import AgentConfig
+from agent.runtime.devices import BlockDisks, HttpSources
 from agent.runtime.jobs import JobContext
 from agent.runtime.jobs.erase import erase
 from agent.runtime.machine import FakeMachine
@@ -22,8 +23,15 @@ MiB = 1 << 20
 
 
 def blkid(dev: str, offset: int = 0) -> str:
+    """What blkid -p finds ("" for nothing). It exits 2 for "nothing found" and for a device it
+    cannot read alike, so the device is read here first: "" cannot come from a bad path."""
+    with open(dev, "rb") as f:
+        f.seek(offset)
+        assert len(f.read(4096)) == 4096, dev
     cmd = ["blkid", "-p", "-o", "export"] + (["-O", str(offset)] if offset else []) + [dev]
-    return subprocess.run(cmd, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode in (0, 2), f"{cmd}: exit {out.returncode}: {out.stderr}"  # 2: nothing found
+    return out.stdout
 
 
 def formatted_disk(loop_device: Callable[..., str]) -> str:
@@ -55,6 +63,8 @@ def context(
         assignment,
         AgentConfig(),
         FakeMachine(dataclasses.replace(inv, disks=chosen)),
+        HttpSources(),
+        BlockDisks(),
         lambda kind, message, done, total: lines.append(f"{kind.value}: {message}"),
         threading.Event(),
         lambda inv: None,

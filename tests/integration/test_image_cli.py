@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import filecmp
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from agent.image import layout
 from controller.cli import main
 from controller.images.store import WritableStore
 from tests.images import MiB, half_sparse_image, random_bytes, random_image, write_image
+from tests.tools import need
 
 
 def sledge(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -120,11 +120,11 @@ def test_sparse_64g_imports_in_proportion_to_its_data(
         assert f.read(4) == b"end\0"
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None and not os.environ.get("CI"), reason="needs qemu-utils")
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx"])
 def test_qemu_formats_import_through_nbd(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
 ) -> None:
+    need("qemu-img")
     raw = half_sparse_image(tmp_path / "src.raw", 20 * MiB + 4096)
     converted = tmp_path / f"src.{fmt}"
     subprocess.run(["qemu-img", "convert", "-O", fmt, str(raw), str(converted)], check=True)
@@ -190,12 +190,19 @@ def test_killed_import_leaves_a_clean_store_and_reimport_completes(tmp_path: Pat
         "1",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    # Let the import run in slices of a few milliseconds, stopped in between, until it has stored
+    # 10 chunks: polling a free-running import raced it (on a busy machine it could finish, or not
+    # start, before the poll looked), so the kill landed after the end or before the first chunk.
+    deadline = time.monotonic() + 120
+    stored = 0
+    proc.send_signal(signal.SIGSTOP)
+    while stored < 10 and time.monotonic() < deadline and proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
         chunks = list((store / "chunks").rglob("*")) if (store / "chunks").exists() else []
-        if sum(1 for c in chunks if c.is_file()) >= 10:
-            break
-        time.sleep(0.01)
+        stored = sum(1 for c in chunks if c.is_file())
+    assert proc.poll() is None, "the import ended before it could be killed mid-way"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     s = WritableStore(store)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -23,12 +22,16 @@ from agent.runtime.seed import (
     TableType,
     write_seed,
 )
+from tests.tools import need
 
 MiB = 1 << 20
 TOOLS = ("sgdisk", "sfdisk", "mdir", "mcopy", "mlabel", "blkid", "fsck.fat", "growpart")
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in TOOLS), reason=f"needs {', '.join(TOOLS)}"
-)
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    need(*TOOLS)
+
 
 SEED = SeedContent(
     user_data="#cloud-config\nhostname: node1\nruncmd:\n  - [touch, /run/seeded]\n",

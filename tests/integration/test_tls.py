@@ -3,7 +3,6 @@ registers and deploys over https; one pinned to another CA refuses the controlle
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from agent.runtime.transport import HttpTransport, TransportError
 from tests.images import MiB, half_sparse_image
 from tests.integration.test_agent_runtime import GatedMachine, import_into
 from tests.integration.test_controller_serve import MAC, free_port
+from tests.tools import need
 from tests.unit.test_controller_kit import inventory
 
 
@@ -78,8 +78,7 @@ def make_ca(d: Path, name: str) -> tuple[Path, Path, Path]:
 
 @pytest.fixture
 def tls_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if shutil.which("openssl") is None:
-        pytest.skip("needs openssl")
+    need("openssl")
     ca, cert, key = make_ca(tmp_path, "sledge")
     port = free_port()
     data = tmp_path / "data"
@@ -121,6 +120,7 @@ def test_agent_pinned_to_the_controllers_ca_registers_and_deploys(tls_server, tm
 
     from agent.runtime.backoff import Backoff
     from agent.runtime.config import AgentConfig
+    from agent.runtime.devices import BlockDisks, HttpSources
     from agent.runtime.loop import Agent
 
     url, ca, data, context = tls_server
@@ -143,7 +143,13 @@ def test_agent_pinned_to_the_controllers_ca_registers_and_deploys(tls_server, tm
         workers=2,
     )
     agent = Agent(
-        config, HttpTransport(url, str(ca)), GatedMachine(target), lambda s: None, backoff=Backoff(0.05, 0.5)
+        config,
+        HttpTransport(url, str(ca)),
+        GatedMachine(target),
+        lambda s: None,
+        backoff=Backoff(0.05, 0.5),
+        sources=HttpSources(str(ca)),
+        disks=BlockDisks(),
     )
     thread = threading.Thread(target=agent.run, args=(1,), daemon=True)
     thread.start()

@@ -3,12 +3,14 @@ the thing and the expectation, exit codes a script can rely on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ import pytest
 from tests.chunkserver import serve
 from tests.images import MiB, random_bytes, write_image
 from tests.stores import import_store
+
+
+@contextlib.contextmanager
+def sigint_raises_in_children() -> Iterator[None]:
+    """Children started inside get SIGINT at its default, so Python there turns it into
+    KeyboardInterrupt. A shell without job control (a script, CI) starts `cmd &` with SIGINT
+    ignored, the ignore is inherited through exec, and Python keeps an ignored SIGINT ignored: a
+    suite started that way once saw the agent finish the write and exit 0 after the signal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def agent(*args: str, preexec: object = None) -> subprocess.CompletedProcess[str]:
@@ -94,7 +110,10 @@ def test_write_pins_a_manifest_by_digest(tmp_path: Path, store: tuple[Path, str]
 
 def test_ctrl_c_stops_every_thread_before_the_target_is_closed(tmp_path: Path) -> None:
     """SIGINT mid-write: exit 130 soon, every chunk-sized region old or new (no thread writes after
-    the fds are closed), and a re-run finishes the job."""
+    the fds are closed), and a re-run finishes the job. The server holds every chunk request past
+    the sixth until the agent has exited, so the write cannot finish before the signal lands; with
+    a 600 s stall timeout a held request ends early only if the cancel cuts it, so a Ctrl-C that
+    waited for the requests' deadlines hangs past communicate()'s timeout instead of passing."""
     data = random_bytes(24 * MiB, 6)
     src = write_image(tmp_path / "img.raw", 24 * MiB, [(0, data)])
     root, _, digest = import_store(tmp_path / "store", src, "c")
@@ -102,18 +121,31 @@ def test_ctrl_c_stops_every_thread_before_the_target_is_closed(tmp_path: Path) -
     old = random_bytes(24 * MiB, 7)
     dest.write_bytes(old)
     with serve(root) as server:
-        server.delay = 0.3  # 24 chunks over 4 threads: ~1.8 s of work
+        server.hold_after = 6  # 24 chunks: some written, the rest held
         argv = [sys.executable, "-m", "agent.cli", "write", "--manifest", f"{server.url}/manifests/{digest}"]
-        proc = subprocess.Popen([*argv, "--device", str(dest)], stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 20
-        while sum(server.requests.values()) < 6 and time.monotonic() < deadline:
-            time.sleep(0.02)  # mid-write: some chunks asked for, most not
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        with sigint_raises_in_children():
+            proc = subprocess.Popen(
+                [*argv, "--device", str(dest), "--stall-timeout", "600"], stderr=subprocess.PIPE, text=True
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while server.held == 0 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.held > 0 and proc.poll() is None, "the agent never reached a held chunk"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            server.release()
+            proc.kill()
+            proc.wait()
         assert proc.returncode == 130, err
+        assert "interrupted" in err
         written = dest.read_bytes()
+        kept = [off for off in range(0, len(data), MiB) if written[off : off + MiB] == old[off : off + MiB]]
         for off in range(0, len(data), MiB):
             assert written[off : off + MiB] in (old[off : off + MiB], data[off : off + MiB]), off
+        assert len(kept) >= 18  # only the 6 chunks served before the hold can have been written
+        server.hold_after = None
         assert agent("write", *argv[4:], "--device", str(dest)).returncode == 0
     assert dest.read_bytes() == data
 

@@ -1,34 +1,53 @@
-"""The job loop against the in-memory controller (agent.runtime.fake): no server, no disk."""
+"""The job loop against the in-memory controller (agent.runtime.fake): no server, no disk
+(disks are sparse files behind agent.runtime.devices.SparseDisks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
 from pathlib import Path
+
+import pytest
 
 from agent import protocol as p
 from agent.runtime.backoff import Backoff
 from agent.runtime.config import AgentConfig
+from agent.runtime.devices import DirectorySources, SparseDisks
 from agent.runtime.fake import FakeTransport
+from agent.runtime.jobs.erase import STEP
 from agent.runtime.loop import Agent
 from agent.runtime.machine import FakeMachine
+from tests.jobkit import GiB, fake_disk
 from tests.unit.test_controller_kit import inventory
 
+DISK = fake_disk("vda", size=16 * GiB)
 
-def make(tmp_path: Path, transport: FakeTransport, token: str = "enroll-1") -> tuple[Agent, list[str]]:
+
+def make(
+    tmp_path: Path, transport: FakeTransport, token: str = "enroll-1", pace: float = 0.0
+) -> tuple[Agent, list[str], SparseDisks]:
     config = AgentConfig(
         controller="http://c", token=token, mac="52:54:00:00:00:01", state_dir=str(tmp_path), heartbeat=0.05
     )
     lines: list[str] = []
-    agent = Agent(config, transport, FakeMachine(inventory()), lines.append, backoff=Backoff(0.01, 0.05))
-    return agent, lines
+    disks = SparseDisks(tmp_path / "disks", {DISK.path: DISK.size}, pace=pace)
+    agent = Agent(
+        config,
+        transport,
+        FakeMachine(dataclasses.replace(inventory(), disks=(DISK,))),
+        lines.append,
+        backoff=Backoff(0.01, 0.05),
+        sources=DirectorySources(tmp_path / "store"),
+        disks=disks,
+    )
+    return agent, lines, disks
 
 
 def test_registers_runs_jobs_in_order_and_reports(tmp_path: Path) -> None:
     t = FakeTransport()
     first = t.add_job(p.JobKind.INVENTORY)
     second = t.add_job(p.JobKind.REBOOT, p.JobParams(power=p.PowerAction.POWEROFF))
-    agent, _ = make(tmp_path, t)
+    agent, _, _ = make(tmp_path, t)
     assert agent.run(max_jobs=2) == 2
     assert t.jobs[first].result is not None and t.jobs[first].result.outcome is p.Outcome.SUCCEEDED
     assert len(t.inventories) == 2  # at registration, and the inventory job's refresh
@@ -41,7 +60,7 @@ def test_registers_runs_jobs_in_order_and_reports(tmp_path: Path) -> None:
 def test_outage_mid_job_buffers_events_and_finishes_on_return(tmp_path: Path) -> None:
     t = FakeTransport()
     job = t.add_job(p.JobKind.INVENTORY)
-    agent, lines = make(tmp_path, t)
+    agent, lines, _ = make(tmp_path, t)
     real_post = t.post_inventory
 
     def post_then_fail(token: str, inv: object) -> None:
@@ -61,19 +80,37 @@ def test_outage_mid_job_buffers_events_and_finishes_on_return(tmp_path: Path) ->
 def test_used_enrollment_token_leads_to_a_fresh_one_from_the_boot_script(tmp_path: Path) -> None:
     t = FakeTransport()
     t.add_job(p.JobKind.INVENTORY)
-    agent, lines = make(tmp_path, t, token="already-used")
+    agent, lines, _ = make(tmp_path, t, token="already-used")
     agent.run(max_jobs=1)
     assert "boot_script" in t.calls
     assert any("enrollment refused" in line for line in lines)
 
 
 def test_cancel_from_heartbeat_stops_the_job(tmp_path: Path) -> None:
+    """A full erase of a slow 16 GiB disk (64 steps of 0.05 s: over 3 s) stops within a step or two
+    of the heartbeat that carries the cancel; without the cancel it would finish and succeed."""
     t = FakeTransport()
-    job = t.add_job(p.JobKind.ERASE)
+    job = t.add_job(p.JobKind.ERASE, p.JobParams(erase_mode=p.EraseMode.FULL))
     t.jobs[job].cancelled = True
-    started = time.monotonic()
-    agent, _ = make(tmp_path, t)
+    agent, _, disks = make(tmp_path, t, pace=0.05)
     agent.run(max_jobs=1)
     result = t.jobs[job].result
-    assert result is not None and result.outcome is p.Outcome.FAILED  # the fake inventory has no disk
-    assert time.monotonic() - started < 10
+    assert result is not None and result.outcome is p.Outcome.FAILED, result
+    assert "erase of /dev/vda cancelled at offset" in result.message
+    (target,) = disks.opened
+    steps = DISK.size // STEP
+    assert len(target.zeroed) < steps // 2, f"{len(target.zeroed)} of {steps} steps zeroed"
+    assert any("stopped: the job was cancelled" in e.message for e in t.jobs[job].events)
+
+
+def test_agent_refuses_at_start_a_piece_that_lacks_its_interface(tmp_path: Path) -> None:
+    config = AgentConfig(controller="http://c", state_dir=str(tmp_path))
+    machine = FakeMachine(inventory())
+    with pytest.raises(TypeError, match="disks: expected a Disks implementation, got DirectorySources"):
+        Agent(
+            config,
+            FakeTransport(),
+            machine,
+            sources=DirectorySources(tmp_path),
+            disks=DirectorySources(tmp_path),  # type: ignore[arg-type]
+        )

@@ -6,7 +6,17 @@ import asyncio
 import time
 from pathlib import Path
 
-from agent.protocol import Assignment, RegisterReply
+from agent.protocol import (
+    HEARTBEAT_PATH,
+    INVENTORY_PATH,
+    NEXT_JOB_PATH,
+    REGISTER_PATH,
+    STORE_PATH,
+    Assignment,
+    RegisterReply,
+    job_events_path,
+    job_finish_path,
+)
 from tests.unit.test_controller_kit import AioClient, Harness, add_image, event, inventory, start
 
 MAC1, MAC2 = "52:54:00:00:00:01", "52:54:00:00:00:02"
@@ -39,7 +49,7 @@ async def test_boot_register_and_get_a_job(aiohttp_client: AioClient, tmp_path: 
         1,
         1,
     )
-    assert assignment.sources == (f"{h.config.url}/v1/store/",)
+    assert assignment.sources == (f"{h.config.url}{STORE_PATH}",)
 
 
 async def test_enrollment_tokens_are_one_time_expiring_and_bound_to_the_mac(
@@ -49,21 +59,21 @@ async def test_enrollment_tokens_are_one_time_expiring_and_bound_to_the_mac(
     token = await h.enrollment_token(MAC1)
     good = {"enrollment_token": token, "inventory": inventory(macs=(MAC1,)).to_wire()}
     foreign = {"enrollment_token": token, "inventory": inventory(macs=(MAC2,)).to_wire()}
-    r = await h.client.post("/v1/agent/register", json=foreign)
+    r = await h.client.post(REGISTER_PATH, json=foreign)
     assert r.status == 401 and f"issued to MAC {MAC1}, not to this machine" in (await r.json())["error"]
-    r = await h.client.post("/v1/agent/register", json=good)
+    r = await h.client.post(REGISTER_PATH, json=good)
     assert r.status == 200
     RegisterReply.from_wire(await r.json())
-    r = await h.client.post("/v1/agent/register", json=good)
+    r = await h.client.post(REGISTER_PATH, json=good)
     assert r.status == 401 and "already used; boot the machine again" in (await r.json())["error"]
 
     token = await h.enrollment_token(MAC1)
     h.clock.now += h.config.enrollment_ttl + 30
-    r = await h.client.post("/v1/agent/register", json={**good, "enrollment_token": token})
+    r = await h.client.post(REGISTER_PATH, json={**good, "enrollment_token": token})
     assert r.status == 401 and "expired 30s ago" in (await r.json())["error"]
 
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-    r = await h.client.post("/v1/agent/register", json={**good, "enrollment_token": forged})
+    r = await h.client.post(REGISTER_PATH, json={**good, "enrollment_token": forged})
     assert r.status == 401 and "unknown" in (await r.json())["error"]
 
 
@@ -72,9 +82,9 @@ async def test_re_registering_replaces_the_agent_token(aiohttp_client: AioClient
     machine_id = await h.enroll(MAC1)
     old = h.agents[machine_id]
     assert machine_id == await h.enroll(MAC1)  # same machine (same UUID and MAC)
-    r = await h.client.post("/v1/agent/heartbeat", json={}, headers={"Authorization": f"Bearer {old}"})
+    r = await h.client.post(HEARTBEAT_PATH, json={}, headers={"Authorization": f"Bearer {old}"})
     assert r.status == 401
-    r = await h.client.post("/v1/agent/heartbeat", json={}, headers=h.agent(machine_id))
+    r = await h.client.post(HEARTBEAT_PATH, json={}, headers=h.agent(machine_id))
     assert r.status == 200 and await r.json() == {"cancel": []}
     history = await (await h.client.get(f"/v1/machines/{machine_id}", headers=h.op)).json()
     assert len(history["inventory_history"]) == 2
@@ -86,7 +96,7 @@ async def test_long_poll_is_bounded_and_wakes_on_a_new_job(aiohttp_client: AioCl
     t0 = time.monotonic()
     assert await h.claim(machine_id, wait=0.2) is None
     assert 0.2 <= time.monotonic() - t0 < 1.0
-    r = await h.client.get("/v1/agent/jobs/next", params={"wait": "99"}, headers=h.agent(machine_id))
+    r = await h.client.get(NEXT_JOB_PATH, params={"wait": "99"}, headers=h.agent(machine_id))
     assert r.status == 400 and (await r.json())["field"] == "wait"
 
     poll = asyncio.create_task(h.claim(machine_id, wait=5))
@@ -103,7 +113,7 @@ async def test_events_are_idempotent_and_gaps_refused(aiohttp_client: AioClient,
     machine_id = await h.enroll(MAC1)
     job = await h.create_job(machine_id)
     await h.claim(machine_id)
-    url = f"/v1/agent/jobs/{job['id']}/events"
+    url = job_events_path(job["id"])
 
     async def post(*seqs: int, attempt: int = 1) -> tuple[int, dict[str, object]]:
         body = {"attempt": attempt, "events": [event(s, f"e{s}", done=s * 10, total=100) for s in seqs]}
@@ -124,13 +134,13 @@ async def test_events_are_idempotent_and_gaps_refused(aiohttp_client: AioClient,
     assert (shown["done"], shown["total"]) == (40, 100)
 
     finish = {"attempt": 1, "result": {"outcome": "succeeded", "message": "ok"}}
-    r = await h.client.post(f"/v1/agent/jobs/{job['id']}/finish", json=finish, headers=h.agent(machine_id))
+    r = await h.client.post(job_finish_path(job["id"]), json=finish, headers=h.agent(machine_id))
     assert r.status == 200 and (await r.json())["state"] == "succeeded"
-    r = await h.client.post(f"/v1/agent/jobs/{job['id']}/finish", json=finish, headers=h.agent(machine_id))
+    r = await h.client.post(job_finish_path(job["id"]), json=finish, headers=h.agent(machine_id))
     assert r.status == 200  # a retried finish
     assert await post(3, 4) == (200, {"next_seq": 5})  # a retried post after the finish
     r = await h.client.post(
-        f"/v1/agent/jobs/{job['id']}/finish",
+        job_finish_path(job["id"]),
         json={**finish, "result": {"outcome": "failed"}},
         headers=h.agent(machine_id),
     )
@@ -147,9 +157,9 @@ async def test_an_agent_cannot_touch_another_machine(aiohttp_client: AioClient, 
     assert await h.claim(a) is None  # a never sees b's job
     before = await (await h.client.get(f"/v1/jobs/{job_b['id']}", headers=h.op)).json()
     for path, body in (
-        (f"/v1/agent/jobs/{job_b['id']}/events", {"attempt": 1, "events": [event(1)]}),
-        (f"/v1/agent/jobs/{job_b['id']}/finish", {"attempt": 1, "result": {"outcome": "failed"}}),
-        ("/v1/agent/heartbeat", {"job_id": job_b["id"]}),
+        (job_events_path(job_b["id"]), {"attempt": 1, "events": [event(1)]}),
+        (job_finish_path(job_b["id"]), {"attempt": 1, "result": {"outcome": "failed"}}),
+        (HEARTBEAT_PATH, {"job_id": job_b["id"]}),
     ):
         r = await h.client.post(path, json=body, headers=h.agent(a))
         assert r.status == 404, path
@@ -171,12 +181,12 @@ async def test_heartbeat_renews_the_lease_and_reports_cancellation(
     job = await h.create_job(machine_id, "deploy", image="tiny:1")
     await h.claim(machine_id)
     h.clock.now += 50
-    r = await h.client.post("/v1/agent/heartbeat", json={"job_id": job["id"]}, headers=h.agent(machine_id))
+    r = await h.client.post(HEARTBEAT_PATH, json={"job_id": job["id"]}, headers=h.agent(machine_id))
     assert await r.json() == {"cancel": []}
     shown = await (await h.client.get(f"/v1/jobs/{job['id']}", headers=h.op)).json()
     assert shown["lease_deadline"] == h.clock.now + 60
     await h.client.post(f"/v1/jobs/{job['id']}/cancel", headers=h.op)
-    r = await h.client.post("/v1/agent/heartbeat", json={"job_id": job["id"]}, headers=h.agent(machine_id))
+    r = await h.client.post(HEARTBEAT_PATH, json={"job_id": job["id"]}, headers=h.agent(machine_id))
     assert await r.json() == {"cancel": [job["id"]]}
     machine = await (await h.client.get(f"/v1/machines/{machine_id}", headers=h.op)).json()
     assert machine["state"] == "failed"  # a deploy cut short leaves the disk unknown
@@ -221,11 +231,11 @@ async def test_inventory_updates_go_to_the_agents_own_machine(
     a = await h.enroll(MAC1, uuid="uuid-a")
     b = await h.enroll(MAC2, uuid="uuid-b", hostname="node2")
     fresh = inventory("uuid-a", (MAC1,), "renamed").to_wire()
-    r = await h.client.post("/v1/agent/inventory", json=fresh, headers=h.agent(a))
+    r = await h.client.post(INVENTORY_PATH, json=fresh, headers=h.agent(a))
     assert r.status == 200
     shown = await (await h.client.get(f"/v1/machines/{a}", headers=h.op)).json()
     assert shown["hostname"] == "renamed" and len(shown["inventory_history"]) == 2
-    r = await h.client.post("/v1/agent/inventory", json=fresh, headers=h.agent(b))  # a's identity, b's token
+    r = await h.client.post(INVENTORY_PATH, json=fresh, headers=h.agent(b))  # a's identity, b's token
     assert r.status == 409 and "inventory.system.uuid is uuid-a, expected uuid-b" in (await r.json())["error"]
     other = await (await h.client.get(f"/v1/machines/{b}", headers=h.op)).json()
     assert other["hostname"] == "node2" and len(other["inventory_history"]) == 1

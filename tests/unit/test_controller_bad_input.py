@@ -21,7 +21,18 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.protocol import EventBatch, FinishRequest, Heartbeat, ProtocolError, RegisterRequest
+from agent.protocol import (
+    HEARTBEAT_PATH,
+    NEXT_JOB_PATH,
+    REGISTER_PATH,
+    EventBatch,
+    FinishRequest,
+    Heartbeat,
+    ProtocolError,
+    RegisterRequest,
+    job_events_path,
+    job_finish_path,
+)
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
 from controller.config import Config
@@ -84,14 +95,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     with urllib.request.urlopen(f"{live.url}/boot/ipxe?mac={mac}") as r:
         token = r.read().decode().split("sledge.token=")[1].split()[0]
     body = json.dumps({"enrollment_token": token, "inventory": inventory(macs=(mac,)).to_wire()}).encode()
-    status, reply = live.call("POST", "/v1/agent/register", body)
+    status, reply = live.call("POST", REGISTER_PATH, body)
     assert status == 200
     live.agent = reply["agent_token"]
     status, job = live.call(
         "POST", "/v1/jobs", json.dumps({"machine": mac, "kind": "inventory"}).encode(), live.operator
     )
     live.job_id = job["id"]
-    status, _ = live.call("GET", "/v1/agent/jobs/next?wait=0", None, live.agent)
+    status, _ = live.call("GET", f"{NEXT_JOB_PATH}?wait=0", None, live.agent)
     assert status == 200
     yield live
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
@@ -113,10 +124,10 @@ def refused(
 
 def endpoints(live: Live) -> list[tuple[str, str, str | None]]:
     return [
-        ("POST", "/v1/agent/register", None),
-        ("POST", "/v1/agent/heartbeat", live.agent),
-        ("POST", f"/v1/agent/jobs/{live.job_id}/events", live.agent),
-        ("POST", f"/v1/agent/jobs/{live.job_id}/finish", live.agent),
+        ("POST", REGISTER_PATH, None),
+        ("POST", HEARTBEAT_PATH, live.agent),
+        ("POST", job_events_path(live.job_id), live.agent),
+        ("POST", job_finish_path(live.job_id), live.agent),
         ("POST", "/v1/jobs", live.operator),
         ("POST", "/v1/images", live.operator),
         ("PATCH", "/v1/machines/52:54:00:00:00:01", live.operator),
@@ -143,17 +154,17 @@ def test_malformed_bodies(live: Live, body: bytes, ctype: str, message: str) -> 
 def test_oversize_body(live: Live) -> None:
     body = json.dumps({"attempt": 1, "events": [event(1, "x" * 4000)] * 20}).encode()
     assert len(body) > 64 << 10
-    reply = refused(live, "POST", f"/v1/agent/jobs/{live.job_id}/events", body, live.agent)
+    reply = refused(live, "POST", job_events_path(live.job_id), body, live.agent)
     assert "at most 65536 bytes" in reply["error"]
 
 
 @pytest.mark.parametrize(
     ("path", "body", "field", "expected"),
     [
-        ("/v1/agent/register", {"enrollment_token": 5, "inventory": {}}, "enrollment_token", "a string"),
-        ("/v1/agent/register", {"enrollment_token": "x"}, "inventory", "a value (required)"),
-        ("/v1/agent/heartbeat", {"job_id": "../etc"}, "job_id", "a string matching"),
-        ("/v1/agent/heartbeat", {"job_id": "j-0123456789ab", "cpu": 1}, "cpu", "one of the fields"),
+        (REGISTER_PATH, {"enrollment_token": 5, "inventory": {}}, "enrollment_token", "a string"),
+        (REGISTER_PATH, {"enrollment_token": "x"}, "inventory", "a value (required)"),
+        (HEARTBEAT_PATH, {"job_id": "../etc"}, "job_id", "a string matching"),
+        (HEARTBEAT_PATH, {"job_id": "j-0123456789ab", "cpu": 1}, "cpu", "one of the fields"),
         ("EVENTS", {"attempt": "1", "events": []}, "attempt", "an integer in [1, 2147483648]"),
         (
             "EVENTS",
@@ -194,8 +205,8 @@ def test_wrong_types_and_fields_are_named(
     live: Live, path: str, body: dict[str, Any], field: str, expected: str
 ) -> None:
     path = {
-        "EVENTS": f"/v1/agent/jobs/{live.job_id}/events",
-        "FINISH": f"/v1/agent/jobs/{live.job_id}/finish",
+        "EVENTS": job_events_path(live.job_id),
+        "FINISH": job_finish_path(live.job_id),
     }.get(path, path)
     token = None if path.endswith("register") else live.operator if path == "/v1/jobs" else live.agent
     reply = refused(live, "POST", path, json.dumps(body).encode(), token)
@@ -221,7 +232,7 @@ def test_wrong_types_and_fields_are_named(
         ("GET", "/boot/ipxe", False, "field 'mac': expected the booting NIC's MAC"),
         (
             "POST",
-            "/v1/agent/jobs/j-000000000000/finish",
+            job_finish_path("j-000000000000"),
             False,
             "job j-000000000000: no such job for machine",
         ),
@@ -269,8 +280,8 @@ _keys = st.sampled_from(
 )
 _shaped = st.dictionaries(_keys, _json, max_size=4)
 _parsers = {
-    "/v1/agent/register": RegisterRequest.from_wire,
-    "/v1/agent/heartbeat": Heartbeat.from_wire,
+    REGISTER_PATH: RegisterRequest.from_wire,
+    HEARTBEAT_PATH: Heartbeat.from_wire,
     "events": EventBatch.from_wire,
     "finish": FinishRequest.from_wire,
 }

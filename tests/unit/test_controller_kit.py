@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from agent.hardware.model import Cpu, Inventory, Memory, Nic, System
 from agent.image.manifest import ChunkEntry, ChunkKind, Encoding, Manifest, Metadata
-from agent.protocol import Event, EventKind
+from agent.protocol import NEXT_JOB_PATH, REGISTER_PATH, Event, EventKind
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
 from controller.config import Config
@@ -86,7 +86,7 @@ class Harness:
         uuid = uuid or f"4c4c4544-0000-1000-8000-{mac.replace(':', '')}"
         token = await self.enrollment_token(mac)
         body = {"enrollment_token": token, "inventory": inventory(uuid, (mac,), hostname).to_wire()}
-        response = await self.client.post("/v1/agent/register", json=body)
+        response = await self.client.post(REGISTER_PATH, json=body)
         assert response.status == 200, await response.text()
         reply = await response.json()
         self.agents[reply["machine_id"]] = reply["agent_token"]
@@ -102,7 +102,7 @@ class Harness:
 
     async def claim(self, machine_id: str, wait: float = 0) -> dict[str, Any] | None:
         response = await self.client.get(
-            "/v1/agent/jobs/next", params={"wait": str(wait)}, headers=self.agent(machine_id)
+            NEXT_JOB_PATH, params={"wait": str(wait)}, headers=self.agent(machine_id)
         )
         if response.status == 204:
             return None

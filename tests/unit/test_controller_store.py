@@ -65,7 +65,7 @@ def test_a_mac_moves_to_the_machine_that_claims_it(store: Store) -> None:
 def test_a_failed_transaction_changes_nothing(store: Store) -> None:
     with store.transaction() as tx:
         tx.put_machine(machine())
-    with pytest.raises(RuntimeError), store.transaction() as tx:
+    with pytest.raises(RuntimeError, match="boom"), store.transaction() as tx:
         tx.put_job(job("j-000000000001"))
         tx.add_event(ev("j-000000000001", 1))
         tx.delete_machine("m-000000000001")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -185,6 +186,8 @@ CASES: list[tuple[dict[str, Any] | None, str | type[Exception]]] = [
     ({"serial": "<in> 1234567812"}, AmbiguousDisks),
     ({"vendor": "<or> seagate <or> hpe", "rotational": True}, "sdb"),
     ({"vendor": "<OR> Seagate <or> HPE", "rotational": False}, "sdc"),
+    ({"vendor": "<or> seagate <or> hpe <or>", "rotational": True}, "sdb"),
+    ({"vendor": "<or> seagate <or> <or>", "rotational": True}, "sdb"),
     ({"serial": "<or> PHAB1234567812ABC <or> nothing"}, "nvme0n1"),
     ({"serial": "s!= PHAB1234567812ABC", "tran": "nvme"}, "nvme1n1"),
     ({"serial": "s!= anything", "hctl": "3:2:0:0"}, NoMatchingDisk),  # sdc has no serial: no match
@@ -205,6 +208,7 @@ CASES: list[tuple[dict[str, Any] | None, str | type[Exception]]] = [
     ({"size": "> 447", "tran": "sata"}, "sda"),
     ({"size": "!= 100", "tran": "sas", "rotational": False}, "sdc"),
     ({"size": "<or> 100 <or> 200"}, "sdd"),
+    ({"size": "<or> 100 <or> 200 <or>"}, "sdd"),  # a trailing <or>, as Ironic's tests write it
     ({"size": "<range-in> [ 440 450 ]"}, "sda"),
     ({"size": "<range-in> [100 101)"}, "sdd"),
     ({"size": "<range-in> ( 100 447 ]"}, NoMatchingDisk),
@@ -269,7 +273,6 @@ INVALID: list[tuple[object, str]] = [
     ({"size": "<range-in> (10)"}, "size"),
     ({"size": "<range-in> ( 20 10 )"}, "size"),
     ({"size": "<range-in> { 1 2 }"}, "size"),
-    ({"size": "<or> 10 <or>"}, "size"),
     ({"size": None}, "size"),
     ({"size": [10]}, "size"),
     ({"serial": 12345}, "serial"),
@@ -283,6 +286,8 @@ INVALID: list[tuple[object, str]] = [
     ({"serial": "<range-in> [ 1 2 ]"}, "serial"),
     ({"serial": "<or>"}, "serial"),
     ({"serial": "<or> a <or> <or> b"}, "serial"),
+    ({"serial": "<or> <or> b"}, "serial"),
+    ({"size": "<or> 10 <or> <or> 20"}, "size"),
     ({"model": None}, "model"),
     ({"by_path": ["a", "b"]}, "by_path"),
     ({"rotational": "maybe"}, "rotational"),
@@ -354,6 +359,7 @@ DEFAULT_CASES: list[tuple[tuple[Disk, ...], str | type[Exception], str]] = [
     ((disk("zram0", 8 * GiB, kind="zram"),), NoMatchingDisk, "zram device"),
     ((disk("ram0", 8 * GiB, kind="ram"),), NoMatchingDisk, "ram device"),
     ((disk("sr0", 8 * GiB, kind="rom"),), NoMatchingDisk, "rom device"),
+    ((disk("sr0", 8 * GiB, kind="rom"), disk("sda", 8 * GiB)), "sda", ""),
     ((disk("sda", 8 * GiB, read_only=True),), NoMatchingDisk, "read-only"),
     ((disk("sda", 8 * GiB, holds_root=True, mounts=("/",)),), NoMatchingDisk, "running system"),
     ((disk("sda", 8 * GiB, mounts=("[SWAP]",)),), NoMatchingDisk, r"mounted \(\[SWAP\]\)"),
@@ -376,6 +382,26 @@ def test_default_choice(disks: tuple[Disk, ...], expected: str | type[Exception]
 def test_refusal_reasons() -> None:
     assert refusal(DISKS[0]) is None
     assert refusal(disk("x", 0)) == "refused: empty (no medium or not attached)"
+
+
+# A writable ROM device with a medium (a DVD-RAM) matches these hints, and is still never chosen:
+# Ironic never lists ROM devices. sr* is a SCSI CD/DVD drive whatever kind the inventory gave it.
+WRITABLE_ROMS = [
+    (disk("sr0", 8 * GiB, kind="rom", serial="DVDRAM1", tran="sata"), {"serial": "DVDRAM1"}),
+    (disk("sr0", 8 * GiB, kind="rom", serial="DVDRAM1", tran="sata"), {"name": "sr0"}),
+    (disk("sr1", 8 * GiB, kind="disk", serial="DVDRAM2"), {"serial": "DVDRAM2"}),
+    (disk("vdz", 8 * GiB, kind="rom", serial="ROM3"), {"size": "8"}),
+]
+
+
+@pytest.mark.parametrize(("rom", "hints"), WRITABLE_ROMS, ids=[r.name + str(h) for r, h in WRITABLE_ROMS])
+def test_a_rom_device_is_never_a_candidate(rom: Disk, hints: dict[str, str]) -> None:
+    assert not rom.read_only and rom.size > 0 and first_mismatch(parse_hints(hints), rom) is None
+    assert refusal(rom) == "refused: a rom device (CD/DVD drive)"
+    with pytest.raises(NoMatchingDisk, match="rom device"):
+        select_disk((rom,), hints)
+    plain = dataclasses.replace(rom, name="sdq", path="/dev/sdq", kind="disk")
+    assert select_disk((rom, plain), {"size": "8"}) == plain
 
 
 # -- properties ----------------------------------------------------------------------------------
@@ -431,3 +457,46 @@ def test_size_is_compared_unrounded(size: int, gib: int) -> None:
     for op, holds in (("==", size == gib * GiB), (">=", size >= gib * GiB), ("<", size < gib * GiB)):
         hints = parse_hints({"size": f"{op} {gib}"})
         assert (first_mismatch(hints, d[0]) is None) == holds
+
+
+@st.composite
+def hints_from_a_usable_disk(draw: st.DrawFn) -> tuple[Disk, dict[str, str]]:
+    """A usable disk and 1-4 hints written from its own inventory, as an operator would copy them
+    (the random hints above almost never match a disk: this is the property's matching half)."""
+    source = draw(st.sampled_from([d for d in DISKS if refusal(d) is None]))
+    hints: dict[str, str] = {}
+    for name in draw(st.lists(st.sampled_from(HINT_NAMES), min_size=1, max_size=4, unique=True)):
+        if name == "size":
+            low, high = source.size // GiB, -(-source.size // GiB)
+            hints[name] = draw(st.sampled_from([f">= {low}", f"<= {high}", f">={low}"]))
+        elif name == "rotational":
+            hints[name] = draw(st.sampled_from(["true", "1", "yes"] if source.rotational else ["false", "0"]))
+        else:
+            prefix = {"name": "/dev/", "by_path": "/dev/disk/by-path/", "by_id": "/dev/disk/by-id/"}.get(name)
+            links = getattr(source, name) if name in ("by_path", "by_id") else (getattr(source, name),)
+            if name == "name":
+                links = (source.path,)
+            values = [v for v in links if v]
+            if not values:
+                continue  # the disk has no such value to copy
+            value = draw(st.sampled_from(values))
+            if prefix and draw(st.booleans()):
+                value = value.removeprefix(prefix)  # relative, as Ironic allows for these
+            # string hints ignore case (test above); paths are compared as written
+            hints[name] = value if prefix else draw(st.sampled_from([value, value.upper(), value.lower()]))
+    return source, hints or {"name": source.path}  # no hints at all would be the default choice
+
+
+@given(hints_from_a_usable_disk())
+def test_hints_copied_from_a_usable_disk_select_it_or_say_which_others_match(
+    case: tuple[Disk, dict[str, str]],
+) -> None:
+    source, hints = case
+    parsed = parse_hints(hints)
+    assert first_mismatch(parsed, source) is None, hints
+    matching = [d for d in DISKS if refusal(d) is None and first_mismatch(parsed, d) is None]
+    if len(matching) == 1:
+        assert select_disk(DISKS, hints) == source
+    else:
+        with pytest.raises(AmbiguousDisks):
+            select_disk(DISKS, hints)

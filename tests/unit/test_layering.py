@@ -62,6 +62,7 @@ def test_every_command_is_defined_by_the_module_the_cli_lists_for_it() -> None:
 CONTROLLER_MAY_USE = (
     "agent.protocol",
     "agent.codec",
+    "agent.wire",
     "agent.image",
     "agent.hardware.model",
     "agent.hardware.wire",
@@ -105,3 +106,36 @@ def test_the_layering_rule_catches_a_runtime_import(tmp_path: Path) -> None:
     names = {name for _, name in _agent_imports(tmp_path)}
     assert names == {"agent.runtime.loop", "agent.cli"}
     assert not any(n.startswith(ok) for n in names for ok in CONTROLLER_MAY_USE)
+
+
+def test_boto3_is_loaded_only_when_a_bucket_is_used() -> None:
+    """The live image installs the agent's dependencies alone; a controller on a local store
+    runs without the `sledge[s3]` extra."""
+    code = (
+        "import importlib, pkgutil, sys, agent\n"
+        "for m in pkgutil.walk_packages(agent.__path__, prefix='agent.'): importlib.import_module(m.name)\n"
+        "import controller.cli, controller.app, controller.images.s3\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_disk_format_package_uses_no_other_agent_package() -> None:
+    # agent.disk is shared by the writer, drift, seed and erase: it must not reach back into them.
+    offenders = []
+    for path in (AGENT_DIR / "disk").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [
+                f"{path.name}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] == "agent" and not n.startswith("agent.disk") and n != "agent.errors"
+            ]
+    assert offenders == []

@@ -1,25 +1,64 @@
 """The jobs an operator can give an agent. Each is a function (JobContext) -> Outcome.
 
-They decide and report; the machine's I/O (inventory, devices, power) comes
-through the injected Machine, so the job loop runs in tests with a fake one.
+They decide and report; the machine's I/O comes through injected interfaces, each
+with a fake beside the real one (agent.runtime.machine, agent.runtime.devices):
+Machine (inventory, power), Sources (base URLs -> chunk sources) and Disks (device
+path -> open target). So every job runs in tests with no server and no disk.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent import protocol as p
 from agent.hardware.model import Disk, Inventory
 from agent.runtime.config import AgentConfig
+from agent.runtime.seed import SeedContent, SeedReport
+from agent.writer.device import OpenTarget
+from agent.writer.sources import ChunkSource
 
 
+@runtime_checkable
 class Machine(Protocol):
     def inventory(self) -> Inventory: ...
 
     def power(self, action: p.PowerAction) -> None: ...
+
+
+@runtime_checkable
+class Sources(Protocol):
+    def open(self, bases: Sequence[str]) -> list[ChunkSource]:
+        """Chunk sources for the store base URLs, in order (the caller closes them)."""
+        ...
+
+
+@runtime_checkable
+class Disks(Protocol):
+    def open_write(self, path: str, image_size: int) -> OpenTarget:
+        """The disk opened to be written (TargetError when it must not be, or is too small)."""
+        ...
+
+    def open_read(self, path: str) -> OpenTarget:
+        """The disk opened only to be read (verify)."""
+        ...
+
+    def write_seed(self, path: str, content: SeedContent) -> SeedReport:
+        """A cloud-init seed partition added to the deployed disk."""
+        ...
+
+
+def check_io(machine: object, sources: object, disks: object) -> None:
+    """At start, not mid-job: each injected piece has every method its interface names."""
+    for name, value, kind in (
+        ("machine", machine, Machine),
+        ("sources", sources, Sources),
+        ("disks", disks, Disks),
+    ):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name}: expected a {kind.__name__} implementation, got {type(value).__name__}")
 
 
 Emit = Callable[[p.EventKind, str, "int | None", "int | None"], None]
@@ -30,6 +69,8 @@ class JobContext:
     assignment: p.Assignment
     config: AgentConfig
     machine: Machine
+    sources: Sources
+    disks: Disks
     emit: Emit
     cancel: threading.Event
     post_inventory: Callable[[Inventory], None]
@@ -46,7 +87,7 @@ class JobContext:
     def progress(self, message: str, done: int, total: int) -> None:
         self.emit(p.EventKind.PROGRESS, message, done, total)
 
-    def sources(self) -> tuple[str, ...]:
+    def source_urls(self) -> tuple[str, ...]:
         if self.assignment.sources:
             return self.assignment.sources
         return (self.config.controller.rstrip("/") + p.STORE_PATH.rstrip("/"),)

@@ -5,26 +5,22 @@ from __future__ import annotations
 import time
 
 from agent import protocol as p
-from agent.hardware.hints import HintError, SelectionError
-from agent.image.chunk import ChunkInvalid
+from agent.disk.errors import DiskError
+from agent.hardware.errors import HardwareError
+from agent.image.errors import ImageError
 from agent.progress import human_bytes
 from agent.runtime.backoff import Backoff
 from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
-from agent.runtime.seed import SeedContent, SeedError, write_seed
-from agent.writer.device import open_for_read, open_target
-from agent.writer.errors import BadManifest, FetchError, ManifestUnavailable, VerifyFailed, WriteError
+from agent.runtime.seed import SeedContent
+from agent.writer.errors import BadManifest, ManifestUnavailable, VerifyFailed, WriteError
 from agent.writer.events import Event, Progress, SourceFailed
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import LoadedManifest, load_manifest
 from agent.writer.pipeline import WriteOptions, Writer
-from agent.writer.sources import ChunkSource, HttpSource
+from agent.writer.sources import ChunkSource
 
 # An agent outlives short controller outages: about a minute of retries per chunk.
 PATIENT = RetryPolicy(retries=10, backoff=0.5, max_backoff=10.0)
-
-
-def _sources(ctx: JobContext) -> list[ChunkSource]:
-    return [HttpSource(url, ca_file=ctx.config.ca) for url in ctx.sources()]
 
 
 def _manifest(ctx: JobContext, sources: list[ChunkSource]) -> LoadedManifest:
@@ -72,22 +68,22 @@ def deploy(ctx: JobContext) -> Outcome:
     )
     try:
         disk = choose_disk(ctx)
-    except (HintError, SelectionError) as exc:
+    except HardwareError as exc:
         return failed(f"disk selection: {exc}")
-    sources = _sources(ctx)
+    sources = ctx.sources.open(ctx.source_urls())
     try:
         ctx.stage(f"manifest {params.manifest_digest} from {', '.join(s.name for s in sources)}")
         loaded = _manifest(ctx, sources)
         manifest = loaded.manifest
         ctx.stage(f"writing {image} ({human_bytes(manifest.image_size)}) to {disk.path}")
-        target = open_target(disk.path, manifest.image_size)
+        target = ctx.disks.open_write(disk.path, manifest.image_size)
         try:
             options = WriteOptions(workers=ctx.config.workers, retry=PATIENT)
             writer = Writer(manifest, loaded.digest, sources, target, options, _listener(ctx), ctx.cancel)
             report = writer.run()
         finally:
             target.close()
-    except (WriteError, FetchError, ChunkInvalid, OSError) as exc:
+    except (WriteError, ImageError, OSError) as exc:
         return failed(f"deploy of {image} to {disk.path}: {exc}", disk.path)
     finally:
         for s in sources:
@@ -96,8 +92,8 @@ def deploy(ctx: JobContext) -> Outcome:
     if params.cloud_init:
         try:
             content = SeedContent.from_cloud_init(params.cloud_init, instance_id=ctx.assignment.job_id)
-            seed = write_seed(disk.path, content)
-        except (SeedError, OSError) as exc:
+            seed = ctx.disks.write_seed(disk.path, content)
+        except (DiskError, WriteError, OSError) as exc:  # SeedError, or the disk refused
             return failed(
                 f"{image} written to {disk.path}, but the cloud-init seed was not: {exc}", disk.path
             )
@@ -117,18 +113,18 @@ def deploy(ctx: JobContext) -> Outcome:
 def verify(ctx: JobContext) -> Outcome:
     try:
         disk = choose_disk(ctx)
-    except (HintError, SelectionError) as exc:
+    except HardwareError as exc:
         return failed(f"disk selection: {exc}")
-    sources = _sources(ctx)
+    sources = ctx.sources.open(ctx.source_urls())
     try:
         loaded = _manifest(ctx, sources)
         ctx.stage(f"comparing {disk.path} with manifest {loaded.digest[:16]}")
-        target = open_for_read(disk.path)
+        target = ctx.disks.open_read(disk.path)
         try:
             drift = Writer(loaded.manifest, loaded.digest, sources, target, cancel=ctx.cancel).drift()
         finally:
             target.close()
-    except (WriteError, FetchError, OSError) as exc:
+    except (WriteError, ImageError, OSError) as exc:
         return failed(f"verify of {disk.path}: {exc}", disk.path)
     finally:
         for s in sources:
@@ -137,7 +133,8 @@ def verify(ctx: JobContext) -> Outcome:
     if drift.table_only:
         chunks = ", ".join(str(c.index) for c in drift.table_only)
         note = f" (chunks {chunks} differ only in the partition table sledge updated at deploy)"
-    if drift.drifted:
-        return failed(f"{disk.path} does not match the image: {VerifyFailed(drift.drifted)}{note}", disk.path)
+    if not drift.clean:
+        failure = VerifyFailed(drift.drifted, drift.tables)
+        return failed(f"{disk.path} does not match the image: {failure}{note}", disk.path)
     message = f"{disk.path} matches manifest {loaded.digest}{note}"
     return Outcome(p.JobResult(p.Outcome.SUCCEEDED, message, disk.path))

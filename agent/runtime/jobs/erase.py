@@ -3,8 +3,11 @@
     metadata  zero where signatures live: both ends of the disk (MBR, both GPT
               copies, md 0.90/1.0 superblocks at the end, LVM, most filesystems),
               the same at each partition's start and end, and btrfs's superblock
-              copies at 64 MiB and 256 GiB. A new partition table cannot bring an
-              old filesystem or RAID member back to life.
+              copies at 64 MiB and 256 GiB. Partitions are those the kernel, the
+              MBR (with its EBR chain) or either GPT copy lists, trusted or not,
+              read by agent.disk.tables; every GPT header and entry array found is
+              zeroed where the headers put it. A new partition table cannot bring
+              an old filesystem or RAID member back to life.
     full      every byte: BLKZEROOUT, which the kernel turns into WRITE ZEROES
               (unmapping where the device guarantees zeroes after it) or plain
               zero writes. Discard alone is never trusted to zero.
@@ -22,14 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from agent import blockdev
 from agent import protocol as p
-from agent.hardware.hints import HintError, SelectionError, refusal, select_disk
+from agent.disk.tables import Tables, read_tables
+from agent.hardware.errors import HardwareError
+from agent.hardware.hints import refusal, select_disk
 from agent.hardware.model import Disk
 from agent.progress import human_bytes
 from agent.runtime.jobs import JobContext, Outcome, failed
-from agent.runtime.partitions import mbr_partitions
-from agent.writer.device import open_target
 from agent.writer.errors import WriteError
-from agent.writer.gpt import gpt_partitions, is_gpt
 
 MiB = 1 << 20
 EDGE = 16 * MiB
@@ -38,9 +40,14 @@ STEP = 256 * MiB
 NEVER = ("loop", "ram", "zram", "rom")
 
 
-def metadata_ranges(size: int, partitions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Pure: the (offset, length) ranges a metadata erase zeroes, merged and inside the disk."""
-    spans: list[tuple[int, int]] = []
+def metadata_ranges(
+    size: int, partitions: Sequence[tuple[int, int]], extra: Sequence[tuple[int, int]] = ()
+) -> list[tuple[int, int]]:
+    """Pure: the (offset, length) ranges a metadata erase zeroes, merged and inside the disk;
+    `extra` (GPT headers and arrays) are zeroed as they are."""
+    spans: list[tuple[int, int]] = [
+        (off, min(n, size - off)) for off, n in extra if 0 <= off < size and n > 0
+    ]
     for start, length in [(0, size), *partitions]:
         end = min(start + length, size)
         if end <= start:
@@ -59,18 +66,13 @@ def metadata_ranges(size: int, partitions: Sequence[tuple[int, int]]) -> list[tu
     return merged
 
 
-def table_partitions(head: bytes, sector: int) -> list[tuple[int, int]]:
-    """Pure: (start, size) in bytes of the partitions a GPT or MBR in `head` lists.
-
-    `head` holds the disk's first sectors (LBA 0 up to the end of the GPT entry
-    array). The erase reads the table itself rather than trusting the kernel's view:
-    a kernel that did not parse the table (or a stale one) must not hide a partition.
-    """
-    if is_gpt(head, sector):
-        return [(first * sector, (last - first + 1) * sector) for first, last in gpt_partitions(head, sector)]
-    if head[510:512] != b"\x55\xaa":
-        return []
-    return [(e.start * sector, e.sectors * sector) for e in mbr_partitions(head) if e.kind != 0xEE]
+def table_spans(tables: Tables) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Pure: (start, size) in bytes of every partition any table lists, trusted or not (a stranger's
+    disk: a copy the firmware would reject may still be the one another tool reads), and of every
+    GPT header and entry array seen, wherever the headers put them."""
+    s = tables.sector
+    parts = [(q.first * s, (q.last - q.first + 1) * s) for q in tables.partitions(trusted_only=False)]
+    return parts, tables.structures()
 
 
 def targets(ctx: JobContext) -> tuple[list[Disk], list[str]]:
@@ -99,19 +101,25 @@ class _Progress:
     def add(self, n: int) -> None:
         with self.lock:
             self.done += n
-            done = self.done
-        self.ctx.progress(f"erased {human_bytes(done)} of {human_bytes(self.total)}", done, self.total)
+            # the total was estimated from the kernel's partitions; the tables may list more
+            self.total = max(self.total, self.done)
+            done, total = self.done, self.total
+        self.ctx.progress(f"erased {human_bytes(done)} of {human_bytes(total)}", done, total)
 
 
 def _erase_one(ctx: JobContext, disk: Disk, mode: p.EraseMode, progress: _Progress) -> str:
-    target = open_target(disk.path, 0)
+    target = ctx.disks.open_write(disk.path, 0)
     try:
         size = target.size
         if mode is p.EraseMode.METADATA:
             sector = blockdev.logical_sector_size(target.buffered_fd)
-            head = os.pread(target.buffered_fd, 34 * sector + 128 * 128, 0)
-            parts = {(q.start, q.size) for q in disk.partitions} | set(table_partitions(head, sector))
-            ranges = metadata_ranges(size, sorted(parts))
+            # the erase reads the tables itself rather than trusting the kernel's view: a kernel
+            # that did not parse them (or a stale view) must not hide a partition
+            fd = target.buffered_fd
+            tables = read_tables(lambda offset, length: os.pread(fd, length, offset), size, sector)
+            listed, structures = table_spans(tables)
+            parts = {(q.start, q.size) for q in disk.partitions} | set(listed)
+            ranges = metadata_ranges(size, sorted(parts), structures)
         else:
             ranges = [(off, min(STEP, size - off)) for off in range(0, size, STEP)]
         for off, length in ranges:
@@ -130,7 +138,7 @@ def erase(ctx: JobContext) -> Outcome:
     mode = ctx.assignment.params.erase_mode
     try:
         disks, notes = targets(ctx)
-    except (HintError, SelectionError) as exc:
+    except HardwareError as exc:
         return failed(f"disk selection: {exc}")
     for note in notes:
         ctx.warn(note)

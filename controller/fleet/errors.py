@@ -3,9 +3,11 @@ they say only what is wrong, naming the object and what was expected."""
 
 from __future__ import annotations
 
+from controller.errors import ControllerError
 
-class FleetError(Exception):
-    pass
+
+class FleetError(ControllerError):
+    """A fleet operation that cannot be done as asked."""
 
 
 class NotFound(FleetError):

@@ -16,16 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from agent.runtime.partitions import SeedError
+from agent.disk.errors import SeedError, SeedTooLarge
 
 ROOT_ENTRIES = 512  # 16 KiB: a whole number of 512- and 4096-byte sectors
 SECTORS_PER_TRACK, HEADS = 32, 64  # as mkfs.fat for small disks; size is kept a multiple of a track
 MEDIA = 0xF8
 _SHORT_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'()-@^_`{}~")
-
-
-class SeedTooLarge(SeedError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -210,3 +206,30 @@ def volume_label(boot_sector: bytes) -> str | None:
     if boot_sector[off - 5] != 0x29:  # extended boot signature: the label field exists
         return None
     return boot_sector[off : off + 11].decode("ascii", "replace").rstrip()
+
+
+def is_seed_fat(
+    boot_sector: bytes, sector: int, start_lba: int, part_sectors: int, label: str = "CIDATA"
+) -> bool:
+    """Whether a partition's first sector is a FAT that build_fat made for that very partition.
+
+    A name or a type is what any tenant can write; this asks for the whole of sledge's boot
+    sector (geometry constants, label, FAT12/16, hidden sectors = the partition's start, a size
+    that fits it), so an ext4 or a stranger's FAT in a partition named cidata is never replaced.
+    """
+    if len(boot_sector) < 512 or volume_label(boot_sector) != label.upper():
+        return False
+    f = struct.unpack_from("<3s8sHBHBHHBHHHII", boot_sector)
+    jump, _, bps, per_cluster, reserved, fats, roots, small, media, fat_sectors, spt, heads, hidden, large = f
+    total = small or large
+    return (
+        jump == b"\xeb\x3c\x90"
+        and bps == sector
+        and per_cluster in {1, 2, 4, 8, 16, 32, 64}
+        and (reserved, fats, roots, media, spt, heads)
+        == (1, 2, ROOT_ENTRIES, MEDIA, SECTORS_PER_TRACK, HEADS)
+        and fat_sectors > 0
+        and hidden == start_lba
+        and 0 < total <= part_sectors
+        and boot_sector[54:62] in (b"FAT12   ", b"FAT16   ")
+    )
