@@ -14,6 +14,7 @@ from aiohttp import web
 
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
+from controller.boot.leases import DnsmasqLeases
 from controller.boot.prepare import BootNetwork, default_url, prepare
 from controller.boot.settings import DhcpOptions, parse_efi, parse_lease_time, parse_mode, parse_range
 from controller.boot.supervisor import Supervisor, cleanup_ctx, end_stale
@@ -182,7 +183,11 @@ def run(args: argparse.Namespace, base: Config) -> int:
         f" operator token {operator_token_path(config.data_dir)})",
         flush=True,
     )
-    app = make_app(config, store, operator_key=key)
+    # With sledge's own DHCP (full mode), an enrollment must also come from the address it leased
+    # to the machine's MAC (docs/trust.md); proxy mode leases nothing, so there is nothing to check.
+    lease_file = boot_network.lease_file if boot_network is not None else None
+    leases = DnsmasqLeases(lease_file) if lease_file is not None else None
+    app = make_app(config, store, operator_key=key, leases=leases)
     if boot_network is not None:
         stale = end_stale(boot_network.pid_file, boot_network.conf_file)
         if stale is not None:
