@@ -13,17 +13,25 @@ import agent
 AGENT_DIR = Path(agent.__file__).parent
 
 
-def test_no_agent_source_file_imports_controller() -> None:
-    offenders = []
-    for path in AGENT_DIR.rglob("*.py"):
+def imports(root: Path, package: str) -> list[tuple[str, str]]:
+    """(file:line, module) for every absolute import of `package` (or of its modules) under root;
+    `from agent import protocol` counts as agent.protocol."""
+    found = []
+    for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [f"{path}:{node.lineno} {n}" for n in names if n.split(".")[0] == "controller"]
-    assert offenders == []
+                names = (
+                    [node.module] if node.module != package else [f"{package}.{a.name}" for a in node.names]
+                )
+            found += [(f"{path}:{node.lineno}", n) for n in names if n.split(".")[0] == package]
+    return found
+
+
+def test_no_agent_source_file_imports_controller() -> None:
+    assert imports(AGENT_DIR, "controller") == []
 
 
 def test_importing_every_agent_module_loads_no_controller_module() -> None:
@@ -76,26 +84,13 @@ CONTROLLER_MAY_USE = (
 )
 
 
-def _agent_imports(root: Path) -> list[tuple[str, str]]:
-    found = []
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] if node.module != "agent" else [f"agent.{a.name}" for a in node.names]
-            found += [(f"{path}:{node.lineno}", n) for n in names if n.split(".")[0] == "agent"]
-    return found
-
-
 def test_the_controller_uses_only_the_agents_shared_pieces() -> None:
     controller_dir = AGENT_DIR.parent / "controller"
-    imports = _agent_imports(controller_dir)
-    assert any(name == "agent.protocol" for _, name in imports)  # the scan sees imports at all
+    found = imports(controller_dir, "agent")
+    assert any(name == "agent.protocol" for _, name in found)  # the scan sees imports at all
     offenders = [
         f"{where} {name}"
-        for where, name in imports
+        for where, name in found
         if not any(name == ok or name.startswith(ok + ".") for ok in CONTROLLER_MAY_USE)
     ]
     assert offenders == []
@@ -103,7 +98,7 @@ def test_the_controller_uses_only_the_agents_shared_pieces() -> None:
 
 def test_the_layering_rule_catches_a_runtime_import(tmp_path: Path) -> None:
     (tmp_path / "bad.py").write_text("from agent.runtime.loop import Agent\nimport agent.cli\n")
-    names = {name for _, name in _agent_imports(tmp_path)}
+    names = {name for _, name in imports(tmp_path, "agent")}
     assert names == {"agent.runtime.loop", "agent.cli"}
     assert not any(n.startswith(ok) for n in names for ok in CONTROLLER_MAY_USE)
 
@@ -124,18 +119,11 @@ def test_boto3_is_loaded_only_when_a_bucket_is_used() -> None:
 
 def test_the_disk_format_package_uses_no_other_agent_package() -> None:
     # agent.disk is shared by the writer, drift, seed and erase: it must not reach back into them.
-    offenders = []
-    for path in (AGENT_DIR / "disk").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            offenders += [
-                f"{path.name}:{node.lineno} {n}"
-                for n in names
-                if n.split(".")[0] == "agent" and not n.startswith("agent.disk") and n != "agent.errors"
-            ]
+    found = imports(AGENT_DIR / "disk", "agent")
+    assert any(name.startswith("agent.disk") for _, name in found)  # the scan sees imports at all
+    offenders = [
+        f"{where} {name}"
+        for where, name in found
+        if not name.startswith("agent.disk") and name != "agent.errors"
+    ]
     assert offenders == []
