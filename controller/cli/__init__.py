@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from agent.errors import SledgeError
-from controller.cli import images, operator, serve
+from controller.cli import images, operator, power, serve
 from controller.config import from_environ
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_parser(sub)
     serve.add_parser(sub)
     operator.add_parsers(sub)
+    power.add_local_parser(sub)
     return parser
 
 
@@ -28,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return images.run(args, config)
         if args.cmd == "serve":
             return serve.run(args, config)
+        if args.cmd == "bmc":
+            return power.rotate_key(args, config)
         if args.cmd in operator.COMMANDS:
             return operator.run(args, config)
     except (SledgeError, OSError, ValueError) as exc:
