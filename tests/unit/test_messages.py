@@ -30,8 +30,8 @@ from agent.wire import Bound, Message, fields_of
 from controller.api import openapi, views
 from controller.api.context import SERVICES
 from controller.app import routes
-from controller.power.bmc import FakeBmc
 from controller.cli import build_parser
+from controller.power.bmc import FakeBmc
 from controller.trust import fingerprint
 from tests.unit.test_controller_kit import AioClient, add_image, event, inventory, start
 
