@@ -41,6 +41,15 @@ class Bmc(Protocol):
         """The next boot (only) is from the network (PXE)."""
 
 
+_ACTIONS = {  # as the real drivers name them in errors
+    "status": "power status",
+    "on": "power on",
+    "off": "power off",
+    "cycle": "power cycle",
+    "pxe-once": "set one-time network boot",
+}
+
+
 @dataclass
 class FakeBmc:
     """A BMC in memory: records calls; `fail` makes every call raise with those words."""
@@ -57,7 +66,7 @@ class FakeBmc:
         if self.hang is not None:
             self.hang.wait()
         if self.fail:
-            raise BmcError(self.name, what, self.fail)
+            raise BmcError(self.name, _ACTIONS[what], self.fail)
 
     def power_state(self) -> PowerState:
         self._call("status")

@@ -32,8 +32,6 @@ class RedfishBmc:
         if self._system is None:
             root = sushy.Sushy(
                 self.address.base_url,
-                username=self._username,
-                password=self._password,
                 # HTTP basic auth: a Redfish session would outlive this one call and need logging out
                 auth=sushy.auth.BasicAuth(self._username, self._password),
                 verify=False,  # BMCs ship self-signed certificates; see docs/power.md

@@ -131,19 +131,17 @@ class Power:
         def run() -> T:
             return fn(self.connector(parse(record.address), record.username, password, timeout))
 
+        loop = asyncio.get_running_loop()
         self._busy.add(record.machine_id)
         self.requests += 1
-        future = asyncio.get_running_loop().run_in_executor(self._pool, run)
+        work = self._pool.submit(run)
+        # the machine stays busy until the worker returns, even past the timeout: a BMC that
+        # does not answer holds one worker, not one more per poll
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._busy.discard, record.machine_id))
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(work), timeout)
         except TimeoutError:
             raise BmcError(record.address, action, f"no answer within {timeout:g} s") from None
-        finally:
-            # a worker stuck past the timeout keeps the machine busy until it returns
-            if future.done():
-                self._busy.discard(record.machine_id)
-            else:
-                future.add_done_callback(lambda _: self._busy.discard(record.machine_id))
 
     def _remember(self, machine_id: str, power: PowerState, error: str = "") -> BmcRecord | None:
         with self.store.transaction() as tx:
