@@ -137,7 +137,11 @@ class Power:
         work = self._pool.submit(run)
         # the machine stays busy until the worker returns, even past the timeout: a BMC that
         # does not answer holds one worker, not one more per poll
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._busy.discard, record.machine_id))
+        def free(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the worker was stuck
+                loop.call_soon_threadsafe(self._busy.discard, record.machine_id)
+
+        work.add_done_callback(free)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(work), timeout)
         except TimeoutError:
