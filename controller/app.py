@@ -40,7 +40,12 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 async def metrics(request: web.Request) -> web.StreamResponse:
     svc = services(request)
-    return web.Response(text=svc.metrics.render(svc.ops.counts()), content_type="text/plain")
+    bmc = (
+        "# HELP sledge_bmc_requests_total Calls to BMCs (power status polls, actions, job power-ups).\n"
+        "# TYPE sledge_bmc_requests_total counter\n"
+        f"sledge_bmc_requests_total {svc.power.requests}\n"
+    )
+    return web.Response(text=svc.metrics.render(svc.ops.counts()) + bmc, content_type="text/plain")
 
 
 async def openapi_json(request: web.Request) -> web.StreamResponse:

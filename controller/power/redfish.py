@@ -50,8 +50,7 @@ class RedfishBmc:
             raise BmcError(self.name, action, self._words(exc)) from None
 
     def power_state(self) -> PowerState:
-        def ask(system: Any) -> PowerState:
-            system.refresh()
+        def ask(system: Any) -> PowerState:  # a driver lives for one call: the system was just read
             state = system.power_state
             return PowerState.ON if state in _ON else PowerState.OFF if state else PowerState.UNKNOWN
 
@@ -66,7 +65,6 @@ class RedfishBmc:
 
     def power_cycle(self) -> None:
         def cycle(system: Any) -> None:
-            system.refresh()
             on = system.power_state in _ON
             system.reset_system(sushy.ResetType.FORCE_RESTART if on else sushy.ResetType.ON)
 
