@@ -285,3 +285,25 @@ def test_a_bmc_record_needs_a_user_and_a_password(tmp_path: Path) -> None:
         power.set_bmc("m-1", "ipmi://10.0.0.6", "", "pw")
     with pytest.raises(PowerError, match="BMC password"):
         power.set_bmc("m-1", "ipmi://10.0.0.6", "admin", "two\nlines")
+
+
+async def test_the_poller_keeps_the_record_current_at_its_rate_and_survives_a_dead_bmc(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    for mid in ("m-1", "m-2"):
+        machine(store, mid)
+    up = FakeBmc("ipmi://10.0.0.1:623", state=PowerState.ON)
+    dead = FakeBmc("ipmi://10.0.0.2:623", fail="Error: Unable to establish IPMI v2 / RMCP+ session")
+    power = power_for(store, tmp_path, {up.name: up, dead.name: dead}, poll_interval=0.5, tick=0.05)
+    power.set_bmc("m-1", up.name, "admin", "Planted-Secret-77")
+    power.set_bmc("m-2", dead.name, "admin", "Planted-Secret-77")
+    task = asyncio.create_task(power.poll_loop())
+    await asyncio.sleep(3.0)
+    task.cancel()
+    await power.close()
+    records = power.records()
+    assert records["m-1"].power is PowerState.ON and records["m-1"].power_error == ""
+    assert records["m-2"].power is PowerState.UNKNOWN and "RMCP+" in records["m-2"].power_error
+    # 3 s at one poll per 0.5 s (jittered, first within the first interval): 5-7 each, never more
+    assert 4 <= len(up.calls) <= 7 and 4 <= len(dead.calls) <= 7, (up.calls, dead.calls)
