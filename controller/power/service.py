@@ -120,11 +120,15 @@ class Power:
     # -- calls -----------------------------------------------------------------------------------
 
     async def _call(self, record: BmcRecord, action: str, fn: Callable[[Bmc], T]) -> T:
-        if record.machine_id in self._busy:
-            raise BmcError(record.address, action, "another request to this BMC is still in progress")
+        timeout = self.policy.call_timeout
+        # one request per BMC at a time: wait (within the timeout) for one in flight, e.g. a poll
+        end = time.monotonic() + timeout
+        while record.machine_id in self._busy:
+            if time.monotonic() >= end:
+                raise BmcError(record.address, action, "another request to this BMC is still in progress")
+            await asyncio.sleep(0.05)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.policy.workers, thread_name_prefix="bmc")
-        timeout = self.policy.call_timeout
         # opened here, not earlier: the password is in memory only for the call
         password = vault.load(self.data_dir, create=False).open(record.sealed_password, record.machine_id)
 
