@@ -9,6 +9,8 @@ SledgeError (agent.errors)
     ├── AuthError          controller.auth: a token that is missing, malformed or wrong
     ├── ImageToolError     controller.images (also an OSError): SourceError, NbdError, ExportError,
     │                      SandboxError, ImageRefused (an image that names another file)
+    ├── PowerError         controller.power: BmcAddressError, VaultError (the key file), BmcError
+    │                      (the BMC's own words; the API answers 502)
     └── CliError           controller.cli.operator: what ends an operator command
 """
 
