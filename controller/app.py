@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent.protocol import STORE_PATH
 from controller import auth
-from controller.api import agent, boot, files, openapi, operator, views
+from controller.api import agent, boot, files, openapi, operator, power, views
 from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Services, services
 from controller.api.wire import errors_middleware, respond
 from controller.config import Config
@@ -25,6 +25,7 @@ from controller.fleet.agents import Fleet, Policy
 from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.metrics import Metrics
+from controller.power.service import Connector, Power, PowerPolicy, connect
 from controller.state.store import Store
 from controller.trust.leases import Leases
 from controller.trust.limits import FailureLimiter, Limit
@@ -40,7 +41,12 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 async def metrics(request: web.Request) -> web.StreamResponse:
     svc = services(request)
-    return web.Response(text=svc.metrics.render(svc.ops.counts()), content_type="text/plain")
+    bmc = (
+        "# HELP sledge_bmc_requests_total Calls to BMCs (power status polls, actions, job power-ups).\n"
+        "# TYPE sledge_bmc_requests_total counter\n"
+        f"sledge_bmc_requests_total {svc.power.requests}\n"
+    )
+    return web.Response(text=svc.metrics.render(svc.ops.counts()) + bmc, content_type="text/plain")
 
 
 async def openapi_json(request: web.Request) -> web.StreamResponse:
@@ -62,7 +68,7 @@ MISC = (
 
 
 def routes() -> tuple[Route, ...]:
-    return agent.ROUTES + operator.ROUTES + boot.ROUTES + files.ROUTES + MISC
+    return agent.ROUTES + operator.ROUTES + power.ROUTES + boot.ROUTES + files.ROUTES + MISC
 
 
 def _guard(route: Route) -> Handler:
@@ -104,6 +110,16 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _power_poller(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    task = asyncio.create_task(svc.power.poll_loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await svc.power.close()
+
+
 async def _on_shutdown(app: web.Application) -> None:
     svc = app[SERVICES]
     svc.stopping.set()
@@ -126,9 +142,10 @@ def make_app(
     operator_key: auth.OperatorKey | None = None,
     clock: Callable[[], float] = time.time,
     leases: Leases | None = None,
+    bmc_connector: Connector = connect,
 ) -> web.Application:
     """`leases`: sledge's own DHCP leases (enrollment must then come from the MAC's lease); None
-    when sledge runs no DHCP."""
+    when sledge runs no DHCP. `bmc_connector`: makes a Bmc for an address (tests pass fakes)."""
     hub = Hub()
     policy = Policy(
         lease_seconds=config.lease_seconds,
@@ -155,6 +172,14 @@ def make_app(
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
         presign=_presigner(config),
+        power=Power(
+            store,
+            config.data_dir,
+            PowerPolicy(config.bmc_timeout, config.power_poll_seconds, config.boot_deadline),
+            clock,
+            hub.notify,
+            bmc_connector,
+        ),
     )
     for route in routes():
         app.router.add_route(route.method, route.path, _guard(route), name=route.handler.__name__)
@@ -162,5 +187,6 @@ def make_app(
             app.router.add_route("HEAD", route.path, _guard(route))
     app.on_response_prepare.append(files.on_prepare)
     app.cleanup_ctx.append(_reaper)
+    app.cleanup_ctx.append(_power_poller)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -45,6 +45,12 @@ class Config:
     failures_per_address: int = 20
     failure_window: float = 300.0
     reap_interval: float = 2.0
+    # Power through BMCs (docs/power.md): each BMC request's timeout; how often each machine's power
+    # state is polled (jittered; many BMCs fall over when polled hard); how long a job waits for the
+    # agent after powering its machine up.
+    bmc_timeout: float = 20.0
+    power_poll_seconds: float = 60.0
+    boot_deadline: float = 900.0
     max_body: int = MAX_BODY
     kernel: str = "vmlinuz"  # under DATA/boot/
     initrd: str = "initrd.img"

@@ -11,6 +11,8 @@ SledgeError (agent.errors)
     │                      SandboxError, ImageRefused (an image that names another file)
     ├── BootError          controller.boot: network boot cannot be set up as asked; OptionError
     │                      (also a ValueError) names the flag
+    ├── PowerError         controller.power: BmcAddressError, VaultError (the key file), BmcError
+    │                      (the BMC's own words; the API answers 502)
     └── CliError           controller.cli.operator: what ends an operator command
 """
 

@@ -104,6 +104,13 @@ def cancel(job_id: str, status: JobStatus, who: str) -> JobStatus:
     return replace(status, state=JobState.CANCELLED, lease_deadline=None, reason=f"cancelled by {who}")
 
 
+def fail_unclaimed(job_id: str, status: JobStatus, reason: str) -> JobStatus:
+    """A queued job no agent will claim (its machine's BMC failed, or no agent came in time)."""
+    if status.state is not JobState.QUEUED:
+        raise TransitionError(f"job {job_id}: expected queued to fail it unclaimed, but it is {status.state}")
+    return replace(status, state=JobState.FAILED, lease_deadline=None, reason=reason)
+
+
 def lease_expired(status: JobStatus, now: float) -> bool:
     return (
         status.state is JobState.RUNNING and status.lease_deadline is not None and status.lease_deadline < now

@@ -16,6 +16,7 @@ from controller.fleet.agents import Fleet
 from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.metrics import Metrics
+from controller.power.service import Power
 
 Auth = Literal["none", "agent", "operator"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +60,7 @@ class Services:
     hub: Hub
     metrics: Metrics
     operator: OperatorKey
+    power: Power
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     presign: Callable[[str], str] | None = None  # store path -> presigned bucket URL (--s3-store)
 

@@ -51,6 +51,9 @@ MESSAGES: dict[str, type] = {
     "JobList": views.JobList,
     "EventRecord": views.EventView,
     "EventList": views.EventList,
+    "BmcSet": views.BmcSet,
+    "Bmc": views.BmcView,
+    "PowerRequest": views.PowerRequest,
 }
 _NAMES = {cls: name for name, cls in MESSAGES.items()}
 

@@ -22,19 +22,24 @@ from controller.state.model import Image, Machine
 
 
 async def list_machines(request: web.Request) -> web.StreamResponse:
-    found = services(request).ops.machines()
-    return respond(request, views.MachineList(tuple(map(views.MachineView.of, found))).to_wire())
+    svc = services(request)
+    found, bmcs = svc.ops.machines(), svc.power.records()
+    shown = tuple(views.MachineView.of(m, bmcs.get(m.id)) for m in found)
+    return respond(request, views.MachineList(shown).to_wire())
 
 
 def machine_detail(ops: Operations, m: Machine, history: int = 20) -> views.MachineDetail:
+    bmc = ops.bmc(m.id)
     return views.MachineDetail(
-        **views.MachineView.of(m).__dict__,
+        **views.MachineView.of(m, bmc).__dict__,
         inventory=m.inventory,
         jobs=tuple(map(views.JobView.of, ops.jobs(m.id, (), 20))),
         inventory_history=tuple(map(views.InventoryAt.of, ops.inventory_history(m.id, history))),
         fingerprint=m.fingerprint,
         quarantine=views.QuarantineView.of(m.quarantine, m.fingerprint) if m.quarantine else None,
         events=tuple(map(views.EventView.of, ops.machine_events(m.id))),
+        bmc=views.BmcView.of(bmc) if bmc else None,
+        bmc_suggested=m.inventory.bmc_address if m.inventory else None,
     )
 
 
@@ -48,10 +53,9 @@ async def patch_machine(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, views.MachinePatch.from_wire)
     if body.desired_image:
         layout.parse_ref(body.desired_image)
-    machine = services(request).ops.set_desired(
-        request.match_info["machine"], body.desired_image, body.disk_hints
-    )
-    return respond(request, views.MachineView.of(machine).to_wire())
+    svc = services(request)
+    machine = svc.ops.set_desired(request.match_info["machine"], body.desired_image, body.disk_hints)
+    return respond(request, views.MachineView.of(machine, svc.ops.bmc(machine.id)).to_wire())
 
 
 async def accept_machine(request: web.Request) -> web.StreamResponse:
@@ -111,6 +115,7 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     elif body.kind is JobKind.DEPLOY:
         raise ProtocolError("image", "NAME[:VERSION] of the image to deploy", "nothing")
     job = svc.ops.create_job(body.machine, body.kind, params)
+    svc.power.job_created(job.id)  # a machine that is off or runs its own OS is powered up for it
     return respond(request, views.JobView.of(job).to_wire(), status=201)
 
 

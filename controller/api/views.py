@@ -12,7 +12,17 @@ from agent.hardware.model import Inventory
 from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult, read_inventory
 from agent.wire import Bound, Message
 from controller.jobs import JobState, MachineState
-from controller.state.model import EventRecord, Image, InventoryRecord, Job, Machine, Quarantine, Source
+from controller.state.model import (
+    BmcRecord,
+    EventRecord,
+    Image,
+    InventoryRecord,
+    Job,
+    Machine,
+    PowerState,
+    Quarantine,
+    Source,
+)
 from controller.trust.fingerprint import Fingerprint, changes
 
 Ref = Annotated[str, Bound(max_len=257)]  # NAME[:VERSION], a machine id, MAC or hostname
@@ -27,6 +37,22 @@ class MachinePatch(Message):
 
     desired_image: Ref | None = None
     disk_hints: DiskHints | None = None
+
+
+@dataclass(frozen=True)
+class BmcSet(Message):
+    """A machine's BMC (docs/power.md). The password is sealed at once and never shown again."""
+
+    address: Annotated[
+        str, Bound(max_len=512)
+    ]  # redfish://HOST[:PORT]/redfish/v1/Systems/ID | ipmi://HOST[:PORT]
+    username: Annotated[str, Bound(max_len=64)]
+    password: Annotated[str, Bound(max_len=256)] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PowerRequest(Message):
+    action: Annotated[str, Bound(max_len=16)]  # on, off, cycle, status
 
 
 @dataclass(frozen=True)
@@ -80,9 +106,10 @@ class MachineView(Message):
     created_at: float
     last_seen: float | None
     expected: bool  # may enroll once while discovery is closed (`sledge machine expect`)
+    power: PowerState | None  # as last polled through its BMC; None: the machine has no BMC record
 
     @classmethod
-    def of(cls, m: Machine) -> MachineView:
+    def of(cls, m: Machine, bmc: BmcRecord | None = None) -> MachineView:
         return MachineView(
             m.id,
             m.state,
@@ -94,7 +121,24 @@ class MachineView(Message):
             m.created_at,
             m.last_seen,
             m.expected,
+            bmc.power if bmc else None,
         )
+
+
+@dataclass(frozen=True)
+class BmcView(Message):
+    """A BMC record as shown: never its password (not even sealed)."""
+
+    machine_id: str
+    address: str
+    username: str
+    power: PowerState
+    power_at: float | None
+    power_error: str
+
+    @classmethod
+    def of(cls, b: BmcRecord) -> Self:
+        return cls(b.machine_id, b.address, b.username, b.power, b.power_at, b.power_error)
 
 
 @dataclass(frozen=True)
@@ -208,7 +252,11 @@ class MachineDetail(MachineView):
     inventory_history: tuple[InventoryAt, ...]
     fingerprint: Fingerprint | None  # bound at the first registration
     quarantine: QuarantineView | None
-    events: tuple[EventView, ...]  # the machine's own events (quarantine, accept)
+    events: tuple[EventView, ...]  # the machine's own events (quarantine, accept, BMC)
+    bmc: BmcView | None
+    # The BMC address the agent found (ipmitool lan print): shown as a suggestion only, never
+    # used until an operator sets it with `sledge machine bmc`.
+    bmc_suggested: str | None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from controller.api.context import Handler, services
 from controller.api.views import ErrorReply
 from controller.auth import AuthError
 from controller.fleet.errors import Conflict, Denied, Invalid, NotFound
+from controller.power.errors import BmcAddressError, BmcError, PowerError, VaultError
 
 log = logging.getLogger("sledge.api")
 T = TypeVar("T")
@@ -31,6 +32,10 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Denied, 401),
     (AuthError, 401),
     (LayoutError, 400),
+    (BmcAddressError, 400),
+    (BmcError, 502),  # the BMC behind us failed or did not answer
+    (VaultError, 500),  # the controller's own key file: its message says what to fix
+    (PowerError, 400),
 )
 
 

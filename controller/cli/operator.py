@@ -22,6 +22,7 @@ from agent.progress import ProgressBar, human_bytes
 from agent.protocol import CloudInit, DiskHints, EraseMode, JobKind, JobParams, PowerAction, ProtocolError
 from controller.api import views
 from controller.auth import AuthError, operator_token_path, read_operator_token
+from controller.cli import power as power_cli
 from controller.config import Config
 from controller.errors import ControllerError
 from controller.jobs import JobState
@@ -40,6 +41,7 @@ COMMANDS = (
     "events",
     "logs",
     "watch",
+    "power",
 )
 Json = dict[str, Any]
 
@@ -128,6 +130,8 @@ def add_parsers(sub: Any) -> None:
     msub.add_parser(
         "expect", parents=[common], help="let a MAC enroll once even with `sledge serve --discovery closed`"
     ).add_argument("machine", metavar="MAC")
+    power_cli.add_bmc_parsers(msub, common)
+    power_cli.add_power_parser(sub, common)
     p = sub.add_parser("images", parents=[common], help="list registered images")
     p.add_argument("--register", metavar="NAME[:VERSION]", help="register an image from the chunk store")
     p = sub.add_parser("deploy", parents=[common, disk, wait], help="write an image to a machine's disk")
@@ -223,14 +227,17 @@ def event_line(e: views.EventView) -> str:
 def machines(c: Client, args: argparse.Namespace) -> int:
     reply = c.call("GET", "/v1/machines")
     rows = [
-        (m.id, m.state, m.hostname, ",".join(m.macs), m.desired_image, ago(m.last_seen))
+        (m.id, m.state, m.hostname, ",".join(m.macs), m.desired_image, m.power or "-", ago(m.last_seen))
         for m in views.MachineList.from_wire(reply).machines
     ]
-    return emit(args, reply["machines"], table(rows, ("ID", "STATE", "HOSTNAME", "MACS", "IMAGE", "SEEN")))
+    header = ("ID", "STATE", "HOSTNAME", "MACS", "IMAGE", "POWER", "SEEN")
+    return emit(args, reply["machines"], table(rows, header))
 
 
 def machine(c: Client, args: argparse.Namespace) -> int:
     ref = urllib.parse.quote(args.machine, safe="")
+    if args.machine_cmd == "bmc":
+        return power_cli.machine_bmc(c, args)
     if args.machine_cmd == "accept":
         reply = c.call("POST", f"/v1/machines/{ref}/accept")
         m = views.MachineDetail.from_wire(reply)
@@ -258,6 +265,12 @@ def machine(c: Client, args: argparse.Namespace) -> int:
     ]
     if m.fingerprint:
         lines.append(f"bound     {fingerprint_line(m.fingerprint)}")
+    if m.bmc:
+        lines.append(f"bmc       {m.bmc.address} as {m.bmc.username}; power {m.bmc.power}")
+        if m.bmc.power_error:
+            lines.append(f"          last poll: {m.bmc.power_error}")
+    elif m.bmc_suggested:
+        lines.append(f"bmc       none set; the agent found {m.bmc_suggested} (use: `sledge machine bmc`)")
     q = m.quarantine
     if q:
         lines += [
@@ -395,4 +408,5 @@ _COMMANDS = {
     "events": events,
     "logs": events,
     "watch": watch,
+    "power": power_cli.power,
 }

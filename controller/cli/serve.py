@@ -76,6 +76,24 @@ def add_parser(sub: Any) -> None:
         help="seconds an enrollment token lives (default: %(default)s)",
     )
     p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--bmc-timeout",
+        type=float,
+        default=Config.bmc_timeout,
+        help="seconds per BMC request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--power-poll",
+        type=float,
+        default=Config.power_poll_seconds,
+        help="seconds between power polls of one machine's BMC, jittered (default: %(default)s)",
+    )
+    p.add_argument(
+        "--boot-deadline",
+        type=float,
+        default=Config.boot_deadline,
+        help="seconds a job waits for the agent after a power cycle (default: %(default)s)",
+    )
     add_dhcp_arguments(p)
 
 
@@ -109,6 +127,13 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         raise ValueError("TLS: expected both --tls-cert and --tls-key, or neither")
     if not args.enrollment_ttl > 0:
         raise ValueError(f"--enrollment-ttl: expected seconds > 0, got {args.enrollment_ttl}")
+    for flag, value in (
+        ("--bmc-timeout", args.bmc_timeout),
+        ("--power-poll", args.power_poll),
+        ("--boot-deadline", args.boot_deadline),
+    ):
+        if not value > 0:
+            raise ValueError(f"{flag}: expected seconds > 0, got {value}")
     return replace(
         base,
         data_dir=args.data or base.data_dir,
@@ -127,6 +152,9 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         dhcp=dhcp_from_args(args),
+        bmc_timeout=args.bmc_timeout,
+        power_poll_seconds=args.power_poll,
+        boot_deadline=args.boot_deadline,
     )
 
 

@@ -11,7 +11,7 @@ from controller import jobs
 from controller.fleet.agents import controller_event, end_job, machine_event, new_id
 from controller.fleet.errors import Conflict, Invalid, NotFound
 from controller.jobs import JobState, JobStatus, MachineState
-from controller.state.model import Counts, EventRecord, Image, InventoryRecord, Job, Machine
+from controller.state.model import BmcRecord, Counts, EventRecord, Image, InventoryRecord, Job, Machine
 from controller.state.store import Store, Tx
 from controller.trust.fingerprint import changes, fingerprint
 
@@ -58,6 +58,10 @@ class Operations:
     def machine(self, ref: str) -> Machine:
         with self.store.transaction() as tx:
             return find_machine(tx, ref)
+
+    def bmc(self, machine_id: str) -> BmcRecord | None:
+        with self.store.transaction() as tx:
+            return tx.bmc(machine_id)
 
     def inventory_history(self, ref: str, limit: int = 50) -> list[InventoryRecord]:
         with self.store.transaction() as tx:

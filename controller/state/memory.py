@@ -8,7 +8,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from controller.jobs import JobState, MachineState
-from controller.state.model import Counts, EventRecord, Image, InventoryRecord, Job, Machine, Token, TokenKind
+from controller.state.model import (
+    BmcRecord,
+    Counts,
+    EventRecord,
+    Image,
+    InventoryRecord,
+    Job,
+    Machine,
+    Token,
+    TokenKind,
+)
 
 
 @dataclass
@@ -21,6 +31,7 @@ class _Tables:
     job_order: list[str] = field(default_factory=list)
     events: list[EventRecord] = field(default_factory=list)
     seqs: set[tuple[str, int]] = field(default_factory=set)
+    bmcs: dict[str, BmcRecord] = field(default_factory=dict)
 
 
 class MemoryTx:
@@ -49,6 +60,7 @@ class MemoryTx:
 
     def delete_machine(self, machine_id: str) -> None:
         self.t.machines.pop(machine_id, None)
+        self.t.bmcs.pop(machine_id, None)
         self.t.inventory = [r for r in self.t.inventory if r.machine_id != machine_id]
         self.t.tokens = {k: v for k, v in self.t.tokens.items() if v.machine_id != machine_id}
         gone = {j.id for j in self.t.jobs.values() if j.machine_id == machine_id}
@@ -56,6 +68,20 @@ class MemoryTx:
         self.t.job_order = [k for k in self.t.job_order if k not in gone]
         self.t.events = [e for e in self.t.events if e.job_id not in gone and e.machine_id != machine_id]
         self.t.seqs = {s for s in self.t.seqs if s[0] not in gone}
+
+    def bmc(self, machine_id: str) -> BmcRecord | None:
+        return self.t.bmcs.get(machine_id)
+
+    def bmcs(self) -> list[BmcRecord]:
+        return [self.t.bmcs[k] for k in sorted(self.t.bmcs)]
+
+    def put_bmc(self, bmc: BmcRecord) -> None:
+        if bmc.machine_id not in self.t.machines:  # as SQLite's foreign key would
+            raise KeyError(f"BMC record for machine {bmc.machine_id}: no such machine")
+        self.t.bmcs[bmc.machine_id] = bmc
+
+    def delete_bmc(self, machine_id: str) -> None:
+        self.t.bmcs.pop(machine_id, None)
 
     def add_inventory(self, record: InventoryRecord) -> None:
         self.t.inventory.append(record)

@@ -115,4 +115,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events_v2 RENAME TO events;
     CREATE INDEX events_machine ON events (machine_id, id);
     """,
+    # 3: BMC records (docs/power.md): where a machine's BMC is, the user, the password sealed
+    # with the key in DATA/bmc.key (never in clear), and the power state last polled.
+    """
+    CREATE TABLE bmcs (
+        machine_id TEXT PRIMARY KEY REFERENCES machines (id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        username TEXT NOT NULL,
+        sealed_password TEXT NOT NULL,
+        power TEXT NOT NULL DEFAULT 'unknown',
+        power_at REAL,
+        power_error TEXT NOT NULL DEFAULT ''
+    );
+    """,
 )

@@ -63,6 +63,26 @@ class Machine:
         return f"machine {self.id}" + (f" ({self.hostname})" if self.hostname else "")
 
 
+class PowerState(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+    UNKNOWN = "unknown"  # never asked, or the BMC did not answer (power_error says why)
+
+
+@dataclass(frozen=True)
+class BmcRecord:
+    """A machine's BMC: its address, the user, the password sealed (controller.power.vault), and
+    the power state as last polled."""
+
+    machine_id: str
+    address: str  # redfish://HOST:PORT/redfish/v1/Systems/ID or ipmi://HOST:PORT (controller.power.address)
+    username: str
+    sealed_password: str = field(repr=False)
+    power: PowerState = PowerState.UNKNOWN
+    power_at: float | None = None  # when the BMC last answered about power (or failed to)
+    power_error: str = ""  # the BMC's words when the last poll failed
+
+
 @dataclass(frozen=True)
 class InventoryRecord:
     machine_id: str

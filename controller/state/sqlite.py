@@ -19,12 +19,14 @@ from controller.errors import ControllerError
 from controller.jobs import JobState, JobStatus, MachineState
 from controller.state.migrations import MIGRATIONS
 from controller.state.model import (
+    BmcRecord,
     Counts,
     EventRecord,
     Image,
     InventoryRecord,
     Job,
     Machine,
+    PowerState,
     Quarantine,
     Source,
     Token,
@@ -108,6 +110,18 @@ def _token(row: sqlite3.Row) -> Token:
     )
 
 
+def _bmc(row: sqlite3.Row) -> BmcRecord:
+    return BmcRecord(
+        row["machine_id"],
+        row["address"],
+        row["username"],
+        row["sealed_password"],
+        PowerState(row["power"]),
+        row["power_at"],
+        row["power_error"],
+    )
+
+
 class SqliteTx:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -177,6 +191,31 @@ class SqliteTx:
 
     def delete_machine(self, machine_id: str) -> None:
         self.db.execute("DELETE FROM machines WHERE id = ?", (machine_id,))
+
+    def bmc(self, machine_id: str) -> BmcRecord | None:
+        row = self._one("SELECT * FROM bmcs WHERE machine_id = ?", machine_id)
+        return _bmc(row) if row else None
+
+    def bmcs(self) -> list[BmcRecord]:
+        return [_bmc(r) for r in self._all("SELECT * FROM bmcs ORDER BY machine_id")]
+
+    def put_bmc(self, b: BmcRecord) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO bmcs (machine_id, address, username, sealed_password, power, power_at,"
+            " power_error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                b.machine_id,
+                b.address,
+                b.username,
+                b.sealed_password,
+                b.power.value,
+                b.power_at,
+                b.power_error,
+            ),
+        )
+
+    def delete_bmc(self, machine_id: str) -> None:
+        self.db.execute("DELETE FROM bmcs WHERE machine_id = ?", (machine_id,))
 
     def add_inventory(self, record: InventoryRecord) -> None:
         self.db.execute(

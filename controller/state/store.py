@@ -13,7 +13,17 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from controller.jobs import JobState
-from controller.state.model import Counts, EventRecord, Image, InventoryRecord, Job, Machine, Token, TokenKind
+from controller.state.model import (
+    BmcRecord,
+    Counts,
+    EventRecord,
+    Image,
+    InventoryRecord,
+    Job,
+    Machine,
+    Token,
+    TokenKind,
+)
 
 
 class Tx(Protocol):
@@ -24,6 +34,11 @@ class Tx(Protocol):
     def put_machine(self, machine: Machine) -> None: ...
     def delete_machine(self, machine_id: str) -> None:
         """Removes the machine with its MACs, inventory, tokens, jobs and events."""
+
+    def bmc(self, machine_id: str) -> BmcRecord | None: ...
+    def bmcs(self) -> list[BmcRecord]: ...
+    def put_bmc(self, bmc: BmcRecord) -> None: ...
+    def delete_bmc(self, machine_id: str) -> None: ...
 
     def add_inventory(self, record: InventoryRecord) -> None: ...
     def inventory_history(self, machine_id: str, limit: int) -> list[InventoryRecord]: ...

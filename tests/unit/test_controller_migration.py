@@ -56,7 +56,7 @@ def test_an_existing_database_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     first_schema_database(path)
     store = SqliteStore(path)
-    assert store.schema_version == len(MIGRATIONS) == 2
+    assert store.schema_version == len(MIGRATIONS) == 3
     with store.transaction() as tx:
         machine = tx.machine("m-000000000001")
         assert machine is not None and machine.state is MachineState.DEPLOYED and machine.macs == (MAC,)
@@ -68,6 +68,7 @@ def test_an_existing_database_is_upgraded(tmp_path: Path) -> None:
         ]
         token = tx.token("0000000000000001")
         assert token is not None and token.address is None and token.mac == MAC
+        assert tx.bmc("m-000000000001") is None and tx.bmcs() == []  # migration 3: no BMC until set
     with store.transaction() as tx:
         machine_event(tx, "m-000000000001", 3.0, EventKind.LOG, "after")
         assert [e.id for e in tx.events(None, 0, 10)] == [1, 2, 7, 8]  # ids go on from the old table's

@@ -127,3 +127,18 @@ def test_the_disk_format_package_uses_no_other_agent_package() -> None:
         if not name.startswith("agent.disk") and name != "agent.errors"
     ]
     assert offenders == []
+
+
+def test_bmc_clients_are_loaded_only_when_a_bmc_is_called() -> None:
+    """sushy and cryptography are the `sledge[bmc]` extra: never in the agent's import graph, and
+    a controller with no BMC records starts without them."""
+    code = (
+        "import importlib, pkgutil, sys, agent\n"
+        "for m in pkgutil.walk_packages(agent.__path__, prefix='agent.'): importlib.import_module(m.name)\n"
+        "assert not [m for m in sys.modules if m.startswith('controller')], 'agent imported controller'\n"
+        "import controller.cli, controller.app, controller.power.service\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('sushy', 'cryptography', 'pyghmi')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -28,8 +28,10 @@ from agent.hardware.model import Inventory
 from agent.protocol import DiskHints, ProtocolError, decode_body, encode_body
 from agent.wire import Bound, Message, fields_of
 from controller.api import openapi, views
+from controller.api.context import SERVICES
 from controller.app import routes
 from controller.cli import build_parser
+from controller.power.bmc import FakeBmc
 from controller.trust import fingerprint
 from tests.unit.test_controller_kit import AioClient, add_image, event, inventory, start
 
@@ -307,6 +309,15 @@ async def test_the_served_api_answers_what_its_routes_declare(
     assert held["events"], "the quarantine is an event of the machine"
     accepted = await call("POST", f"{m}/accept", f"/v1/machines/{moved}/accept", op)
     assert accepted["quarantine"] is None and accepted["fingerprint"]["system_uuid"] == "u3-other-board"
+    fake = FakeBmc("ipmi://127.0.0.1:623")
+    h.client.app[SERVICES].power.connector = lambda *_: fake
+    bmc = {"address": "ipmi://127.0.0.1", "username": "admin", "password": "planted-pw"}
+    shown = await call("PUT", f"{m}/bmc", f"/v1/machines/{machine_id}/bmc", op, json=bmc)
+    assert "planted-pw" not in json.dumps(shown)
+    await call("GET", f"{m}/bmc", f"/v1/machines/{machine_id}/bmc", op)
+    on = await call("POST", f"{m}/power", f"/v1/machines/{machine_id}/power", op, json={"action": "on"})
+    assert on["power"] == "on" and fake.calls == ["on"]
+    await call("DELETE", f"{m}/bmc", f"/v1/machines/{machine_id}/bmc", op)
     r = await h.client.post("/v1/jobs", json={"machine": machine_id, "kind": "dance"}, headers=op)
     assert r.status == 400 and valid("Error", await r.json())
     json_routes = {k for k, r in table.items() if r.response in SCHEMAS}
