@@ -204,7 +204,7 @@ def test_image_holds_the_agent_and_not_the_controller(live_image: LiveImage) -> 
         "tg3", "bnx2x", "qede", "ib_ipoib", "mlx5_ib",  # NICs and InfiniBand
         "ahci", "sd_mod", "nvme", "megaraid_sas", "mpt3sas", "smartpqi", "hpsa", "aacraid", "sym53c8xx",
         "vmd",  # storage
-        "xhci_pci", "ehci_pci", "usb-storage", "uas", "usbhid", "hid-generic", "md-mod", "raid1", "dm-mod",
+        "xhci-pci", "ehci-pci", "usb-storage", "uas", "usbhid", "hid-generic", "md-mod", "raid1", "dm-mod",
     ):  # fmt: skip
         assert name in modules, f"module {name} not in the image"
     for name in ("lpfc", "qla2xxx", "scsi_debug", "iwlwifi"):  # left out on purpose
