@@ -48,7 +48,8 @@ def run_boot_bench(work: Path, reps: int) -> tuple[list[str], list[Target]]:
         f" | {median:.1f} s | {' '.join(f'{t:.1f}' for t in times)} |",
     ]
     targets = [
-        Target("live image, compressed", "<= 50 MB", f"{compressed / 1e6:.1f} MB", compressed <= 50e6),
+        # issue 17 raised the budget from 50 MB: every NIC/storage/USB driver class and its firmware
+        Target("live image, compressed", "<= 60 MB", f"{compressed / 1e6:.1f} MB", compressed <= 60e6),
         Target("power-on through PXE to registered, no KVM", "<= 25 s", f"{median:.1f} s", median <= 25),
     ]
     return lines, targets
