@@ -45,8 +45,19 @@ def loop_device(tmp_path: Path) -> Iterator[Callable[..., str]]:
         cmd = ["losetup", "-f", "--show"] + (["--direct-io=on"] if direct_io else []) + [str(backing)]
         dev = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
         devices.append(dev)
+        # partitions added by an earlier user of this loop device with partx (BLKPG) outlive
+        # `losetup -d`; a stale /dev/loopNpM would let a test pass or fail for the wrong reason
+        drop_partitions(dev)
         return dev
 
     yield make
     for dev in devices:
+        drop_partitions(dev)
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def drop_partitions(dev: str) -> None:
+    """Remove the kernel's partition nodes of `dev` (partx -d), whatever its table says."""
+    name = os.path.basename(dev)
+    if any(p.startswith(name + "p") for p in os.listdir(f"/sys/block/{name}")):
+        subprocess.run(["partx", "-d", dev], check=False, capture_output=True)
