@@ -1,0 +1,194 @@
+"""Source health (agent/writer/health.py) as a table: outcomes in, order and eligibility out, with
+the clock given by the test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from agent.writer.health import Attempt, Change, Health, HealthPolicy, Outcome, State, Wait
+
+POLICY = HealthPolicy(demote_after=3, probe_after=1.0, probe_max=8.0, max_bad=2, sample_every=5.0)
+MiB = 1 << 20
+
+
+def table(*names: str, policy: HealthPolicy = POLICY) -> Health:
+    h = Health(policy)
+    for n in names:
+        h.add(n)
+    return h
+
+
+def take(h: Health, now: float, tried: tuple[str, ...] = ()) -> Attempt:
+    pick = h.take(now, set(tried))
+    assert isinstance(pick, Attempt), pick
+    return pick
+
+
+def run(h: Health, name: str, start: float, end: float, outcome: Outcome, size: int = MiB) -> Change | None:
+    """One request to `name` from `start` to `end` (its slot taken and given back)."""
+    h.records[name].in_flight += 1
+    return h.end(Attempt(name, start, False), outcome, end, size, f"{outcome.value} at {end}")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    outcomes: tuple[Outcome, ...]  # sequential requests to "a", one second apart
+    state: State
+    first: str  # who a fresh take() asks at t = 100 (a's probe is due by then unless dropped)
+
+
+CASES = [
+    Case("a blip does not demote", (Outcome.FAILED,), State.SUSPECT, "a"),
+    Case("two stalls: still suspect", (Outcome.SLOW, Outcome.SLOW), State.SUSPECT, "a"),
+    Case("three failures demote", (Outcome.FAILED, Outcome.SLOW, Outcome.FAILED), State.DEMOTED, "a"),
+    Case(
+        "a success in between resets",
+        (Outcome.FAILED, Outcome.FAILED, Outcome.OK, Outcome.FAILED),
+        State.SUSPECT,
+        "a",
+    ),
+    Case("404s say nothing", (Outcome.MISSING,) * 5, State.HEALTHY, "a"),
+    Case("cancelled says nothing", (Outcome.CANCELLED,) * 5, State.HEALTHY, "a"),
+    Case("bad bytes drop at max_bad", (Outcome.BAD, Outcome.BAD), State.DROPPED, "b"),
+    Case("restored by one good answer", (Outcome.FAILED,) * 4 + (Outcome.OK,), State.HEALTHY, "a"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_outcomes_to_state_and_order(case: Case) -> None:
+    h = table("a", "b")
+    for i, outcome in enumerate(case.outcomes):
+        run(h, "a", float(i), float(i) + 0.5, outcome)
+    assert h.state("a") is case.state
+    assert take(h, 100.0).name == case.first
+
+
+def test_concurrent_failures_of_one_episode_count_once() -> None:
+    h = table("a", "b")
+    slots = [take(h, 0.0) for _ in range(4)]  # four threads ask the healthy origin at once
+    assert {s.name for s in slots} == {"a"}
+    for s in slots:  # a restart resets all four connections
+        h.end(s, Outcome.FAILED, 0.1, reason="reset")
+    assert h.state("a") is State.SUSPECT and h.records["a"].failures == 1
+
+
+def test_a_suspect_gets_one_request_at_a_time_and_the_others_go_elsewhere() -> None:
+    h = table("a", "b")
+    run(h, "a", 0.0, 10.0, Outcome.SLOW)
+    probe = take(h, 10.0)
+    assert probe == Attempt("a", 10.0, True)
+    assert [take(h, 10.0).name for _ in range(3)] == ["b", "b", "b"]
+
+
+def test_alone_and_busy_a_suspect_makes_the_others_wait_not_fail() -> None:
+    h = table("a")
+    run(h, "a", 0.0, 1.0, Outcome.FAILED)
+    take(h, 1.0)  # the probe
+    assert h.take(1.0, set()) == Wait(None)  # until the probe ends
+    assert h.take(1.0, {"a"}) is None  # a chunk that already failed here ends its round instead
+
+
+def test_demoted_sources_are_probed_with_doubling_backoff_up_to_the_cap() -> None:
+    h = table("a", "b")
+    t = 0.0
+    for _ in range(3):
+        run(h, "a", t, t + 1, Outcome.SLOW)
+        t += 1
+    assert h.state("a") is State.DEMOTED
+    gaps = []
+    for _ in range(6):
+        wait = h.take(t, {"b"})  # b tried already: only a is left
+        assert isinstance(wait, Wait) or wait is None
+        due = h.records["a"].next_try
+        gaps.append(due - t)
+        probe = take(h, due)
+        assert probe.name == "a" and probe.probe
+        h.end(probe, Outcome.FAILED, due, reason="still down")
+        t = due
+    assert gaps == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_demotion_and_restore_are_reported_once() -> None:
+    h = table("a", "b")
+    changes = [run(h, "a", float(i), float(i) + 0.5, Outcome.FAILED) for i in range(5)]
+    assert [c.state if c else None for c in changes] == [None, None, State.DEMOTED, None, None]
+    assert changes[2] is not None and "3 failures in a row" in changes[2].reason
+    restored = run(h, "a", 50.0, 50.1, Outcome.OK)
+    assert restored is not None and restored.state is State.HEALTHY and restored.name == "a"
+
+
+def test_retry_after_holds_a_suspect_back() -> None:
+    h = table("a", "b")
+    h.records["a"].in_flight += 1
+    h.end(Attempt("a", 0.0, False), Outcome.FAILED, 1.0, reason="503", retry_after=30.0)
+    assert take(h, 2.0).name == "b"
+    assert take(h, 31.0).name == "a"
+
+
+def test_the_faster_healthy_source_goes_first_and_the_slow_one_is_sampled() -> None:
+    h = table("slow", "fast")
+    run(h, "slow", 0.0, 1.0, Outcome.OK, 10 * MiB)  # 10 MiB/s
+    run(h, "fast", 0.0, 0.1, Outcome.OK, 10 * MiB)  # 100 MiB/s
+    assert [take(h, 2.0).name for _ in range(3)] == ["fast"] * 3
+    sample = take(h, 6.0)  # sample_every after its last good answer
+    assert sample.name == "slow" and sample.probe
+    assert take(h, 6.0).name == "fast"  # one sample at a time
+    h.end(sample, Outcome.OK, 6.01, 10 * MiB)  # it got fast: ~1 GiB/s now, ~300 MiB/s on average
+    assert take(h, 7.0).name == "slow"
+
+
+def test_rates_within_the_ratio_keep_the_configured_order() -> None:
+    h = table("mirror", "origin")
+    run(h, "mirror", 0.0, 1.0, Outcome.OK, 60 * MiB)
+    run(h, "origin", 0.0, 1.0, Outcome.OK, 100 * MiB)
+    assert take(h, 2.0).name == "mirror"
+
+
+def test_a_tried_source_is_skipped_and_a_round_ends_when_all_are() -> None:
+    h = table("a", "b")
+    assert take(h, 0.0, ("a",)).name == "b"
+    assert h.take(0.0, {"a", "b"}) is None
+
+
+def test_sources_come_and_go() -> None:
+    h = table("origin")
+    h.add("peer")
+    run(h, "origin", 0.0, 1.0, Outcome.OK, MiB)
+    run(h, "peer", 0.0, 0.01, Outcome.OK, MiB)
+    assert take(h, 2.0).name == "peer"
+    slot = take(h, 2.0)
+    h.remove("peer")
+    assert h.end(slot, Outcome.FAILED, 3.0) is None  # a request to a removed source ends quietly
+    assert take(h, 3.0).name == "origin"
+
+
+def test_a_dropped_source_is_never_asked_again() -> None:
+    h = table("a", "b")
+    change = None
+    for i in range(2):
+        change = run(h, "a", float(i), float(i) + 0.1, Outcome.BAD)
+    assert (
+        change is not None and change.state is State.DROPPED and "2 answers with wrong bytes" in change.reason
+    )
+    assert h.dropped() == ["a"]
+    assert all(take(h, 1000.0 + i).name == "b" for i in range(5))
+    assert h.take(1000.0, {"b"}) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"demote_after": 0},
+        {"max_bad": 0},
+        {"probe_after": 0.0},
+        {"probe_after": 10.0, "probe_max": 5.0},
+        {"smoothing": 0.0},
+        {"slow_ratio": 1.0},
+    ],
+)
+def test_policy_refuses_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="health policy"):
+        HealthPolicy(**kwargs)  # type: ignore[arg-type]
