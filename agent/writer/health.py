@@ -6,6 +6,8 @@ clock and emits the events. Generic over sources: a record is keyed by a name (a
 URL, the origin, an agent peer), and sources come and go at run time.
 
 A source is
+- unproven until it first serves a chunk: one request at a time, so that at the start a dead
+  first source holds one thread, not all of them, while the others try the next source;
 - healthy: asked by every thread, in the configured order, except that one measurably slower
   than the fastest healthy source (below `slow_ratio` of its rate) goes behind the others and
   is only sampled now and then, so a slow mirror does not hold the write;
@@ -88,6 +90,7 @@ class Record:
     next_try: float = 0.0  # a suspect or demoted source is not asked before this
     episode: float = -math.inf  # when the last failure was counted
     last_ok: float = -math.inf
+    proven: bool = False  # has served a chunk in this job
     reason: str = ""  # the last failure
     dropped: bool = False
 
@@ -164,6 +167,8 @@ class Health:
                     probes.append(r)
                 else:
                     waits.append(r.next_try - now if free else None)
+            elif not r.proven and not free:
+                waits.append(None)
             elif r.rate is not None and r.rate < self.policy.slow_ratio * fastest:
                 if free and now >= r.last_ok + self.policy.sample_every:
                     probes.append(r)
@@ -205,7 +210,7 @@ class Health:
                 a = self.policy.smoothing
                 r.rate = rate if r.rate is None else a * rate + (1 - a) * r.rate
             restored = r.state(self.policy) is State.DEMOTED
-            r.failures, r.next_try, r.last_ok = 0, 0.0, now
+            r.failures, r.next_try, r.last_ok, r.proven = 0, 0.0, now, True
             return Change(r.name, State.HEALTHY, f"answered again after: {r.reason}") if restored else None
         if r.dropped:
             return None

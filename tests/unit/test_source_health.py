@@ -66,17 +66,30 @@ def test_outcomes_to_state_and_order(case: Case) -> None:
     assert take(h, 100.0).name == case.first
 
 
+def test_unproven_sources_get_one_request_each_until_they_answer() -> None:
+    h = table("a", "b")
+    first, second = take(h, 0.0), take(h, 0.0)
+    assert (first.name, second.name) == ("a", "b")
+    assert h.take(0.0, set()) == Wait(None)  # the other threads wait for a first answer
+    h.end(second, Outcome.OK, 0.01, MiB)
+    assert [take(h, 0.01).name for _ in range(3)] == ["b"] * 3  # a still holds its one request
+    h.end(first, Outcome.OK, 0.02, MiB)
+    assert take(h, 0.02).name == "a"  # proven: first again, in the configured order
+
+
 def test_concurrent_failures_of_one_episode_count_once() -> None:
     h = table("a", "b")
-    slots = [take(h, 0.0) for _ in range(4)]  # four threads ask the healthy origin at once
+    run(h, "a", 0.0, 0.01, Outcome.OK)
+    slots = [take(h, 1.0) for _ in range(4)]  # four threads ask the healthy origin at once
     assert {s.name for s in slots} == {"a"}
     for s in slots:  # a restart resets all four connections
-        h.end(s, Outcome.FAILED, 0.1, reason="reset")
+        h.end(s, Outcome.FAILED, 1.1, reason="reset")
     assert h.state("a") is State.SUSPECT and h.records["a"].failures == 1
 
 
 def test_a_suspect_gets_one_request_at_a_time_and_the_others_go_elsewhere() -> None:
     h = table("a", "b")
+    run(h, "b", 0.0, 0.01, Outcome.OK)
     run(h, "a", 0.0, 10.0, Outcome.SLOW)
     probe = take(h, 10.0)
     assert probe == Attempt("a", 10.0, True)
@@ -167,6 +180,7 @@ def test_sources_come_and_go() -> None:
 
 def test_a_dropped_source_is_never_asked_again() -> None:
     h = table("a", "b")
+    run(h, "b", 0.0, 0.01, Outcome.OK)
     change = None
     for i in range(2):
         change = run(h, "a", float(i), float(i) + 0.1, Outcome.BAD)
