@@ -167,8 +167,11 @@ class Health:
                     probes.append(r)
                 else:
                     waits.append(r.next_try - now if free else None)
-            elif not r.proven and not free:
-                waits.append(None)
+            elif not r.proven:  # a first answer tells its rate: asked first, once at a time
+                if free:
+                    probes.append(r)
+                else:
+                    waits.append(None)
             elif r.rate is not None and r.rate < self.policy.slow_ratio * fastest:
                 if free and now >= r.last_ok + self.policy.sample_every:
                     probes.append(r)

@@ -38,6 +38,7 @@ class Case:
     outcomes: tuple[Outcome, ...]  # sequential requests to "a", one second apart
     state: State
     first: str  # who a fresh take() asks at t = 100 (a's probe is due by then unless dropped)
+    # (the cases with a's first answer still to come ask a first too: an unproven source is tried)
 
 
 CASES = [
@@ -60,6 +61,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_outcomes_to_state_and_order(case: Case) -> None:
     h = table("a", "b")
+    run(h, "b", 0.0, 0.01, Outcome.OK)  # b has answered once: only a's record decides
     for i, outcome in enumerate(case.outcomes):
         run(h, "a", float(i), float(i) + 0.5, outcome)
     assert h.state("a") is case.state
@@ -80,6 +82,7 @@ def test_unproven_sources_get_one_request_each_until_they_answer() -> None:
 def test_concurrent_failures_of_one_episode_count_once() -> None:
     h = table("a", "b")
     run(h, "a", 0.0, 0.01, Outcome.OK)
+    run(h, "b", 0.0, 0.01, Outcome.OK)
     slots = [take(h, 1.0) for _ in range(4)]  # four threads ask the healthy origin at once
     assert {s.name for s in slots} == {"a"}
     for s in slots:  # a restart resets all four connections
