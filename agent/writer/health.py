@@ -55,6 +55,7 @@ class HealthPolicy:
     max_bad: int = 3  # answers with wrong bytes before a source is dropped for the job
     slow_ratio: float = 0.5  # a healthy source below this share of the fastest one's rate goes behind
     sample_every: float = 5.0  # seconds between samples of a source held back as slow
+    min_samples: int = 3  # good answers before a source may be held back as slow (one can be noise)
     smoothing: float = 0.3  # weight of the newest rate in the moving average
 
     def __post_init__(self) -> None:
@@ -86,6 +87,7 @@ class Record:
     failures: int = 0  # counted failures in a row
     bad: int = 0  # answers with wrong bytes, in all
     rate: float | None = None  # stored bytes/s, moving average of good answers
+    samples: int = 0  # good answers the rate is made of
     in_flight: int = 0
     next_try: float = 0.0  # a suspect or demoted source is not asked before this
     episode: float = -math.inf  # when the last failure was counted
@@ -172,7 +174,7 @@ class Health:
                     probes.append(r)
                 else:
                     waits.append(None)
-            elif r.rate is not None and r.rate < self.policy.slow_ratio * fastest:
+            elif r.samples >= self.policy.min_samples and (r.rate or 0.0) < self.policy.slow_ratio * fastest:
                 if free and now >= r.last_ok + self.policy.sample_every:
                     probes.append(r)
                 else:
@@ -212,6 +214,7 @@ class Health:
                 rate = size / seconds
                 a = self.policy.smoothing
                 r.rate = rate if r.rate is None else a * rate + (1 - a) * r.rate
+                r.samples += 1
             restored = r.state(self.policy) is State.DEMOTED
             r.failures, r.next_try, r.last_ok, r.proven = 0, 0.0, now, True
             return Change(r.name, State.HEALTHY, f"answered again after: {r.reason}") if restored else None

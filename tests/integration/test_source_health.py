@@ -190,9 +190,10 @@ def test_a_healthy_but_slow_first_mirror_is_passed_over(
         )
         asked = sum(slow.requests.values())
     assert (tmp_path / "o").read_bytes() == data
-    # its first answer (one request while unproven) and a sample now and then, not every chunk
-    assert 1 <= asked <= 4, asked
-    assert report.bytes_by_source[fast.url] >= report.bytes_by_source.get(slow.url, 0) * 10
+    # its first answer (alone while unproven), one request per thread until min_samples answers
+    # are in (it is first in the configured order till then), then a sample now and then
+    assert 1 <= asked <= 1 + WORKERS + 2, asked
+    assert report.bytes_by_source[fast.url] >= 0.8 * sum(c.stored_len for c in manifest.data_chunks())
 
 
 def test_a_source_added_while_writing_is_used(

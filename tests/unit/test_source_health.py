@@ -146,19 +146,28 @@ def test_retry_after_holds_a_suspect_back() -> None:
 
 def test_the_faster_healthy_source_goes_first_and_the_slow_one_is_sampled() -> None:
     h = table("slow", "fast")
-    run(h, "slow", 0.0, 1.0, Outcome.OK, 10 * MiB)  # 10 MiB/s
     run(h, "fast", 0.0, 0.1, Outcome.OK, 10 * MiB)  # 100 MiB/s
-    assert [take(h, 2.0).name for _ in range(3)] == ["fast"] * 3
-    sample = take(h, 6.0)  # sample_every after its last good answer
+    for i in range(POLICY.min_samples):
+        run(h, "slow", float(i), i + 1.0, Outcome.OK, 10 * MiB)  # 10 MiB/s
+    assert [take(h, 4.0).name for _ in range(3)] == ["fast"] * 3
+    sample = take(h, 8.0)  # sample_every after its last good answer
     assert sample.name == "slow" and sample.probe
-    assert take(h, 6.0).name == "fast"  # one sample at a time
-    h.end(sample, Outcome.OK, 6.01, 10 * MiB)  # it got fast: ~1 GiB/s now, ~300 MiB/s on average
-    assert take(h, 7.0).name == "slow"
+    assert take(h, 8.0).name == "fast"  # one sample at a time
+    h.end(sample, Outcome.OK, 8.01, 10 * MiB)  # it got fast: ~1 GiB/s now, ~300 MiB/s on average
+    assert take(h, 9.0).name == "slow"
+
+
+def test_one_slow_first_answer_does_not_hold_a_source_back() -> None:
+    h = table("origin", "mirror")
+    run(h, "mirror", 0.0, 0.01, Outcome.OK, MiB)  # 100 MiB/s
+    run(h, "origin", 0.0, 1.0, Outcome.OK, MiB)  # its first answer paid for a TCP handshake, say
+    assert take(h, 2.0).name == "origin"  # still first, in the configured order
 
 
 def test_rates_within_the_ratio_keep_the_configured_order() -> None:
     h = table("mirror", "origin")
-    run(h, "mirror", 0.0, 1.0, Outcome.OK, 60 * MiB)
+    for i in range(POLICY.min_samples):
+        run(h, "mirror", float(i), i + 1.0, Outcome.OK, 60 * MiB)
     run(h, "origin", 0.0, 1.0, Outcome.OK, 100 * MiB)
     assert take(h, 2.0).name == "mirror"
 
@@ -172,7 +181,8 @@ def test_a_tried_source_is_skipped_and_a_round_ends_when_all_are() -> None:
 def test_sources_come_and_go() -> None:
     h = table("origin")
     h.add("peer")
-    run(h, "origin", 0.0, 1.0, Outcome.OK, MiB)
+    for i in range(POLICY.min_samples):
+        run(h, "origin", i / 10, i / 10 + 0.1, Outcome.OK, MiB)
     run(h, "peer", 0.0, 0.01, Outcome.OK, MiB)
     assert take(h, 2.0).name == "peer"
     slot = take(h, 2.0)
