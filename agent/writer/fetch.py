@@ -115,12 +115,12 @@ class SourceSet:
         with self._cond:
             return self.health.state(name)
 
-    def _take(self, chunk: Chunk, tried: set[str]) -> tuple[ChunkSource, Attempt] | None:
+    def _take(self, chunk: Chunk, tried: set[str], avoid: set[str]) -> tuple[ChunkSource, Attempt] | None:
         with self._cond:
             while True:
                 if self.cancel.is_set():
                     raise Cancelled(f"cancelled while fetching {chunk.describe()}")
-                pick = self.health.take(self.clock(), tried)
+                pick = self.health.take(self.clock(), tried, avoid)
                 if pick is None:
                     return None
                 if isinstance(pick, Attempt):
@@ -153,13 +153,15 @@ class SourceSet:
         """Return a view of the verified raw bytes (in `stored` or `raw`) and the source's name."""
         errors: dict[str, str] = {}
         retry_after: float | None = None
+        failed: set[str] = set()  # sources that failed this chunk: asked again only if no other is left
+        lied: set[str] = set()  # sources that served this chunk's bytes wrong: not asked for it again
         for round_ in range(self.policy.retries):
             if round_:
                 if self.cancel.wait(self.policy.delay(round_, retry_after)):
                     raise Cancelled(f"cancelled while retrying {chunk.describe()}")
                 retry_after = None
-            tried: set[str] = set()
-            while (taken := self._take(chunk, tried)) is not None:
+            tried: set[str] = set(lied)
+            while (taken := self._take(chunk, tried, failed)) is not None:
                 source, attempt = taken
                 tried.add(source.name)
                 try:
@@ -171,6 +173,10 @@ class SourceSet:
                     if exc.retry_after is not None:
                         retry_after = max(retry_after or 0.0, exc.retry_after)
                     errors[source.name] = str(exc)
+                    if not exc.missing:
+                        failed.add(source.name)
+                    if exc.bad_bytes:
+                        lied.add(source.name)
                     change, dropped = self._end(attempt, outcome_of(exc), 0, str(exc), exc.retry_after)
                     self.on_event(SourceFailed(source.name, chunk.index, str(exc), dropped and exc.bad_bytes))
                     if change is not None:

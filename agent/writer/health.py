@@ -150,10 +150,12 @@ class Health:
     def state(self, name: str) -> State:
         return self.records[name].state(self.policy)
 
-    def take(self, now: float, tried: Collection[str]) -> Attempt | Wait | None:
+    def take(self, now: float, tried: Collection[str], avoid: Collection[str] = ()) -> Attempt | Wait | None:
         """The source to ask next for a chunk that `tried` already failed in this round, its
         slot taken; Wait if every candidate is busy or backing off and none was tried yet;
-        None when the round is over (every candidate tried, or the rest not ready)."""
+        None when the round is over (every candidate tried, or the rest not ready). Sources in
+        `avoid` (they failed this chunk in an earlier round) come last, and only when no other
+        source is left to wait for."""
         candidates = [r for r in self if not r.dropped and r.name not in tried]
         if not candidates:
             return None
@@ -161,35 +163,34 @@ class Health:
         probes: list[Record] = []
         primaries: list[Record] = []
         backups: list[Record] = []
+        last: list[Record] = []
         waits: list[float | None] = []
+        avoided: list[float | None] = []
         for r in candidates:
             free = r.in_flight == 0
             if r.failures:
-                if free and now >= r.next_try:
-                    probes.append(r)
-                else:
-                    waits.append(r.next_try - now if free else None)
-            elif not r.proven:  # a first answer tells its rate: asked first, once at a time
-                if free:
-                    probes.append(r)
-                else:
-                    waits.append(None)
+                ready, wait = free and now >= r.next_try, r.next_try - now if free else None
+            else:
+                ready, wait = free or r.proven, None  # unproven: one request at a time
+            if not ready:
+                (avoided if r.name in avoid else waits).append(wait)
+            elif r.name in avoid:
+                last.append(r)
+            elif r.failures or not r.proven:  # a suspect's try, or a first answer (its rate)
+                probes.append(r)
             elif r.samples >= self.policy.min_samples and (r.rate or 0.0) < self.policy.slow_ratio * fastest:
-                if free and now >= r.last_ok + self.policy.sample_every:
-                    probes.append(r)
-                else:
-                    backups.append(r)
+                (probes if free and now >= r.last_ok + self.policy.sample_every else backups).append(r)
             else:
                 primaries.append(r)
         backups.sort(key=lambda r: -(r.rate or 0.0))
-        for group, probe in ((probes, True), (primaries, False), (backups, False)):
+        for group in (probes, primaries, backups) + (() if waits else (last,)):
             if group:
                 chosen = group[0]
                 chosen.in_flight += 1
-                return Attempt(chosen.name, now, probe)
+                return Attempt(chosen.name, now, probe=group is probes or chosen.failures > 0)
         if tried:
             return None  # the round's failures go through its backoff before anything waits here
-        timed = [w for w in waits if w is not None]
+        timed = [w for w in waits + avoided if w is not None]
         return Wait(max(0.0, min(timed)) if timed else None)
 
     def end(

@@ -20,8 +20,8 @@ def table(*names: str, policy: HealthPolicy = POLICY) -> Health:
     return h
 
 
-def take(h: Health, now: float, tried: tuple[str, ...] = ()) -> Attempt:
-    pick = h.take(now, set(tried))
+def take(h: Health, now: float, tried: tuple[str, ...] = (), avoid: tuple[str, ...] = ()) -> Attempt:
+    pick = h.take(now, set(tried), set(avoid))
     assert isinstance(pick, Attempt), pick
     return pick
 
@@ -219,3 +219,16 @@ def test_a_dropped_source_is_never_asked_again() -> None:
 def test_policy_refuses_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="health policy"):
         HealthPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_source_that_failed_this_chunk_comes_last_and_only_if_nothing_else_is_left() -> None:
+    h = table("mirror", "origin")
+    run(h, "mirror", 0.0, 0.01, Outcome.FAILED)  # a suspect, due again at once
+    run(h, "origin", 0.0, 0.01, Outcome.OK)
+    assert take(h, 1.0, avoid=("mirror",)).name == "origin"  # not the mirror's probe, for this chunk
+    busy = take(h, 1.0)  # another thread: the mirror's probe
+    assert busy.name == "mirror"
+    h.end(busy, Outcome.FAILED, 1.1)
+    alone = table("origin")
+    run(alone, "origin", 0.0, 0.01, Outcome.FAILED)
+    assert take(alone, 1.0, avoid=("origin",)).name == "origin"  # the only one: asked again
