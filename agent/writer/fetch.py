@@ -23,7 +23,7 @@ from agent.image.manifest import Chunk, Encoding
 from agent.writer.errors import Cancelled, ChunkUnavailable, FetchError
 from agent.writer.events import SourceEvent, SourceFailed, SourceHealthChanged
 from agent.writer.health import Attempt, Health, HealthPolicy, Outcome, State, Wait
-from agent.writer.sources import ChunkSource
+from agent.writer.sources import BoundedSource, ChunkSource
 
 WAIT_SLICE = 0.25  # seconds a thread waiting for a busy source sleeps before looking at cancel again
 
@@ -61,6 +61,29 @@ def outcome_of(exc: FetchError) -> Outcome:
     if exc.missing:
         return Outcome.MISSING
     return Outcome.SLOW if exc.slow else Outcome.FAILED
+
+
+class _Within:
+    """A source whose fetches are cut after `budget` seconds (a try under suspicion)."""
+
+    def __init__(self, source: ChunkSource, budget: float) -> None:
+        assert isinstance(source, BoundedSource)
+        self._source = source
+        self._bounded: BoundedSource = source
+        self.name = source.name
+        self.budget = budget
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        return self._bounded.fetch_within(chunk, buf, self.budget)
+
+    def get(self, relative: str, limit: int) -> bytes:
+        return self._source.get(relative, limit)
+
+    def interrupt(self) -> None:
+        self._source.interrupt()
+
+    def close(self) -> None:
+        pass  # not ours to close
 
 
 class SourceSet:
@@ -120,11 +143,14 @@ class SourceSet:
             while True:
                 if self.cancel.is_set():
                     raise Cancelled(f"cancelled while fetching {chunk.describe()}")
-                pick = self.health.take(self.clock(), tried, avoid)
+                pick = self.health.take(self.clock(), tried, avoid, chunk.stored_len)
                 if pick is None:
                     return None
                 if isinstance(pick, Attempt):
-                    return self._sources[pick.name], pick
+                    source = self._sources[pick.name]
+                    if pick.budget is not None and isinstance(source, BoundedSource):
+                        source = _Within(source, pick.budget)
+                    return source, pick
                 assert isinstance(pick, Wait)
                 self._cond.wait(WAIT_SLICE if pick.seconds is None else min(pick.seconds, WAIT_SLICE))
 

@@ -17,6 +17,10 @@ A source is
 - demoted after `demote_after` failures in a row: probed once per backoff (doubling up to
   `probe_max`), restored by one good answer;
 - dropped after `max_bad` answers with wrong bytes: never asked again.
+A try of an unproven, suspect or held-back source gets a time budget while a proven healthy
+source is there to fall back on: a few times what the fastest one takes for the chunk (at
+least `probe_floor`), or `first_budget` for a first request before anyone has answered. A dead
+mirror then costs one thread a couple of seconds, not a stall timeout per try.
 Failures of requests that were already in flight when a failure was counted belong to the
 same episode and are not counted again: a server restart that resets four connections at
 once is one blip, not four, and a single blip does not demote a good origin. A 404 says
@@ -57,6 +61,9 @@ class HealthPolicy:
     sample_every: float = 5.0  # seconds between samples of a source held back as slow
     min_samples: int = 3  # good answers before a source may be held back as slow (one can be noise)
     smoothing: float = 0.3  # weight of the newest rate in the moving average
+    probe_factor: float = 8.0  # a probe may take this many times what the fastest source takes
+    probe_floor: float = 0.5  # ... and at least this many seconds
+    first_budget: float = 2.0  # seconds for a first request while another source might serve
 
     def __post_init__(self) -> None:
         if self.demote_after < 1:
@@ -67,6 +74,11 @@ class HealthPolicy:
             raise ValueError(
                 "health policy: expected 0 < probe_after <= probe_max, "
                 f"got {self.probe_after}, {self.probe_max}"
+            )
+        if not self.probe_factor >= 1 or not self.probe_floor > 0 or not self.first_budget > 0:
+            raise ValueError(
+                "health policy: expected probe_factor >= 1, probe_floor > 0 and first_budget > 0, "
+                f"got {self.probe_factor}, {self.probe_floor}, {self.first_budget}"
             )
         if not 0 < self.smoothing <= 1 or not 0 <= self.slow_ratio < 1:
             raise ValueError(
@@ -111,6 +123,7 @@ class Attempt:
     name: str
     started: float
     probe: bool  # a try of a suspect, demoted or held-back source
+    budget: float | None = None  # seconds the request may take, if shorter than the source's own
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,9 @@ class Health:
     def state(self, name: str) -> State:
         return self.records[name].state(self.policy)
 
-    def take(self, now: float, tried: Collection[str], avoid: Collection[str] = ()) -> Attempt | Wait | None:
+    def take(
+        self, now: float, tried: Collection[str], avoid: Collection[str] = (), size: int = 0
+    ) -> Attempt | Wait | None:
         """The source to ask next for a chunk that `tried` already failed in this round, its
         slot taken; Wait if every candidate is busy or backing off and none was tried yet;
         None when the round is over (every candidate tried, or the rest not ready). Sources in
@@ -187,11 +202,22 @@ class Health:
             if group:
                 chosen = group[0]
                 chosen.in_flight += 1
-                return Attempt(chosen.name, now, probe=group is probes or chosen.failures > 0)
+                probe = group is probes or chosen.failures > 0
+                return Attempt(chosen.name, now, probe, self._budget(chosen, size) if probe else None)
         if tried:
             return None  # the round's failures go through its backoff before anything waits here
         timed = [w for w in waits + avoided if w is not None]
         return Wait(max(0.0, min(timed)) if timed else None)
+
+    def _budget(self, r: Record, size: int) -> float | None:
+        """How long a try of `r` may take: bounded only while another source can serve instead."""
+        others = [o for o in self if o is not r and not o.dropped]
+        rates = [o.rate for o in others if o.proven and not o.failures and o.rate]
+        if rates:
+            return max(self.policy.probe_floor, self.policy.probe_factor * size / max(rates))
+        if not r.proven and not r.failures and others:  # its very first try; the next ones wait fully
+            return self.policy.first_budget
+        return None
 
     def end(
         self,

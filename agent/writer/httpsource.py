@@ -100,9 +100,16 @@ class HttpSource:
     # -- the two calls a source answers ---------------------------------------------------
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        return self.fetch_within(chunk, buf, None)
+
+    def fetch_within(self, chunk: Chunk, buf: memoryview, budget: float | None) -> int:
+        """fetch_into, cut (as too slow) after `budget` seconds if that is sooner than the
+        timeouts allow: source health's bound on a try of a source under suspicion."""
         relative = layout.chunk_path(chunk.hex)
         expected = chunk.stored_len
         limit = self._timeouts.deadline(expected)
+        if budget is not None:
+            limit = min(limit, budget)
         ex = _Exchange(self, relative, limit)
         got = 0
         try:

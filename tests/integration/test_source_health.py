@@ -219,3 +219,26 @@ def test_a_source_added_while_writing_is_used(
             added.close()
     assert (tmp_path / "o").read_bytes() == data
     assert report.bytes_by_source.get(peer.url, 0) > 0
+
+
+def test_with_the_agents_own_timeouts_a_dead_first_source_costs_a_bounded_try_not_a_stall(
+    store: tuple[Path, Manifest, str, bytes], tmp_path: Path
+) -> None:
+    """The issue's setup with nothing tuned: default timeouts (a 10 s stall) and health policy. The
+    dead source's first try is cut at first_budget, later ones at probe_floor, while the second
+    source serves; before, each chunk waited out the stall (64 MiB took 154 s)."""
+    root, manifest, digest, data = store
+    policy = HealthPolicy()
+    options = WriteOptions(workers=WORKERS)
+    with raw_server(_stall, root) as dead, serve(root) as good:
+        events: list[Event] = []
+        t0 = time.monotonic()
+        write(manifest, digest, [HttpSource(dead.url), HttpSource(good.url)], tmp_path / "o", options, events)
+        seconds = time.monotonic() - t0
+        asked = len(dead.requests)
+    assert (tmp_path / "o").read_bytes() == data
+    cut = [e.error for e in events if isinstance(e, SourceFailed)]
+    assert 1 <= asked <= 3 and len(cut) == asked, (asked, cut)
+    assert f"not complete in {policy.first_budget:.1f} s" in cut[0], cut
+    assert all("too slow" in c for c in cut), cut
+    assert seconds < Timeouts().stall, seconds  # not one stall timeout waited out

@@ -95,7 +95,7 @@ def test_a_suspect_gets_one_request_at_a_time_and_the_others_go_elsewhere() -> N
     run(h, "b", 0.0, 0.01, Outcome.OK)
     run(h, "a", 0.0, 10.0, Outcome.SLOW)
     probe = take(h, 10.0)
-    assert probe == Attempt("a", 10.0, True)
+    assert probe == Attempt("a", 10.0, True, POLICY.probe_floor)  # b can serve: the try is bounded
     assert [take(h, 10.0).name for _ in range(3)] == ["b", "b", "b"]
 
 
@@ -232,3 +232,26 @@ def test_a_source_that_failed_this_chunk_comes_last_and_only_if_nothing_else_is_
     alone = table("origin")
     run(alone, "origin", 0.0, 0.01, Outcome.FAILED)
     assert take(alone, 1.0, avoid=("origin",)).name == "origin"  # the only one: asked again
+
+
+def test_tries_under_suspicion_are_bounded_only_while_another_source_can_serve() -> None:
+    policy = POLICY
+    alone = table("origin")
+    assert take(alone, 0.0).budget is None  # nobody to fall back on: its own timeouts
+    h = table("mirror", "origin")
+    first = take(h, 0.0)
+    assert (first.name, first.budget) == ("mirror", policy.first_budget)  # a first try, others exist
+    second = take(h, 0.0)
+    h.end(second, Outcome.OK, 0.01, MiB)  # the origin: 100 MiB/s
+    h.end(first, Outcome.SLOW, 2.0, reason="cut")
+    probe = h.take(2.0, set(), size=64 * MiB)
+    assert isinstance(probe, Attempt) and probe.name == "mirror"
+    assert probe.budget == pytest.approx(policy.probe_factor * 0.64)  # 8x the origin's 0.64 s
+    small = h.take(2.0, set(), size=MiB)
+    assert (
+        isinstance(small, Attempt) and small.name == "origin" and small.budget is None
+    )  # healthy: unbounded
+    h.end(probe, Outcome.SLOW, 3.0, reason="cut")
+    h.end(small, Outcome.FAILED, 3.0, reason="down")  # now nobody is healthy to fall back on
+    again = take(h, 3.0)
+    assert again.probe and again.budget is None
