@@ -167,8 +167,9 @@ class Health:
         self, now: float, tried: Collection[str], avoid: Collection[str] = (), size: int = 0
     ) -> Attempt | Wait | None:
         """The source to ask next for a chunk that `tried` already failed in this round, its
-        slot taken; Wait if every candidate is busy or backing off and none was tried yet;
-        None when the round is over (every candidate tried, or the rest not ready). Sources in
+        slot taken; Wait if a candidate is busy (one request at a time), or backing off and none
+        was tried yet; None when the round is over (every candidate tried, or the rest backing
+        off). Sources in
         `avoid` (they failed this chunk in an earlier round) come last, and only when no other
         source is left to wait for."""
         candidates = [r for r in self if not r.dropped and r.name not in tried]
@@ -204,8 +205,10 @@ class Health:
                 chosen.in_flight += 1
                 probe = group is probes or chosen.failures > 0
                 return Attempt(chosen.name, now, probe, self._budget(chosen, size) if probe else None)
+        if None in waits:
+            return Wait(None)  # a request in flight ends soon (its own budget or timeouts): not a failure
         if tried:
-            return None  # the round's failures go through its backoff before anything waits here
+            return None  # the rest back off: the round's failures go through its backoff first
         timed = [w for w in waits + avoided if w is not None]
         return Wait(max(0.0, min(timed)) if timed else None)
 

@@ -148,10 +148,13 @@ def test_a_corrupted_cached_chunk_is_refused_and_fetched_from_the_controller(
     refused = [e for e in events if isinstance(e, SourceFailed)]
     assert [(e.source, e.chunk_index) for e in refused] == [(base, victim.index)], refused
     assert "blake3" in refused[0].error or "digest" in refused[0].error, refused[0].error
-    # from the controller: the refused chunk, and one more (its first answer, while unproven)
+    # From the controller: the refused chunk (the mirror's only failure, and the bytes are right),
+    # its first answer while unproven, and what the other thread took while the mirror was
+    # suspect after the bad answer (one request at a time to it then).
     from_controller = _served(server.url) - before
     assert from_controller == report.bytes_by_source[f"{server.url}/v1/store"]
-    assert victim.stored_len <= from_controller <= victim.stored_len + max(c.stored_len for c in manifest)
+    assert from_controller >= victim.stored_len
+    assert report.bytes_by_source[base] >= from_controller  # the mirror still served most of it
 
 
 def test_only_chunks_and_manifests_pass_the_mirror(

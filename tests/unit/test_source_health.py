@@ -107,6 +107,15 @@ def test_alone_and_busy_a_suspect_makes_the_others_wait_not_fail() -> None:
     assert h.take(1.0, {"a"}) is None  # a chunk that already failed here ends its round instead
 
 
+def test_a_busy_source_is_waited_for_not_counted_as_a_failed_round() -> None:
+    h = table("liar", "good")
+    first, second = take(h, 0.0), take(h, 0.0)  # both unproven, one request each
+    h.end(first, Outcome.BAD, 0.01, reason="blake3 mismatch")
+    assert h.take(0.01, {"liar"}) == Wait(None)  # good's first answer is coming: wait for it
+    h.end(second, Outcome.OK, 0.02, MiB)
+    assert take(h, 0.02, ("liar",)).name == "good"
+
+
 def test_demoted_sources_are_probed_with_doubling_backoff_up_to_the_cap() -> None:
     h = table("a", "b")
     t = 0.0
