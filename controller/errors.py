@@ -9,6 +9,8 @@ SledgeError (agent.errors)
     ├── AuthError          controller.auth: a token that is missing, malformed or wrong
     ├── ImageToolError     controller.images (also an OSError): SourceError, NbdError, ExportError,
     │                      SandboxError, ImageRefused (an image that names another file)
+    ├── MirrorError        controller.images.mirror (also a ValueError): a `sledge mirror-config`
+    │                      flag that cannot make a working nginx configuration
     ├── BootError          controller.boot: network boot cannot be set up as asked; OptionError
     │                      (also a ValueError) names the flag
     ├── PowerError         controller.power: BmcAddressError, VaultError (the key file), BmcError

@@ -40,9 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
-    p.add_argument(
-        "--only", choices=["import", "write", "boot", "load", "servers"], help="run one section"
-    )
+    p.add_argument("--only", choices=["import", "write", "boot", "load", "servers"], help="run one section")
     p.add_argument("--import-size", type=parse_size, help="section A image size (default 4G; quick 256M)")
     p.add_argument("--write-size", type=parse_size, help="section B image size (default 2G; quick 256M)")
     p.add_argument(

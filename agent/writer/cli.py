@@ -13,7 +13,7 @@ from agent.image.errors import ImageError
 from agent.progress import ProgressBar, human_bytes
 from agent.writer.device import open_for_read, open_target
 from agent.writer.errors import VerifyFailed, WriteError
-from agent.writer.events import Event, Progress, SourceFailed, WriteReport
+from agent.writer.events import Event, Progress, SourceFailed, SourceHealthChanged, WriteReport
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import load_manifest
 from agent.writer.pipeline import WriteOptions, Writer
@@ -169,6 +169,10 @@ def _write(args: argparse.Namespace) -> WriteReport:
                 + (" (source dropped)" if event.dropped else ""),
                 file=sys.stderr,
             )
+        elif isinstance(event, SourceHealthChanged):
+            if bar.enabled:
+                bar.stream.write("\n")
+            print(f"sledge-agent: source {event.source} {event.state}: {event.reason}", file=sys.stderr)
 
     target = open_target(args.device, manifest.image_size, exact_file=True)
     try:

@@ -61,7 +61,8 @@ class VerifyFailed(WriteError):
 
 
 class FetchError(WriteError):
-    """One failed attempt; `bad_bytes` marks a source that served wrong data (not just failed)."""
+    """One failed attempt; `bad_bytes` marks a source that served wrong data (not just failed),
+    `slow` one that stalled or trickled past its deadline (source health tells them apart)."""
 
     def __init__(
         self,
@@ -70,8 +71,10 @@ class FetchError(WriteError):
         bad_bytes: bool = False,
         missing: bool = False,
         retry_after: float | None = None,
+        slow: bool = False,
     ) -> None:
         self.source = source
+        self.slow = slow
         self.bad_bytes = bad_bytes
         self.missing = missing
         self.retry_after = retry_after  # seconds the server asked us to wait (429/503 Retry-After)

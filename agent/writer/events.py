@@ -31,6 +31,13 @@ class SourceFailed:
 
 
 @dataclass(frozen=True)
+class SourceHealthChanged:
+    source: str
+    state: str  # "demoted" (asked only by a probe now and then), "restored", "dropped"
+    reason: str
+
+
+@dataclass(frozen=True)
 class Phase:
     name: str  # "write", "sync", "gpt", "verify"
 
@@ -60,7 +67,8 @@ class WriteReport:
         return self.image_size / self.seconds if self.seconds > 0 else 0.0
 
 
-Event = Progress | SourceFailed | Phase
+Event = Progress | SourceFailed | SourceHealthChanged | Phase
+SourceEvent = SourceFailed | SourceHealthChanged
 Listener = Callable[[Event], None]
 
 

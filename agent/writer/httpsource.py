@@ -100,9 +100,16 @@ class HttpSource:
     # -- the two calls a source answers ---------------------------------------------------
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        return self.fetch_within(chunk, buf, None)
+
+    def fetch_within(self, chunk: Chunk, buf: memoryview, budget: float | None) -> int:
+        """fetch_into, cut (as too slow) after `budget` seconds if that is sooner than the
+        timeouts allow: source health's bound on a try of a source under suspicion."""
         relative = layout.chunk_path(chunk.hex)
         expected = chunk.stored_len
         limit = self._timeouts.deadline(expected)
+        if budget is not None:
+            limit = min(limit, budget)
         ex = _Exchange(self, relative, limit)
         got = 0
         try:
@@ -118,7 +125,7 @@ class HttpSource:
                 while got < expected:
                     n: int | None = resp.readinto(target[got:])
                     if n is None:  # SO_RCVTIMEO expired: the socket reads as "would block"
-                        ex.fail(f"timed out (stalled) after {got} bytes")
+                        ex.fail(f"timed out (stalled) after {got} bytes", slow=True)
                     if not n:
                         break
                     got += n
@@ -134,7 +141,7 @@ class HttpSource:
             ex.done(reusable=not resp.will_close)
             return got
         except (OSError, http.client.HTTPException) as exc:
-            ex.fail(_describe(exc), progress=got)
+            ex.fail(_describe(exc), progress=got, slow=_timed_out(exc))
 
     def get(self, relative: str, limit: int) -> bytes:
         ex = _Exchange(self, relative, self._timeouts.deadline(limit))
@@ -153,7 +160,7 @@ class HttpSource:
             ex.done(reusable=not resp.will_close)
             return data
         except (OSError, http.client.HTTPException) as exc:
-            ex.fail(_describe(exc))
+            ex.fail(_describe(exc), slow=_timed_out(exc))
 
     def interrupt(self) -> None:
         """Abort every exchange in flight and refuse new ones (a cancelled job)."""
@@ -294,7 +301,7 @@ class _Exchange:
             try:
                 self.conn = src._conn(endpoint)
             except (OSError, http.client.HTTPException) as exc:
-                self.fail(_describe(exc))
+                self.fail(_describe(exc), slow=_timed_out(exc))
             assert self.conn is not None
             reused = self.conn.used
             self.timer = src._watchdog.arm(self.conn.sock, self.deadline - time.monotonic())
@@ -307,7 +314,7 @@ class _Exchange:
                 fired = self._release(reusable=False)
                 if not fired and reused and attempt == 1 and isinstance(exc, STALE):
                     continue  # the server closed the idle keep-alive: not the source's fault
-                self.fail(_describe(exc), fired=fired)
+                self.fail(_describe(exc), fired=fired, slow=_timed_out(exc))
         raise AssertionError("unreachable")
 
     def _release(self, reusable: bool) -> bool:
@@ -334,7 +341,12 @@ class _Exchange:
             self.fail("", fired=True)
 
     def fail(
-        self, reason: str, bad_bytes: bool = False, progress: int | None = None, fired: bool = False
+        self,
+        reason: str,
+        bad_bytes: bool = False,
+        progress: int | None = None,
+        fired: bool = False,
+        slow: bool = False,
     ) -> NoReturn:
         """Release the connection and raise FetchError; a cut exchange is named as too slow."""
         fired = self._release(reusable=False) or fired
@@ -347,8 +359,9 @@ class _Exchange:
                 src.name,
                 f"GET {self.relative}: too slow: not complete in {self.budget:.1f} s{got} "
                 f"(the budget: {src._timeouts.stall:g} s plus the body at {src._timeouts.min_rate:.0f} B/s)",
+                slow=True,
             )
-        raise FetchError(src.name, f"GET {self.relative}: {reason}", bad_bytes=bad_bytes)
+        raise FetchError(src.name, f"GET {self.relative}: {reason}", bad_bytes=bad_bytes, slow=slow)
 
 
 def _join(path: str, query: str) -> str:
@@ -434,8 +447,12 @@ def _stall_timeout(sock: socket.socket, seconds: float) -> None:
     sock.settimeout(usec / 1_000_000)
 
 
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError | socket.timeout | ssl.SSLWantReadError | ssl.SSLWantWriteError)
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout | ssl.SSLWantReadError | ssl.SSLWantWriteError):
+    if _timed_out(exc):
         return "timed out (stalled)"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, OSError) else text

@@ -28,7 +28,7 @@ from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.writer.device import OpenTarget
 from agent.writer.drift import Drift, classify
 from agent.writer.errors import Cancelled, ChunkUnavailable, TargetError, VerifyFailed, WriteError
-from agent.writer.events import Counters, Listener, Phase, SourceFailed, WriteReport
+from agent.writer.events import Counters, Listener, Phase, SourceEvent, WriteReport
 from agent.writer.fetch import RetryPolicy, SourceSet
 from agent.writer.plan import Action, PlanOptions, Step, Target, ZeroMode, after_check, iter_plan
 from agent.writer.sources import ChunkSource
@@ -85,7 +85,7 @@ class Writer:
             self._buffers.put(mmap.mmap(-1, manifest.chunk_size))
         self._writes: queue.Queue[tuple[Chunk, mmap.mmap, memoryview] | None] = queue.Queue()
 
-    def _source_failed(self, event: SourceFailed) -> None:
+    def _source_failed(self, event: SourceEvent) -> None:
         if self.listener:
             self.listener(event)
 

@@ -8,7 +8,7 @@ they are good.
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.image import layout
 from agent.image.manifest import Chunk
@@ -16,7 +16,7 @@ from agent.image.store import NotInStore, StoreError, StoreFileError, read_store
 from agent.writer.errors import FetchError
 from agent.writer.httpsource import HttpSource, Timeouts
 
-__all__ = ["ChunkSource", "DirectorySource", "HttpSource", "Timeouts", "open_source"]
+__all__ = ["BoundedSource", "ChunkSource", "DirectorySource", "HttpSource", "Timeouts", "open_source"]
 
 
 class ChunkSource(Protocol):
@@ -35,6 +35,14 @@ class ChunkSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BoundedSource(Protocol):
+    """A source that can also cut one request short (HttpSource): source health bounds the tries
+    of a source under suspicion with it. Sources without it are tried with their own timeouts."""
+
+    def fetch_within(self, chunk: Chunk, buf: memoryview, budget: float | None) -> int: ...
 
 
 class DirectorySource:

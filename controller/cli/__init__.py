@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from agent.errors import SledgeError
-from controller.cli import boot, images, operator, power, serve
+from controller.cli import boot, images, mirror, operator, power, serve
 from controller.config import from_environ
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_parser(sub)
     serve.add_parser(sub)
     boot.add_parser(sub)
+    mirror.add_parser(sub)
     operator.add_parsers(sub)
     power.add_local_parser(sub)
     return parser
@@ -32,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve.run(args, config)
         if args.cmd == "dhcp-config":
             return boot.run(args, config)
+        if args.cmd == "mirror-config":
+            return mirror.run(args, config)
         if args.cmd == "bmc":
             return power.rotate_key(args, config)
         if args.cmd in operator.COMMANDS:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -116,3 +118,39 @@ class LoopDevice:
             subprocess.run(["losetup", "-d", self.device], check=False)
             log(f"loop device {self.device} detached")
             self.device = ""
+
+
+class StalledServer:
+    """A dead mirror: accepts every connection on 127.0.0.1 and never answers (the case in issue 15,
+    where each chunk waited out the stall timeout before failing over)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="stalled-server", daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            self._held.append(conn)  # read nothing, answer nothing, until the bench ends
+
+    def __enter__(self) -> StalledServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._held:
+            conn.close()
+        self.sock.close()

@@ -68,8 +68,13 @@ def chunk_files(store: Path, table: list[dict[str, Any]]) -> list[Path]:
     return [store / "chunks" / d[:2] / d for d in digests]
 
 
-def write_argv(manifest_url: str, source_url: str, device: str, *, inplace: bool) -> list[str]:
-    argv = [tool("sledge-agent"), "write", "--manifest", manifest_url, "--source", source_url]
+def write_argv(
+    manifest_url: str, source_url: str, device: str, *, inplace: bool, before: tuple[str, ...] = ()
+) -> list[str]:
+    """`sledge-agent write`; `before`: sources listed ahead of `source_url` (a dead mirror, say)."""
+    argv = [tool("sledge-agent"), "write", "--manifest", manifest_url]
+    for url in (*before, source_url):
+        argv += ["--source", url]
     argv += ["--device", device, "--json"]
     return argv if inplace else [*argv, "--no-inplace"]
 

@@ -12,7 +12,7 @@ from typing import Any
 from benchlib.images import make_image, make_v2
 from benchlib.proc import Timed, log, run, timed, timed_pipeline
 from benchlib.report import Row, Target, heading, median
-from benchlib.services import LoopDevice, Nginx
+from benchlib.services import LoopDevice, Nginx, StalledServer
 from benchlib.sledge import (
     changed_stored_bytes,
     chunk_files,
@@ -90,6 +90,12 @@ class WriteBench:
         self.fio_read.ref = self.line
         self.rows = {img.key: self._image_rows(img) for img in (self.random, self.sparse)}
         self.v2_row = Row("half-sparse: sledge v1 -> v2 (in place on)", ref=self.line)
+        self.dead_row = Row(
+            "fully random: sledge fresh, a dead first `--source` (accepts, never answers) + nginx "
+            "(ratio: to nginx alone)",
+            ref=self.rows["random"].sledge,
+        )
+        self.dead: StalledServer | None = None
         self.reports: dict[str, list[dict[str, Any]]] = {}  # row label -> sledge reports
         self.wall: dict[str, list[float]] = {}  # row label -> wall-clock MB/s, where the row uses another
         self.web: Nginx | None = None
@@ -157,6 +163,13 @@ class WriteBench:
                 self.fresh_writes(img)
                 self.writes_onto_image(img)
             self.v1_to_v2()
+            self.dead_mirror()
+
+    def dead_mirror(self) -> None:
+        """Issue 15: the fresh random write with a dead mirror listed first; source health should
+        keep it near the healthy write (before it, each chunk waited out the stall timeout)."""
+        assert self.dead is not None
+        self.sledge_write(self.dead_row, self.random, inplace=False, fresh=True, before=(self.dead.base,))
 
     def line_rate(self) -> None:
         """fio's and curl's own throughput figures (fio alone spends ~0.4 s starting and stopping)."""
@@ -270,8 +283,11 @@ class WriteBench:
             return None
         return t
 
-    def sledge_write(self, row: Row, img: Image, *, inplace: bool, fresh: bool) -> None:
-        argv = write_argv(self.manifest_url(img), self.url(self.store), self.device, inplace=inplace)
+    def sledge_write(
+        self, row: Row, img: Image, *, inplace: bool, fresh: bool, before: tuple[str, ...] = ()
+    ) -> None:
+        store = self.url(self.store)
+        argv = write_argv(self.manifest_url(img), store, self.device, inplace=inplace, before=before)
         served = [self.store / "manifests" / img.digest, *chunk_files(self.store, img.table)]
         t = self.contender(row, img, [argv], served, fresh=fresh)
         if t is None:
@@ -309,13 +325,14 @@ class WriteBench:
         out += [self.line, self.curl, self.fio, self.fio_read]
         for rows in self.rows.values():
             out += [rows.sledge, rows.curl_dd, rows.bmaptool, rows.casync, rows.casync_seed, rows.sledge_same]
-        return [*out, self.v2_row, rss]
+        return [*out, self.v2_row, self.dead_row, rss]
 
     def _annotate_sledge_rows(self) -> None:
         for rows in self.rows.values():
             for row in (rows.sledge, rows.sledge_same):
                 row.notes = self._sledge_notes(row)
         self.v2_row.notes = self._sledge_notes(self.v2_row)[1:]
+        self.dead_row.notes = self._dead_notes()
         downloaded = self._downloaded(self.v2_row)
         if downloaded is not None and self.changed_bytes:
             self.v2_row.notes.insert(
@@ -337,6 +354,18 @@ class WriteBench:
             f"own timer {own:.0f} MB/s ({own / self.line.rate:.2f}x)",
             "chunks {chunks_fetched} fetched / {chunks_inplace} in place / {chunks_zero} zero".format(**mid),
             f"busy thread-s: {busy}",
+        ]
+
+    def _dead_notes(self) -> list[str]:
+        """How many requests the dead source took (the agent's events; each waited out a stall)."""
+        reports = self.reports.get(self.dead_row.label, [])
+        if not reports or self.dead is None:
+            return []
+        by_source = reports[-1].get("bytes_by_source", {})
+        return [
+            f"requests to the dead source: {self.dead.connections} over {len(reports)} runs",
+            "bytes by source (last run): " + ", ".join(f"{k} {human(v)}" for k, v in by_source.items()),
+            "source health cuts its tries (the first at 2 s, then 0.5 s) instead of the 10 s stall timeout",
         ]
 
     def _downloaded(self, row: Row, worst: bool = False) -> float | None:
@@ -416,6 +445,10 @@ def run_write_bench(work: Path, size: int, reps: int, warm_server: bool) -> tupl
     bench = WriteBench(work, size, reps, warm_server)
     bench.prepare()
     loop_size = -(-(size + size // 4) // MiB) * MiB
-    with Nginx(bench.www, work / "nginx") as web, LoopDevice(work / "loop.bin", loop_size) as loop:
+    with (
+        Nginx(bench.www, work / "nginx") as web,
+        LoopDevice(work / "loop.bin", loop_size) as loop,
+        StalledServer() as bench.dead,
+    ):
         bench.run_all(web, loop.device)
     return bench.table_rows(), bench.targets()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ from agent.writer.device import open_target
 from agent.writer.errors import BadManifest, Cancelled, ChunkUnavailable, ManifestUnavailable
 from agent.writer.events import Event, Progress, SourceFailed, WriteReport
 from agent.writer.fetch import RetryPolicy
+from agent.writer.health import HealthPolicy
 from agent.writer.load import load_manifest
 from agent.writer.pipeline import WriteOptions, Writer
 from agent.writer.sources import ChunkSource, DirectorySource, HttpSource, Timeouts
@@ -117,23 +119,28 @@ def test_each_fault_fails_over_and_nothing_unverified_is_written(
 ) -> None:
     src, data = image
     root, manifest, digest = make_store(tmp_path, src)
-    victim = next(c for c in manifest.data_chunks() if c.index >= 2)
+    victim = list(manifest.data_chunks())[-1]
     dest = tmp_path / "out.img"
     events: list[Event] = []
     with serve(root) as bad, serve(root) as good:
         bad.always[victim.hex] = fault
+        # One thread, no ordering by speed: both sources have answered (the first chunk from the
+        # first, the second from the second, unproven) and the victim, last, goes to the first.
         report = write(
             manifest,
             digest,
             [HttpSource(bad.url, TIMEOUTS), HttpSource(good.url, TIMEOUTS)],
             dest,
+            WriteOptions(workers=1, retry=dataclasses.replace(FAST.retry, health=HealthPolicy(slow_ratio=0))),
             events=events,
         )
         assert dest.read_bytes() == data
         failures = [e for e in events if isinstance(e, SourceFailed)]
         assert failures and all(e.source == bad.url and e.chunk_index == victim.index for e in failures)
         assert good.requests[victim.hex] == 1
-        assert report.bytes_by_source[good.url] == victim.stored_len
+        others = [c for c in manifest.data_chunks() if good.requests[c.hex] and c.hex != victim.hex]
+        assert len(others) == 1  # its first answer, while unproven
+        assert report.bytes_by_source[good.url] == victim.stored_len + others[0].stored_len
 
 
 @pytest.mark.parametrize("fault", ["flip", "truncate", "500", "close", "other", "stall"])

@@ -13,7 +13,7 @@ from agent.runtime.backoff import Backoff
 from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
 from agent.runtime.seed import SeedContent
 from agent.writer.errors import BadManifest, ManifestUnavailable, VerifyFailed, WriteError
-from agent.writer.events import Event, Progress, SourceFailed
+from agent.writer.events import Event, Progress, SourceFailed, SourceHealthChanged
 from agent.writer.fetch import RetryPolicy
 from agent.writer.load import LoadedManifest, load_manifest
 from agent.writer.pipeline import WriteOptions, Writer
@@ -57,6 +57,8 @@ def _listener(ctx: JobContext, interval: float = 1.0):  # type: ignore[no-untype
                 )
         elif isinstance(event, SourceFailed):
             ctx.warn(f"chunk {event.chunk_index} from {event.source}: {event.error}")
+        elif isinstance(event, SourceHealthChanged):
+            ctx.warn(f"source {event.source} {event.state}: {event.reason}")
 
     return listen
 
