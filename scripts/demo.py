@@ -29,7 +29,19 @@ MAC = "52:54:00:5e:d6:01"
 MARKER = "SLEDGE-DEMO-IMAGE-BOOTED v1"
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 START = time.monotonic()
-SHOWN = ("sledge", "SLEDGE", "iPXE", "http://", "Booting", "DHCP", "PXE", "NBP", "BdsDxe", "Configuring", "GRUB")
+SHOWN = (
+    "sledge",
+    "SLEDGE",
+    "iPXE",
+    "http://",
+    "Booting",
+    "DHCP",
+    "PXE",
+    "NBP",
+    "BdsDxe",
+    "Configuring",
+    "GRUB",
+)
 
 
 def say(text: str) -> None:
@@ -77,7 +89,11 @@ def main() -> int:
         image = uefi_demo_image() if firmware == "uefi" else build_demo_image("v1")
         mib = (kernel.stat().st_size >> 20, initrd.stat().st_size >> 20)
         print(f"  live image: {mib[0]} MiB kernel, {mib[1]} MiB initramfs")
-        kind = "GPT + EFI system partition + GRUB" if firmware == "uefi" else "MBR + extlinux + a marker initramfs"
+        kind = (
+            "GPT + EFI system partition + GRUB"
+            if firmware == "uefi"
+            else "MBR + extlinux + a marker initramfs"
+        )
         print(f"  demo image: {image} ({image.stat().st_size >> 20} MiB, {kind})")
 
         say("2/6 stage: a provisioning network (bridge in a network namespace), the controller on it")
@@ -98,7 +114,9 @@ def main() -> int:
         )
         print(listing.stdout, end="")
 
-        board = "UEFI (OVMF: its own PXE, TFTP snponly.efi)" if firmware == "uefi" else "BIOS (SeaBIOS, iPXE ROM)"
+        board = (
+            "UEFI (OVMF: its own PXE, TFTP snponly.efi)" if firmware == "uefi" else "BIOS (SeaBIOS, iPXE ROM)"
+        )
         say(f"3/6 an empty machine (4 GiB blank disk, {board}) powers on and network-boots the agent")
         vm = NetVm(work / "vm", lan, MAC, firmware, echo=guest)
         vm.start()
