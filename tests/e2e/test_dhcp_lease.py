@@ -73,7 +73,7 @@ def lease_expiry(c: NetController, mac: str) -> int:
         if len(fields) >= 3 and fields[1] == mac:
             assert fields[2] == ADDRESS, line
             return int(fields[0])
-    raise AssertionError(f"no lease for {mac} in {c.data / 'dnsmasq' / 'leases'}")
+    raise AssertionError(f"no lease for {mac} in {c.data / 'dnsmasq' / 'leases'} (expired, or never taken)")
 
 
 def shape(lan: Lan, tap: str) -> None:
