@@ -226,6 +226,9 @@ class NetVm(Vm):
                 "-machine", "q35",
                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+                # IPv6 PXE off, as an operator sets it in a server's firmware setup: after iPXE
+                # exits the firmware would otherwise try it (~1 min) before the disk (docs/boot.md)
+                "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
             ]  # fmt: skip
         elif firmware != "bios":
             raise ValueError(f"firmware {firmware!r}: expected bios or uefi")

@@ -48,9 +48,10 @@ def render(plan: DnsmasqPlan) -> str:
     lines += _range_lines(plan)
     if plan.mode == "full" and plan.router_adverts and plan.interface:
         lines += [
-            "# iPXE waits ~15 s for IPv6 autoconfiguration when no router answers: advertise the prefix",
+            "# iPXE waits ~15 s for IPv6 autoconfiguration when no router answers: advertise the prefix;",
+            "# DHCPv6 too, so that a UEFI HTTPv6 boot entry gets its answer (below) instead of timing out",
             "enable-ra",
-            f"dhcp-range=::,constructor:{plan.interface},ra-only",
+            f"dhcp-range=::100,::1ff,constructor:{plan.interface},64,{plan.lease_time}",
         ]
     if plan.lease_file is not None:
         lines.append(f"dhcp-leasefile={plan.lease_file}")
@@ -84,14 +85,28 @@ def _range_lines(plan: DnsmasqPlan) -> list[str]:
     return ["# set NETWORK to the provisioning subnet's address", "dhcp-range=NETWORK,proxy"]
 
 
+def no_http_boot_url(boot_url: str) -> str:
+    """What UEFI HTTP boot clients are sent: a URL on the controller that answers 404."""
+    return boot_url.rsplit("/", 1)[0] + "/boot/no-http-boot.efi"
+
+
 def _boot_lines(plan: DnsmasqPlan) -> list[str]:
     if plan.mode == "full":
+        none = no_http_boot_url(plan.boot_url)
         return [
             "# no proxyDHCP here: iPXE need not wait for one (else ~10 s of dots at every boot)",
             "dhcp-option=tag:ipxe,encap:175,176,1b",
             f"dhcp-boot=tag:ipxe,{plan.boot_url}",
             f"dhcp-boot=tag:!ipxe,tag:efi64,{plan.efi_file}",
-            f"dhcp-boot=tag:!ipxe,tag:!efi64,{BIOS_FILE}",
+            f"dhcp-boot=tag:!ipxe,tag:!efi64,tag:!httpboot,{BIOS_FILE}",
+            "# UEFI HTTP boot entries (vendor class HTTPClient) are not sledge's path: they get a URL",
+            "# that fails at once, so that after iPXE's `exit` the firmware reaches the disk instead",
+            "# of waiting 1-2 minutes for an offer with a boot URI on each of them (docs/boot.md)",
+            "dhcp-vendorclass=set:httpboot,HTTPClient",
+            "dhcp-option-force=tag:httpboot,60,HTTPClient",
+            f"dhcp-boot=tag:httpboot,{none}",
+            "dhcp-vendorclass=set:httpboot6,enterprise:343,HTTPClient",
+            f"dhcp-option=tag:httpboot6,option6:bootfile-url,{none}",
         ]
     # proxyDHCP: the PXE ROM gets its file through the PXE boot menu (one entry per
     # architecture, so no menu is shown); iPXE reads the boot file name of the proxy offer.
