@@ -180,13 +180,12 @@ class SourceSet:
         errors: dict[str, str] = {}
         retry_after: float | None = None
         failed: set[str] = set()  # sources that failed this chunk: asked again only if no other is left
-        lied: set[str] = set()  # sources that served this chunk's bytes wrong: not asked for it again
         for round_ in range(self.policy.retries):
             if round_:
                 if self.cancel.wait(self.policy.delay(round_, retry_after)):
                     raise Cancelled(f"cancelled while retrying {chunk.describe()}")
                 retry_after = None
-            tried: set[str] = set(lied)
+            tried: set[str] = set()
             while (taken := self._take(chunk, tried, failed)) is not None:
                 source, attempt = taken
                 tried.add(source.name)
@@ -201,8 +200,6 @@ class SourceSet:
                     errors[source.name] = str(exc)
                     if not exc.missing:
                         failed.add(source.name)
-                    if exc.bad_bytes:
-                        lied.add(source.name)
                     change, dropped = self._end(attempt, outcome_of(exc), 0, str(exc), exc.retry_after)
                     self.on_event(SourceFailed(source.name, chunk.index, str(exc), dropped and exc.bad_bytes))
                     if change is not None:

@@ -139,7 +139,11 @@ def test_a_source_that_recovers_is_used_again(
     events: list[Event] = []
     with serve(root) as flaky, serve(root) as slow:
         flaky.always["*"] = "500"
-        slow.delay = 0.03  # keeps the write going for a second or so, past the first probe
+        slow.delay = 0.03  # 64 chunks over 4 threads: the write lasts >= 0.48 s, well past the probe
+        # demoted within a few ms (three quick 500s), probed 0.1 s later
+        options = WriteOptions(
+            workers=WORKERS, retry=RetryPolicy(retries=3, backoff=0.01, health=HealthPolicy(probe_after=0.1))
+        )
 
         def listen(event: Event) -> None:
             events.append(event)
@@ -149,7 +153,7 @@ def test_a_source_that_recovers_is_used_again(
         target = open_target(str(dest), manifest.image_size)
         sources: list[ChunkSource] = [HttpSource(flaky.url, TIMEOUTS), HttpSource(slow.url, TIMEOUTS)]
         try:
-            report = Writer(manifest, digest, sources, target, OPTIONS, listen).run()
+            report = Writer(manifest, digest, sources, target, options, listen).run()
         finally:
             target.close()
             for s in sources:
