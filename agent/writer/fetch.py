@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.image.chunk import ChunkInvalid, decompress_bounded, verify_raw
-from agent.image.manifest import Chunk, Encoding
+from agent.image.chunk import ChunkInvalid, Decoder
+from agent.image.manifest import Chunk
 from agent.writer.errors import Cancelled, ChunkUnavailable, FetchError
 from agent.writer.events import SourceFailed
 from agent.writer.sources import ChunkSource
@@ -63,6 +63,7 @@ class SourceSet:
         self.lock = threading.Lock()
         self.strikes = {s.name: 0 for s in sources}
         self.dropped: list[str] = []
+        self.decoder = Decoder()
 
     def usable(self) -> list[ChunkSource]:
         with self.lock:
@@ -118,18 +119,10 @@ class SourceSet:
         if n != chunk.stored_len:
             raise FetchError(source.name, f"expected {chunk.stored_len} bytes, got {n}", bad_bytes=True)
         try:
-            if chunk.encoding is Encoding.ZSTD:
-                data = decompress_bounded(chunk, stored[:n])
-                t2 = time.perf_counter()
-                timing["decompress"] = timing.get("decompress", 0.0) + t2 - t1
-                raw[: chunk.length] = data
-                view = raw[: chunk.length]
-                t1 = t2
-            else:
-                view = stored[: chunk.length]
-            verify_raw(chunk, view)
+            # decompressed (if zstd) straight into `raw`, verified there: nothing is copied
+            view = self.decoder.decode_into(chunk, stored[:n], raw)
         except ChunkInvalid as exc:
             raise FetchError(source.name, exc.reason, bad_bytes=True) from None
         finally:
-            timing["verify"] = timing.get("verify", 0.0) + time.perf_counter() - t1
+            timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - t1
         return view

@@ -41,11 +41,20 @@ class WriteOptions:
     inplace: bool = True
     zero_mode: ZeroMode = ZeroMode.ZERO
     verify: bool = False
-    workers: int = 4  # threads that check, fetch and verify
-    write_threads: int = 3  # threads that write verified chunks
+    workers: int = 0  # threads that check, fetch, decompress and verify; 0: sized to the cores
+    write_threads: int = 0  # threads that write verified chunks; 0: sized to the cores
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5
+
+
+def thread_counts(options: WriteOptions, cores: int) -> tuple[int, int]:
+    """(fetching threads, writing threads): the options' own, or sized to the cores. Every fetching
+    thread decompresses and hashes its chunk (zstd and blake3 release the GIL), so there must be at
+    least one per core, and a couple more to keep the cores busy while some wait on the network."""
+    workers = options.workers or max(4, cores + 2)
+    write_threads = options.write_threads or max(3, min(8, cores // 2))
+    return workers, write_threads
 
 
 class Writer:
@@ -72,8 +81,9 @@ class Writer:
         self.counters = Counters(manifest.image_size, len(manifest), listener, options.progress_interval)
         self.sources = SourceSet(sources, options.retry, self._source_failed, self.cancel)
         budget = max(4, BUFFER_BUDGET // manifest.chunk_size)  # buffers of one chunk each
-        self.write_threads = max(1, min(options.write_threads, budget // 4))
-        self.workers = max(1, min(options.workers, (budget - self.write_threads - 1) // 2))
+        workers, write_threads = thread_counts(options, os.cpu_count() or 2)
+        self.write_threads = max(1, min(write_threads, budget // 4))
+        self.workers = max(1, min(workers, (budget - self.write_threads - 1) // 2))
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         # Fetching threads verify chunks and hand them to write threads through a bounded
