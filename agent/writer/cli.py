@@ -195,6 +195,7 @@ def summary(r: WriteReport) -> str:
         f"wrote {human_bytes(r.image_size)} to {r.target} in {r.seconds:.2f} s "
         f"({human_bytes(r.rate)}/s): {r.chunks_fetched} fetched ({human_bytes(r.fetched_bytes)} downloaded), "
         f"{r.chunks_inplace} already in place, {r.chunks_zero} zeroed, {r.chunks_skipped} skipped"
+        + (f", {r.chunks_restored} rebuilt from the disk" if r.chunks_restored else "")
         + ("; GPT backup moved to the end" if r.gpt_relocated else "")
         + ("; verified" if r.verified else "")
         + (f"; dropped sources: {', '.join(r.dropped_sources)}" if r.dropped_sources else "")
