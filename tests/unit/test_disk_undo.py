@@ -76,3 +76,49 @@ def test_a_guess_only_touches_table_sectors(tmp_path: Path) -> None:
         assert offset + len(data) <= 34 * 512 or offset >= IMAGE - 33 * 512, offset
     assert undo.overlaps(writes, 0, MiB) and undo.overlaps(writes, IMAGE - MiB, MiB)
     assert not undo.overlaps(writes, MiB, IMAGE - 2 * MiB)
+
+
+def test_hostile_tables_give_a_guess_or_none_never_an_error(tmp_path: Path) -> None:
+    """A previous tenant's tables, CRCs sealed so the careful reader gets past them: any header
+    field or entry byte changed yields writes inside the image, or none, and never raises."""
+    import random
+    import struct
+    import zlib
+
+    from agent.disk.gpt import seal_header
+
+    gpt_image(tmp_path / "image.img")
+    base = deployed(tmp_path, tmp_path / "image.img").read_bytes()
+    head = 64 * 1024  # the mutations stay in here; the rest is read from the deployed disk
+    rng = random.Random(13)
+    guessed = 0
+    for _ in range(200):
+        disk = bytearray(base[:head])
+        header = bytearray(disk[512:1024])
+        field = rng.choice([24, 32, 40, 48, 72, 80, 84])  # my, alt, first/last usable, entries lba/count/size
+        width = 4 if field >= 80 else 8
+        value = rng.choice(
+            [0, 1, 2, 33, 34, 2047, IMAGE // 512, DISK // 512 - 1, 2**32 - 1, rng.getrandbits(width * 8)]
+        )
+        struct.pack_into("<I" if width == 4 else "<Q", header, field, value % (1 << (width * 8)))
+        entry = 1024 + 128 * rng.randrange(4)
+        disk[entry + rng.randrange(128)] = rng.getrandbits(8)
+        struct.pack_into("<I", header, 88, zlib.crc32(bytes(disk[1024 : 1024 + 128 * 128])))
+        seal_header(header, 92)
+        disk[512:1024] = header
+        held = bytes(disk)
+
+        def read(offset: int, length: int, held: bytes = held) -> bytes:
+            if offset + length <= head:
+                return held[offset : offset + length]
+            return (
+                (held + base[head : offset + length])[offset:]
+                if offset < head
+                else base[offset : offset + length]
+            )
+
+        writes = undo.image_tables(read, IMAGE, DISK, 512)
+        for offset, data in writes:
+            assert offset >= 0 and offset + len(data) <= IMAGE
+        guessed += bool(writes)
+    assert 0 < guessed < 200  # both paths were taken: a guess, and none
