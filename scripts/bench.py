@@ -28,19 +28,48 @@ from benchlib.loadbench import LoadConfig, run_load_bench
 from benchlib.proc import BenchError, kill_all, log, run
 from benchlib.report import Row, Target, table, targets_table
 from benchlib.serverbench import run_server_bench
+from benchlib.speedbench import run_speed_bench
 from benchlib.system import GiB, MiB, fs_type, parse_size, require_root
 from benchlib.writebench import run_write_bench
 
 DISK_TMP = [Path("/tmp"), Path("/var/tmp")]
 RAM_FS = {"tmpfs", "ramfs"}
-TOOLS = ["nginx", "fio", "bmaptool", "casync", "curl", "dd", "cmp", "blkdiscard", "losetup", "du"]
+TOOLS = [
+    "nginx",
+    "fio",
+    "bmaptool",
+    "casync",
+    "curl",
+    "dd",
+    "cmp",
+    "blkdiscard",
+    "losetup",
+    "du",
+    "zstd",
+    "qemu-img",
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
-    p.add_argument("--only", choices=["import", "write", "boot", "load", "servers"], help="run one section")
+    p.add_argument(
+        "--only", choices=["import", "write", "boot", "load", "servers", "speed"], help="run one section"
+    )
+    p.add_argument(
+        "--compressible-image",
+        type=Path,
+        help="section F's image (raw or qcow2; default: one built from this machine's /usr files)",
+    )
+    p.add_argument(
+        "--speed-size", type=parse_size, help="section F's built image size (default 2G; quick 256M)"
+    )
+    p.add_argument(
+        "--levels",
+        default="1,3,9",
+        help="section F: zstd levels the image is imported at, comma-separated (default 1,3,9)",
+    )
     p.add_argument("--import-size", type=parse_size, help="section A image size (default 4G; quick 256M)")
     p.add_argument("--write-size", type=parse_size, help="section B image size (default 2G; quick 256M)")
     p.add_argument(
@@ -63,6 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.import_size = args.import_size or (256 * MiB if args.quick else 4 * GiB)
     args.write_size = args.write_size or (256 * MiB if args.quick else 2 * GiB)
+    args.speed_size = args.speed_size or (256 * MiB if args.quick else 2 * GiB)
+    try:
+        args.levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        p.error(f"--levels {args.levels!r}: expected numbers like 1,3,9")
+    if not args.levels or not all(1 <= x <= 19 for x in args.levels):
+        p.error("--levels: zstd levels are 1 to 19")
     args.tmpdir = args.tmpdir or next((d for d in DISK_TMP if fs_type(d) not in RAM_FS), DISK_TMP[0])
     if args.reps < 1:
         p.error("--reps must be at least 1")
@@ -70,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--agents must be between 1 and 16777216")
     if args.load_seconds < 10:
         p.error("--load-seconds must be at least 10")
-    if args.write_size % (4 * MiB) or args.import_size % (4 * MiB):
+    if args.write_size % (4 * MiB) or args.import_size % (4 * MiB) or args.speed_size % (4 * MiB):
         p.error("sizes must be multiples of 4 MiB")
     return args
 
@@ -150,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows += server_rows
             targets += server_targets
+        if args.only in (None, "speed"):
+            speed_rows, speed_targets = run_speed_bench(
+                work / "speed", args.speed_size, args.reps, args.compressible_image, args.levels
+            )
+            rows += speed_rows
+            targets += speed_targets
         boot_lines: list[str] = []
         if args.only in (None, "boot"):
             boot_lines, boot_targets = run_boot_bench(work / "boot", args.reps)

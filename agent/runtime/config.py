@@ -32,7 +32,7 @@ class AgentConfig:
     poll_wait: float = 25.0  # long-poll wait
     max_backoff: float = 60.0
     max_buffered_events: int = 10000
-    workers: int = 4
+    workers: int = 0  # the writer's fetching threads; 0: sized to the cores
     shell: bool = False
     power: bool = False  # really reboot / power off (set in the live image)
 

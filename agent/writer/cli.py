@@ -52,9 +52,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--zeros-dont-care", action="store_true", help="leave zero chunks' ranges as they are")
     p.add_argument("--no-gpt-fix", action="store_true", help="leave a backup GPT where the image put it")
     p.add_argument(
-        "--workers", type=_positive(int), default=WriteOptions().workers, help="threads fetching chunks"
+        "--workers",
+        type=_positive(int),
+        default=WriteOptions().workers,
+        help="threads fetching, decompressing and verifying chunks (default: cores + 2, at least 4)",
     )
-    p.add_argument("--write-threads", type=_positive(int), default=WriteOptions().write_threads)
+    p.add_argument(
+        "--write-threads",
+        type=_positive(int),
+        default=WriteOptions().write_threads,
+        help="threads writing verified chunks (default: half the cores, 3 to 8)",
+    )
     p.add_argument(
         "--retries", type=_positive(int), default=RetryPolicy().retries, help="rounds over all sources"
     )
@@ -191,6 +199,7 @@ def summary(r: WriteReport) -> str:
         f"wrote {human_bytes(r.image_size)} to {r.target} in {r.seconds:.2f} s "
         f"({human_bytes(r.rate)}/s): {r.chunks_fetched} fetched ({human_bytes(r.fetched_bytes)} downloaded), "
         f"{r.chunks_inplace} already in place, {r.chunks_zero} zeroed, {r.chunks_skipped} skipped"
+        + (f", {r.chunks_restored} rebuilt from the disk" if r.chunks_restored else "")
         + ("; GPT backup moved to the end" if r.gpt_relocated else "")
         + ("; verified" if r.verified else "")
         + (f"; dropped sources: {', '.join(r.dropped_sources)}" if r.dropped_sources else "")

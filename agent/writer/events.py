@@ -56,6 +56,7 @@ class WriteReport:
     written_bytes: int
     zeroed_bytes: int
     seconds: float
+    chunks_restored: int = 0  # table chunks rebuilt from the disk, verified, written: not downloaded
     busy: dict[str, float] = field(default_factory=dict)  # stage -> thread-seconds
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     dropped_sources: tuple[str, ...] = ()
@@ -85,6 +86,7 @@ class Counters:
         self.last_emit = 0.0
         self.done_bytes = self.fetched = self.written = self.zeroed = 0
         self.inplace = self.zero = self.fetched_chunks = self.skipped = 0
+        self.restored = 0  # chunks rebuilt from the disk's own bytes (sledge's table edits undone)
         self.busy: dict[str, float] = {}
         self.by_source: dict[str, int] = {}
 

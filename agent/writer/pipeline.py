@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from agent import blockdev
-from agent.disk import gpt
+from agent.disk import gpt, undo
 from agent.disk.expect import sledge_edits
 from agent.disk.tables import Read
 from agent.image.manifest import Chunk, ChunkKind, Manifest
@@ -41,11 +41,20 @@ class WriteOptions:
     inplace: bool = True
     zero_mode: ZeroMode = ZeroMode.ZERO
     verify: bool = False
-    workers: int = 4  # threads that check, fetch and verify
-    write_threads: int = 3  # threads that write verified chunks
+    workers: int = 0  # threads that check, fetch, decompress and verify; 0: sized to the cores
+    write_threads: int = 0  # threads that write verified chunks; 0: sized to the cores
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5
+
+
+def thread_counts(options: WriteOptions, cores: int) -> tuple[int, int]:
+    """(fetching threads, writing threads): the options' own, or sized to the cores. Every fetching
+    thread decompresses and hashes its chunk (zstd and blake3 release the GIL), so there must be at
+    least one per core, and a couple more to keep the cores busy while some wait on the network."""
+    workers = options.workers or max(4, cores + 2)
+    write_threads = options.write_threads or max(3, min(8, cores // 2))
+    return workers, write_threads
 
 
 class Writer:
@@ -72,8 +81,9 @@ class Writer:
         self.counters = Counters(manifest.image_size, len(manifest), listener, options.progress_interval)
         self.sources = SourceSet(sources, options.retry, self._source_failed, self.cancel)
         budget = max(4, BUFFER_BUDGET // manifest.chunk_size)  # buffers of one chunk each
-        self.write_threads = max(1, min(options.write_threads, budget // 4))
-        self.workers = max(1, min(options.workers, (budget - self.write_threads - 1) // 2))
+        workers, write_threads = thread_counts(options, os.cpu_count() or 2)
+        self.write_threads = max(1, min(write_threads, budget // 4))
+        self.workers = max(1, min(workers, (budget - self.write_threads - 1) // 2))
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         # Fetching threads verify chunks and hand them to write threads through a bounded
@@ -83,7 +93,9 @@ class Writer:
         self._buffers: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(count):
             self._buffers.put(mmap.mmap(-1, manifest.chunk_size))
-        self._writes: queue.Queue[tuple[Chunk, mmap.mmap, memoryview] | None] = queue.Queue()
+        # (chunk, its buffer, the verified bytes, whether they were downloaded)
+        self._writes: queue.Queue[tuple[Chunk, mmap.mmap, memoryview, bool] | None] = queue.Queue()
+        self._undo: undo.Writes = []
 
     def _source_failed(self, event: SourceEvent) -> None:
         if self.listener:
@@ -97,6 +109,8 @@ class Writer:
         start = time.monotonic()
         target = Target(fresh=self.target.fresh, zeroout_cheap=self.target.zeroout_cheap)
         steps = iter_plan(self.manifest, target, PlanOptions(self.options.inplace, self.options.zero_mode))
+        if self.options.inplace and not self.target.fresh:
+            self._undo = self._image_tables()
         self._phase("write")
         with self._interrupt_on_cancel():
             self._run_threads(steps, self._work)
@@ -129,6 +143,7 @@ class Writer:
             chunks_zero=c.zero,
             chunks_skipped=c.skipped,
             chunks_fetched=c.fetched_chunks,
+            chunks_restored=c.restored,
             fetched_bytes=c.fetched,
             written_bytes=c.written,
             zeroed_bytes=c.zeroed,
@@ -139,6 +154,21 @@ class Writer:
             gpt_relocated=relocated,
             verified=self.options.verify,
         )
+
+    def _image_tables(self) -> undo.Writes:
+        """How to turn the disk's table sectors back into the image's, if an earlier deploy of
+        sledge edited them (read before anything is written)."""
+        fd = self.target.buffered_fd
+        try:
+            sector = blockdev.logical_sector_size(fd) if self.target.is_block else 512
+            return undo.image_tables(
+                lambda offset, length: os.pread(fd, length, offset),
+                self.manifest.image_size,
+                self.target.size,
+                sector,
+            )
+        except OSError:
+            return []  # no guess: those chunks are downloaded, as without one
 
     def _sync(self) -> None:
         for fd in {self.target.fd, self.target.buffered_fd}:
@@ -241,7 +271,7 @@ class Writer:
         """Writes verified chunks handed over by the fetching threads, and returns their buffers."""
         timing: dict[str, float] = {}
         while (item := self._writes.get()) is not None:
-            chunk, buf, view = item
+            chunk, buf, view, fetched = item
             try:
                 if self._error is None:  # after a failure, only drain: nothing more is written
                     t0 = time.perf_counter()
@@ -252,7 +282,10 @@ class Writer:
                             f"target {self.target.path}: writing {chunk.describe()}: {exc.strerror or exc}"
                         ) from None
                     timing["write"] = timing.get("write", 0.0) + time.perf_counter() - t0
-                    self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
+                    if fetched:
+                        self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
+                    else:
+                        self.counters.add(done=chunk.length, restored=1, written=chunk.length)
             except BaseException as exc:
                 self._fail(exc)
             finally:
@@ -268,10 +301,13 @@ class Writer:
         """Carry one chunk as far as it goes here; returns the buffer handed to a write thread."""
         chunk, action = step.chunk, step.action
         if action is Action.CHECK:
-            action = after_check(chunk, self._matches(chunk, raw, timing))
+            matches = self._matches(chunk, raw, timing)
+            action = after_check(chunk, matches)
             if action is Action.SKIP:
                 self.counters.add(done=chunk.length, inplace=1)
                 return None
+            if action is Action.FETCH and self._restored(chunk, raw, timing):
+                return self._hand_over(chunk, raw[: chunk.length], False, timing)
         if action is Action.SKIP:
             self.counters.add(done=step.size, skipped=step.count)
         elif action is Action.ZERO:
@@ -288,13 +324,31 @@ class Writer:
         else:
             view, source = self.sources.fetch(chunk, stored, raw, timing)
             self.counters.add_source_bytes(source, chunk.stored_len)
-            buf = view.obj
-            assert isinstance(buf, mmap.mmap)
-            t0 = time.perf_counter()
-            self._writes.put((chunk, buf, view))
-            timing["wait_write"] = timing.get("wait_write", 0.0) + time.perf_counter() - t0
-            return buf
+            return self._hand_over(chunk, view, True, timing)
         return None
+
+    def _hand_over(
+        self, chunk: Chunk, view: memoryview, fetched: bool, timing: dict[str, float]
+    ) -> mmap.mmap:
+        """Queue verified bytes for a write thread; returns their buffer (now the write thread's)."""
+        buf = view.obj
+        assert isinstance(buf, mmap.mmap)
+        t0 = time.perf_counter()
+        self._writes.put((chunk, buf, view, fetched))
+        timing["wait_write"] = timing.get("wait_write", 0.0) + time.perf_counter() - t0
+        return buf
+
+    def _restored(self, chunk: Chunk, raw: memoryview, timing: dict[str, float]) -> bool:
+        """Whether the disk's bytes, just read into `raw`, become the chunk's own once sledge's
+        earlier table edits are undone (then they are written back, verified, not downloaded)."""
+        if not self._undo or not undo.overlaps(self._undo, chunk.offset, chunk.length):
+            return False
+        t0 = time.perf_counter()
+        view = raw[: chunk.length]
+        undo.lay_over(view, chunk.offset, self._undo)
+        same = blake3.blake3(view).digest() == chunk.digest
+        timing["inplace_hash"] = timing.get("inplace_hash", 0.0) + time.perf_counter() - t0
+        return same
 
     def _matches(self, chunk: Chunk, buf: memoryview, timing: dict[str, float]) -> bool:
         t0 = time.perf_counter()

@@ -44,6 +44,16 @@ def chunk_size_arg(text: str) -> int:
     return value
 
 
+def zstd_level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"zstd level {text!r}: expected a whole number from 1 to 19")
+    return value
+
+
 def label_arg(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -78,6 +88,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--label", type=label_arg, action="append", default=[])
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument(
+        "--zstd-level",
+        type=zstd_level,
+        default=ImportOptions.zstd_level,
+        help="zstd level of the stored chunks, 1-19 (default %(default)s; see docs/benchmarks.md)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON before the digest")
 
     p = isub.add_parser("list", parents=[common], help="list the catalog")
@@ -146,6 +162,7 @@ def _import(store: WritableStore, args: argparse.Namespace, created: int | None)
         chunk_size=args.chunk_size,
         labels=dict(args.label),
         workers=args.workers,
+        zstd_level=args.zstd_level,
         created=created,
     )
     from agent.image import layout

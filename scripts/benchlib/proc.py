@@ -45,6 +45,7 @@ class Timed:
     stdout: str
     stderr: str
     maxrss: int  # bytes, largest over the processes
+    cpu: float = 0.0  # user + system seconds of every process (and the children each waited for)
 
     @property
     def ok(self) -> bool:
@@ -60,12 +61,13 @@ def start(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
     return p
 
 
-def reap(p: subprocess.Popen[bytes]) -> tuple[int, int]:
-    """Wait for one child with wait4: (exit code, peak RSS in bytes)."""
+def reap(p: subprocess.Popen[bytes]) -> tuple[int, int, float]:
+    """Wait for one child with wait4: (exit code, peak RSS in bytes, user + system CPU seconds).
+    Linux's wait4 counts the child's own time and that of the children it waited for."""
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     _live.discard(p)
-    return p.returncode, usage.ru_maxrss * 1024
+    return p.returncode, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def timed(argv: Sequence[str], *, discard_stdout: bool = False) -> Timed:
@@ -100,10 +102,11 @@ def timed_pipeline(stages: Sequence[Sequence[str]], *, discard_stdout: bool = Fa
         return Timed(
             argv=[" | ".join(" ".join(a) for a in stages)],
             seconds=seconds,
-            returncodes=[rc for rc, _ in results],
+            returncodes=[rc for rc, _, _ in results],
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
-            maxrss=max(rss for _, rss in results),
+            maxrss=max(rss for _, rss, _ in results),
+            cpu=sum(cpu for _, _, cpu in results),
         )
 
 

@@ -80,6 +80,7 @@ class WriteBench:
         self.sparse = Image("halfsparse", "half-sparse", img / "halfsparse.img")
         self.v2 = Image("halfsparse-v2", "half-sparse v2", img / "halfsparse-v2.img")
         self.changed_bytes = 0
+        self.back_bytes = 0  # v1's stored bytes of the chunks v2 changed: what a rollback must move
         self.v2_chunks = 0
         self.rss: list[int] = []
         self.line = Row("line rate = min(curl, fio), per repetition")
@@ -96,6 +97,7 @@ class WriteBench:
             ref=self.rows["random"].sledge,
         )
         self.dead: StalledServer | None = None
+        self.back_row = Row("half-sparse: sledge v2 -> v1, the rollback (in place on)", ref=self.line)
         self.reports: dict[str, list[dict[str, Any]]] = {}  # row label -> sledge reports
         self.wall: dict[str, list[float]] = {}  # row label -> wall-clock MB/s, where the row uses another
         self.web: Nginx | None = None
@@ -129,6 +131,7 @@ class WriteBench:
             img.digest = import_image(img.path, name, version, self.store).digest
             img.table = chunk_table(self.store, f"{name}:{version}")
         self.changed_bytes = changed_stored_bytes(self.sparse.table, self.v2.table)
+        self.back_bytes = changed_stored_bytes(self.v2.table, self.sparse.table)
         for img in (self.random, self.sparse):
             log(f"B: bmaptool create, casync make {img.path.name}")
             self.castore(img).parent.mkdir(exist_ok=True)
@@ -253,8 +256,10 @@ class WriteBench:
         self.sledge_write(rows.sledge_same, img, inplace=True, fresh=False)
 
     def v1_to_v2(self) -> None:
-        """The disk holds half-sparse v1 (the same-image write was verified); write v2 over it."""
+        """The disk holds half-sparse v1 (the same-image write was verified); write v2 over it, then roll
+        back to v1."""
         self.sledge_write(self.v2_row, self.v2, inplace=True, fresh=False)
+        self.sledge_write(self.back_row, self.sparse, inplace=True, fresh=False)
 
     def casync_files(self, img: Image) -> list[Path]:
         return [img.caibx, *files_under(self.castore(img))]
@@ -325,21 +330,22 @@ class WriteBench:
         out += [self.line, self.curl, self.fio, self.fio_read]
         for rows in self.rows.values():
             out += [rows.sledge, rows.curl_dd, rows.bmaptool, rows.casync, rows.casync_seed, rows.sledge_same]
-        return [*out, self.v2_row, self.dead_row, rss]
+        return [*out, self.v2_row, self.back_row, self.dead_row, rss]
 
     def _annotate_sledge_rows(self) -> None:
         for rows in self.rows.values():
             for row in (rows.sledge, rows.sledge_same):
                 row.notes = self._sledge_notes(row)
-        self.v2_row.notes = self._sledge_notes(self.v2_row)[1:]
+        for row, changed in ((self.v2_row, self.changed_bytes), (self.back_row, self.back_bytes)):
+            row.notes = self._sledge_notes(row)[1:]
+            downloaded = self._downloaded(row)
+            if downloaded is not None and changed:
+                row.notes.insert(
+                    0,
+                    f"downloaded {human(downloaded)} vs changed chunks' stored bytes {human(changed)} "
+                    f"({self.v2_chunks} chunks): {downloaded / changed:.2f}x",
+                )
         self.dead_row.notes = self._dead_notes()
-        downloaded = self._downloaded(self.v2_row)
-        if downloaded is not None and self.changed_bytes:
-            self.v2_row.notes.insert(
-                0,
-                f"downloaded {human(downloaded)} vs changed chunks' stored bytes {human(self.changed_bytes)} "
-                f"({self.v2_chunks} chunks): {downloaded / self.changed_bytes:.2f}x",
-            )
 
     def _sledge_notes(self, row: Row) -> list[str]:
         """From the median run's JSON report: its own rate, what it did, where its threads were busy."""
@@ -405,13 +411,14 @@ class WriteBench:
             measured = f"{got:.2f}x, downloaded at most {human(fetched) if fetched is not None else '?'}"
             measured += self._read_bound(img, rows.sledge_same)
             out.append(Target(what, ">= 2x line rate, 0 B downloaded", measured, ok))
-        downloaded = self._downloaded(self.v2_row)
-        v2 = (
-            downloaded / self.changed_bytes if downloaded is not None and self.changed_bytes else float("nan")
-        )
-        out.append(
-            Target("v1 -> v2: downloaded / changed chunks' stored bytes", "<= 1.1x", f"{v2:.2f}x", v2 <= 1.1)
-        )
+        for what, row, changed in (
+            ("v1 -> v2", self.v2_row, self.changed_bytes),
+            ("v2 -> v1 (rollback)", self.back_row, self.back_bytes),
+        ):
+            downloaded = self._downloaded(row)
+            moved = downloaded / changed if downloaded is not None and changed else float("nan")
+            label = f"{what}: downloaded / changed chunks' stored bytes"
+            out.append(Target(label, "<= 1.1x", f"{moved:.2f}x", moved <= 1.1))
         peak = statistics.median(self.rss) / MB if self.rss else float("nan")
         out.append(
             Target(

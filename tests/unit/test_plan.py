@@ -101,3 +101,13 @@ def test_the_plan_is_lazy() -> None:
     assert next(steps).action is Action.CHECK
     assert m.read <= 2
     assert len(list(steps)) == 199
+
+
+def test_thread_counts_follow_the_cores_unless_given() -> None:
+    from agent.writer.pipeline import WriteOptions, thread_counts
+
+    assert thread_counts(WriteOptions(), 1) == (4, 3)
+    assert thread_counts(WriteOptions(), 2) == (4, 3)
+    assert thread_counts(WriteOptions(), 16) == (18, 8)  # every core decompresses and hashes
+    assert thread_counts(WriteOptions(), 64) == (66, 8)
+    assert thread_counts(WriteOptions(workers=2, write_threads=1), 64) == (2, 1)

@@ -101,10 +101,16 @@ def deploy(ctx: JobContext) -> Outcome:
             )
         ctx.stage(seed.describe())
         seeded = f"; cloud-init seed in partition {seed.partition}"
+    restored = (
+        f", {report.chunks_restored} rebuilt from the disk (sledge's table edits undone)"
+        if report.chunks_restored
+        else ""
+    )
     message = (
         f"{image} on {disk.path}: {report.chunks_fetched} chunks fetched "
         f"({human_bytes(report.fetched_bytes)}), "
-        f"{report.chunks_inplace} already in place, {report.chunks_zero} zeroed in {report.seconds:.1f} s"
+        f"{report.chunks_inplace} already in place, {report.chunks_zero} zeroed"
+        f"{restored} in {report.seconds:.1f} s"
         f"{seeded}"
     )
     ctx.stage(message)
