@@ -23,6 +23,7 @@ from controller.state.memory import MemoryStore
 from controller.state.model import Machine, PowerState
 from controller.state.sqlite import SqliteStore
 from controller.state.store import Store
+from tests.unit.test_controller_kit import AioClient, start
 
 SYSTEM = "/redfish/v1/Systems/27946b59-9e44-4fa7-8e91-f3527a1ef094"
 
@@ -275,6 +276,66 @@ async def test_no_agent_within_the_deadline_fails_the_job(store: Store, tmp_path
     )
     assert h.ops.machine("m-1").state is MachineState.DEPLOYED
     assert h.fleet.claim("m-1") is None  # nothing left queued for a late agent
+
+
+async def test_a_requeued_job_boots_the_machine_to_a_new_agent_even_though_it_is_on(
+    store: Store, tmp_path: Path
+) -> None:
+    machine(store, "m-1", MachineState.READY)
+    fake = FakeBmc("ipmi://10.0.0.6:623", state=PowerState.ON)
+    h = Harness(store, tmp_path, fake, boot_deadline=5.0)
+    h.power.set_bmc("m-1", fake.name, "admin", "Planted-Secret-77")
+    job_id = h.job(JobKind.ERASE)
+    await h.power.boot_for_job(job_id)
+    assert fake.calls == ["status"]  # on and not deployed: its agent is there, left alone
+    h.power.job_requeued(job_id)  # ...and then vanished: the lease ran out, the job is queued again
+    while not any("waiting" in m for m in h.messages(job_id)):
+        await asyncio.sleep(0.01)
+    assert fake.calls == ["status", "pxe-once", "cycle"]  # "it is on" is not trusted this time
+    steps = [m.split(" via ")[0].split(" (")[0] for m in h.messages(job_id) if m.startswith("power")]
+    assert steps == [
+        "power: the agent was lost; booting a new one",
+        "power: one-time network boot",
+        "power: cycle",
+        "power: waiting up to 5 s for the agent",
+    ], steps
+    assert h.fleet.claim("m-1") is not None
+    await h.power.close()
+
+
+async def test_the_lease_reaper_powers_up_a_requeued_job_through_the_bmc(
+    aiohttp_client: AioClient, tmp_path: Path
+) -> None:
+    fake = FakeBmc("ipmi://10.0.0.6:623", state=PowerState.ON)
+
+    def connect(address: BmcAddress, user: str, password: str, timeout: float) -> FakeBmc:
+        return fake
+
+    h = await start(
+        aiohttp_client, tmp_path, app_args={"bmc_connector": connect}, lease_seconds=10.0, reap_interval=0.05
+    )
+    machine_id = await h.enroll()
+    r = await h.client.put(
+        f"/v1/machines/{machine_id}/bmc",
+        json={"address": fake.name, "username": "admin", "password": "Planted-Secret-77"},
+        headers=h.op,
+    )
+    assert r.status == 201, await r.text()
+    job = await h.create_job(machine_id, "erase")
+    assert await h.claim(machine_id) is not None  # the agent that was there claims it
+    assert "pxe-once" not in fake.calls
+    h.clock.now += 25  # and goes silent
+    for _ in range(200):
+        shown = await (await h.client.get(f"/v1/jobs/{job['id']}", headers=h.op)).json()
+        if any("waiting" in e["message"] for e in shown["events"]):
+            break
+        await asyncio.sleep(0.02)
+    assert shown["state"] == "queued" and shown["reason"].endswith("; re-queued"), shown
+    assert [c for c in fake.calls if c != "status"] == ["pxe-once", "cycle"]  # (a poll may slip in)
+    messages = [e["message"] for e in shown["events"]]
+    assert any(m.startswith("power: the agent was lost") for m in messages), messages
+    again = await h.claim(machine_id)  # the new agent
+    assert again is not None and again["attempt"] == 2
 
 
 def test_a_bmc_record_needs_a_user_and_a_password(tmp_path: Path) -> None:
