@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from controller.power.address import parse
+from controller.power.bmc import Bmc
 from controller.power.service import connect
 from controller.state.model import PowerState
 from tests.e2e.power_board import REPO, Board
@@ -151,13 +152,15 @@ def test_a_deployed_machine_is_reimaged_by_one_command_through_its_bmc(
 ) -> None:
     board, address = rig.board, rig.emulator.address
     # Racked and off: the operator powers it on at the BMC into a network boot; sledge discovers it.
-    bmc = connect(parse(address), "admin", PASSWORD, 20.0)
-    bmc.boot_from_network_once()
-    bmc.power_on()
+    def bmc() -> Bmc:  # a driver lives for one call (the Redfish one keeps what it read)
+        return connect(parse(address), "admin", PASSWORD, 20.0)
+
+    bmc().boot_from_network_once()
+    bmc().power_on()
     board.wait_for(r"sledge-agent: registered as machine", BOOT)
     assert board.log == ["on network"]
     end = time.monotonic() + 30  # the Redfish emulator applies a power change 1-11 s after it
-    while bmc.power_state() is not PowerState.ON:
+    while bmc().power_state() is not PowerState.ON:
         assert time.monotonic() < end, "the BMC never reported the machine on"
         time.sleep(0.5)
     secret = rig.work / "bmc-password"
