@@ -151,6 +151,7 @@ def test_a_deployed_machine_is_reimaged_by_one_command_through_its_bmc(
     rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     board, address = rig.board, rig.emulator.address
+
     # Racked and off: the operator powers it on at the BMC into a network boot; sledge discovers it.
     def bmc() -> Bmc:  # a driver lives for one call (the Redfish one keeps what it read)
         return connect(parse(address), "admin", PASSWORD, 20.0)
@@ -210,7 +211,10 @@ def test_a_deployed_machine_is_reimaged_by_one_command_through_its_bmc(
     status, machines = rig.controller.call("GET", "/v1/machines")
     assert status == 200 and [m["power"] for m in machines["machines"]] in (["on"], ["unknown"], [None])
     answers = json.dumps(machines) + json.dumps(rig.controller.call("GET", f"/v1/machines/{MAC}")[1])
-    answers += json.dumps(rig.controller.call("GET", "/v1/jobs")[1])
+    answers += json.dumps(rig.controller.call("GET", "/v1/jobs")[1]) + json.dumps(job)
+    answers += str(rig.controller.call("GET", "/v1/events")[1]) + str(
+        rig.controller.call("GET", "/metrics")[1]
+    )
     for text in (answers, (rig.controller.data / "serve.log").read_text(), "\n".join(board.log)):
         assert PASSWORD not in text
     assert all(PASSWORD not in line for vm in board.vms for line in vm.lines)
