@@ -368,3 +368,27 @@ async def test_the_poller_keeps_the_record_current_at_its_rate_and_survives_a_de
     assert records["m-2"].power is PowerState.UNKNOWN and "RMCP+" in records["m-2"].power_error
     # 3 s at one poll per 0.5 s (jittered, first within the first interval): 5-7 each, never more
     assert 4 <= len(up.calls) <= 7 and 4 <= len(dead.calls) <= 7, (up.calls, dead.calls)
+
+
+def test_ipmi_remembers_the_cipher_suite_a_bmc_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BMC without suite 17 refuses it once; later calls go straight to suite 3 (one session
+    per poll, not two). ipmitool here is a stand-in that logs its arguments."""
+    from controller.power.ipmi import IpmiBmc
+
+    tool = tmp_path / "ipmitool"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/calls\n'
+        'case "$*" in *"-C 17 "*) echo "Error in open session response message :'
+        ' invalid authentication algorithm" >&2; exit 1;; esac\n'
+        "echo 'Chassis Power is on'\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    address = parse("ipmi://10.0.0.99:6231")
+    for _ in range(3):  # a driver per call, as the service makes them
+        assert IpmiBmc(address, "admin", "pw", 5.0).power_state() is PowerState.ON
+    suites = [line.split("-C ")[1].split()[0] for line in (tmp_path / "calls").read_text().splitlines()]
+    assert suites == ["17", "3", "3", "3"]
