@@ -299,6 +299,8 @@ class Power:
                 self._job_event(job_id, EventKind.STAGE, f"power: the machine is off ({record.address})")
             self._job_event(job_id, EventKind.STAGE, f"power: one-time network boot via {record.address}")
             await self._call(record, "set one-time network boot", lambda b: b.boot_from_network_once())
+            if self._job_state(job_id)[0] is not JobState.QUEUED:
+                return  # claimed meanwhile (a lost agent came back) or cancelled: no reset under it
             self._job_event(job_id, EventKind.STAGE, f"power: cycle via {record.address}")
             await self._call(record, "power cycle", lambda b: b.power_cycle())
             self._remember(record.machine_id, PowerState.ON)

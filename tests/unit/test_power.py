@@ -303,6 +303,23 @@ async def test_a_requeued_job_boots_the_machine_to_a_new_agent_even_though_it_is
     await h.power.close()
 
 
+async def test_an_agent_that_comes_back_before_the_cycle_is_not_reset(store: Store, tmp_path: Path) -> None:
+    machine(store, "m-1", MachineState.READY)
+    fake = FakeBmc("ipmi://10.0.0.6:623", state=PowerState.ON, hang=threading.Event())
+    h = Harness(store, tmp_path, fake, boot_deadline=5.0)
+    h.power.set_bmc("m-1", fake.name, "admin", "Planted-Secret-77")
+    job_id = h.job(JobKind.ERASE)
+    task = asyncio.create_task(h.power.boot_for_job(job_id, agent_lost=True))
+    while fake.calls != ["pxe-once"]:
+        await asyncio.sleep(0.01)
+    assert h.fleet.claim("m-1") is not None  # the lost agent answers again while the BMC works
+    fake.hang.set()  # type: ignore[union-attr]
+    await asyncio.wait_for(task, 3)
+    assert fake.calls == ["pxe-once"]  # no reset under the agent that has the job
+    assert h.ops.job(job_id).state is JobState.RUNNING
+    await h.power.close()
+
+
 async def test_the_lease_reaper_powers_up_a_requeued_job_through_the_bmc(
     aiohttp_client: AioClient, tmp_path: Path
 ) -> None:
