@@ -24,6 +24,7 @@ from controller.config import Config
 from controller.fleet.agents import Fleet, Policy
 from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
+from controller.jobs import JobState
 from controller.metrics import Metrics
 from controller.power.service import Connector, Power, PowerPolicy, connect
 from controller.state.store import Store
@@ -100,6 +101,8 @@ async def _reaper(app: web.Application) -> AsyncIterator[None]:
             try:
                 for job in svc.fleet.reap():
                     log.warning("job %s: %s", job.id, job.status.reason)
+                    if job.status.state is JobState.QUEUED:  # re-queued: boot the machine to a new agent
+                        svc.power.job_requeued(job.id)
             except Exception:
                 log.exception("lease reaper")
 

@@ -42,6 +42,7 @@ class Controller:
     data: Path
     port: int = field(default_factory=free_port)
     lease: float = 60.0
+    extra: tuple[str, ...] = ()  # more `sledge serve` options (--boot-deadline...)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,6 +65,7 @@ class Controller:
             str(self.lease),
             "--kernel-args",
             "console=ttyS0,115200 quiet loglevel=3",
+            *self.extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

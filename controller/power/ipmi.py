@@ -16,6 +16,9 @@ from controller.power.address import BmcAddress
 from controller.power.errors import BmcError
 from controller.state.model import PowerState
 
+# BMC address -> the cipher suite it accepted; shared by the drivers, which live for one call each
+_SUITES: dict[str, str] = {}
+
 
 class IpmiBmc:
     def __init__(self, address: BmcAddress, username: str, password: str, timeout: float) -> None:
@@ -29,12 +32,22 @@ class IpmiBmc:
         # Cipher suite 17 (HMAC-SHA256, AES) first; a BMC without it (older ones, ipmi_sim) says
         # so at once and gets suite 3 (HMAC-SHA1, AES). Naming the suite spares ipmitool its
         # "Get Channel Cipher Suites" query, which such BMCs let time out.
-        try:
-            return self._run_with("17", action, *args)
-        except BmcError as exc:
-            if "authentication algorithm" not in exc.words and "cipher" not in exc.words.lower():
-                raise
-        return self._run_with("3", action, *args)
+        # The suite that worked is remembered per BMC: without that every poll of such a BMC
+        # cost two sessions (counted at ipmi_sim, tests/integration/test_power_idle.py).
+        remembered = _SUITES.get(self.name, "17")
+        order = [remembered, *(s for s in ("17", "3") if s != remembered)]
+        for suite in order[:-1]:
+            try:
+                return self._run_suite(suite, action, *args)
+            except BmcError as exc:
+                if "authentication algorithm" not in exc.words and "cipher" not in exc.words.lower():
+                    raise
+        return self._run_suite(order[-1], action, *args)
+
+    def _run_suite(self, suite: str, action: str, *args: str) -> str:
+        out = self._run_with(suite, action, *args)
+        _SUITES[self.name] = suite
+        return out
 
     def _run_with(self, suite: str, action: str, *args: str) -> str:
         tool = shutil.which("ipmitool")

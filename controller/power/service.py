@@ -244,6 +244,16 @@ class Power:
         if job is not None and record is not None and job.kind in (JobKind.DEPLOY, JobKind.ERASE):
             self._spawn(self.boot_for_job(job_id))
 
+    def job_requeued(self, job_id: str) -> None:
+        """A job re-queued after its agent vanished (lease expired): the machine is on but its agent
+        is gone (hung, crashed, powered off by hand), so nothing will claim the job unless the machine
+        is booted to a new agent: the same power-up, without trusting "it is on"."""
+        with self.store.transaction() as tx:
+            job = tx.job(job_id)
+            record = tx.bmc(job.machine_id) if job else None
+        if job is not None and record is not None and job.kind in (JobKind.DEPLOY, JobKind.ERASE):
+            self._spawn(self.boot_for_job(job_id, agent_lost=True))
+
     def _job_event(self, job_id: str, kind: EventKind, message: str) -> None:
         with self.store.transaction() as tx:
             job = tx.job(job_id)
@@ -267,9 +277,10 @@ class Power:
             machine = tx.machine(job.machine_id) if job else None
         return (job.state if job else None), (machine.state if machine else None)
 
-    async def boot_for_job(self, job_id: str) -> None:
-        """A machine that is off or runs its own OS: one-time network boot, power cycle, and wait
-        for its agent to claim the job, each step an event; a failure ends the job with the BMC's words."""
+    async def boot_for_job(self, job_id: str, agent_lost: bool = False) -> None:
+        """A machine that is off or runs its own OS (or, `agent_lost`, whose agent vanished mid-job):
+        one-time network boot, power cycle, and wait for its agent to claim the job, each step an
+        event; a failure ends the job with the BMC's words."""
         state, machine_state = self._job_state(job_id)
         with self.store.transaction() as tx:
             job = tx.job(job_id)
@@ -277,7 +288,10 @@ class Power:
         if state is not JobState.QUEUED or record is None:
             return
         try:
-            if machine_state is not MachineState.DEPLOYED:
+            if agent_lost:
+                lost = f"power: the agent was lost; booting a new one ({record.address})"
+                self._job_event(job_id, EventKind.STAGE, lost)
+            elif machine_state is not MachineState.DEPLOYED:
                 power = await self._call(record, "power status", lambda b: b.power_state())
                 self._remember(record.machine_id, power)
                 if power is not PowerState.OFF:
@@ -285,6 +299,8 @@ class Power:
                 self._job_event(job_id, EventKind.STAGE, f"power: the machine is off ({record.address})")
             self._job_event(job_id, EventKind.STAGE, f"power: one-time network boot via {record.address}")
             await self._call(record, "set one-time network boot", lambda b: b.boot_from_network_once())
+            if self._job_state(job_id)[0] is not JobState.QUEUED:
+                return  # claimed meanwhile (a lost agent came back) or cancelled: no reset under it
             self._job_event(job_id, EventKind.STAGE, f"power: cycle via {record.address}")
             await self._call(record, "power cycle", lambda b: b.power_cycle())
             self._remember(record.machine_id, PowerState.ON)

@@ -82,16 +82,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def redfish(tmp: Path) -> Iterator[Emulator]:
+def redfish(tmp: Path, notify_url: str = "") -> Iterator[Emulator]:
+    """notify_url: the fake driver PUTs the system there on every change (sushy-tools'
+    external notifier), for a board that makes a real machine follow it (tests/e2e)."""
     import bcrypt
 
     port = free_port()
     (tmp / "htpasswd").write_text(f"admin:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()}\n")
     (tmp / "sushy.conf").write_text(
         "SUSHY_EMULATOR_FAKE_DRIVER = True\n"
+        # its own state: by default the fake driver keeps systems in one sqlite file for every
+        # emulator on the host, so a system would start as an earlier run left it
+        f"SUSHY_EMULATOR_STATE_DIR = {str(tmp / 'sushy-state')!r}\n"
         f"SUSHY_EMULATOR_AUTH_FILE = {str(tmp / 'htpasswd')!r}\n"
         f"SUSHY_EMULATOR_FAKE_SYSTEMS = [{{'uuid': {SYSTEM!r}, 'name': 'node0', 'power_state': 'Off',"
+        f" 'external_notifier': {bool(notify_url)},"
         " 'nics': [{'mac': '52:54:00:00:00:01', 'ip': '10.0.2.15'}]}]\n"
+        + (f"EXTERNAL_NOTIFICATION_URL = {notify_url!r}\n" if notify_url else "")
     )
     emulator = Path(sys.executable).with_name("sushy-emulator")
     log = (tmp / "sushy.log").open("wb")
@@ -131,11 +138,13 @@ fi
 """
 
 
-def ipmi(tmp: Path) -> Iterator[Emulator]:
+def ipmi(tmp: Path, chassis: str = "", lan_extra: str = "") -> Iterator[Emulator]:
+    """chassis: the chassis-control program's text (default: power and boot device in files);
+    lan_extra: more lan.conf lines for the BMC (e.g. a `serial` VM port for QEMU)."""
     need("ipmi_sim", "ipmitool")
     port = free_port(socket.SOCK_DGRAM)
     script = tmp / "chassis.sh"
-    script.write_text(CHASSIS.format(dir=tmp))
+    script.write_text(chassis or CHASSIS.format(dir=tmp))
     script.chmod(0o755)
     auths = "none md2 md5 straight"
     (tmp / "lan.conf").write_text(
@@ -144,7 +153,7 @@ def ipmi(tmp: Path) -> Iterator[Emulator]:
         + "".join(f"    allowed_auths_{p} {auths}\n" for p in ("callback", "user", "operator", "admin"))
         + "    guid a123456789abcdefa123456789abcdef\n  endlan\n"
         f'  chassis_control "{script} 0x20"\n'
-        f'  user 2 true "admin" "{PASSWORD}" admin 10 {auths}\n'
+        f'  user 2 true "admin" "{PASSWORD}" admin 10 {auths}\n' + lan_extra
     )
     (tmp / "sim.emu").write_text(
         "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n"

@@ -124,12 +124,17 @@ def add_image(store_dir: Path, name: str = "tiny", version: str = "1", data: byt
 
 
 async def start(
-    aiohttp_client: AioClient, tmp_path: Path, store: Store | None = None, **overrides: Any
+    aiohttp_client: AioClient,
+    tmp_path: Path,
+    store: Store | None = None,
+    app_args: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Harness:
     config = Config(data_dir=tmp_path / "data", **overrides)
     key = ensure_operator_token(config.data_dir)
     clock = Clock()
+    app_args = app_args or {}
     store = store or SqliteStore(tmp_path / "state.db")
-    client = await aiohttp_client(make_app(config, store, operator_key=key, clock=clock))
+    client = await aiohttp_client(make_app(config, store, operator_key=key, clock=clock, **app_args))
     token = operator_token_path(config.data_dir).read_text().strip()
     return Harness(client, config, store, clock, token)

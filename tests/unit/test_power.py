@@ -23,6 +23,7 @@ from controller.state.memory import MemoryStore
 from controller.state.model import Machine, PowerState
 from controller.state.sqlite import SqliteStore
 from controller.state.store import Store
+from tests.unit.test_controller_kit import AioClient, start
 
 SYSTEM = "/redfish/v1/Systems/27946b59-9e44-4fa7-8e91-f3527a1ef094"
 
@@ -277,6 +278,83 @@ async def test_no_agent_within_the_deadline_fails_the_job(store: Store, tmp_path
     assert h.fleet.claim("m-1") is None  # nothing left queued for a late agent
 
 
+async def test_a_requeued_job_boots_the_machine_to_a_new_agent_even_though_it_is_on(
+    store: Store, tmp_path: Path
+) -> None:
+    machine(store, "m-1", MachineState.READY)
+    fake = FakeBmc("ipmi://10.0.0.6:623", state=PowerState.ON)
+    h = Harness(store, tmp_path, fake, boot_deadline=5.0)
+    h.power.set_bmc("m-1", fake.name, "admin", "Planted-Secret-77")
+    job_id = h.job(JobKind.ERASE)
+    await h.power.boot_for_job(job_id)
+    assert fake.calls == ["status"]  # on and not deployed: its agent is there, left alone
+    h.power.job_requeued(job_id)  # ...and then vanished: the lease ran out, the job is queued again
+    while not any("waiting" in m for m in h.messages(job_id)):
+        await asyncio.sleep(0.01)
+    assert fake.calls == ["status", "pxe-once", "cycle"]  # "it is on" is not trusted this time
+    steps = [m.split(" via ")[0].split(" (")[0] for m in h.messages(job_id) if m.startswith("power")]
+    assert steps == [
+        "power: the agent was lost; booting a new one",
+        "power: one-time network boot",
+        "power: cycle",
+        "power: waiting up to 5 s for the agent",
+    ], steps
+    assert h.fleet.claim("m-1") is not None
+    await h.power.close()
+
+
+async def test_an_agent_that_comes_back_before_the_cycle_is_not_reset(store: Store, tmp_path: Path) -> None:
+    machine(store, "m-1", MachineState.READY)
+    fake = FakeBmc("ipmi://10.0.0.6:623", state=PowerState.ON, hang=threading.Event())
+    h = Harness(store, tmp_path, fake, boot_deadline=5.0)
+    h.power.set_bmc("m-1", fake.name, "admin", "Planted-Secret-77")
+    job_id = h.job(JobKind.ERASE)
+    task = asyncio.create_task(h.power.boot_for_job(job_id, agent_lost=True))
+    while fake.calls != ["pxe-once"]:
+        await asyncio.sleep(0.01)
+    assert h.fleet.claim("m-1") is not None  # the lost agent answers again while the BMC works
+    fake.hang.set()  # type: ignore[union-attr]
+    await asyncio.wait_for(task, 3)
+    assert fake.calls == ["pxe-once"]  # no reset under the agent that has the job
+    assert h.ops.job(job_id).state is JobState.RUNNING
+    await h.power.close()
+
+
+async def test_the_lease_reaper_powers_up_a_requeued_job_through_the_bmc(
+    aiohttp_client: AioClient, tmp_path: Path
+) -> None:
+    fake = FakeBmc("ipmi://10.0.0.6:623", state=PowerState.ON)
+
+    def connect(address: BmcAddress, user: str, password: str, timeout: float) -> FakeBmc:
+        return fake
+
+    h = await start(
+        aiohttp_client, tmp_path, app_args={"bmc_connector": connect}, lease_seconds=10.0, reap_interval=0.05
+    )
+    machine_id = await h.enroll()
+    r = await h.client.put(
+        f"/v1/machines/{machine_id}/bmc",
+        json={"address": fake.name, "username": "admin", "password": "Planted-Secret-77"},
+        headers=h.op,
+    )
+    assert r.status == 201, await r.text()
+    job = await h.create_job(machine_id, "erase")
+    assert await h.claim(machine_id) is not None  # the agent that was there claims it
+    assert "pxe-once" not in fake.calls
+    h.clock.now += 25  # and goes silent
+    for _ in range(200):
+        shown = await (await h.client.get(f"/v1/jobs/{job['id']}", headers=h.op)).json()
+        if any("waiting" in e["message"] for e in shown["events"]):
+            break
+        await asyncio.sleep(0.02)
+    assert shown["state"] == "queued" and shown["reason"].endswith("; re-queued"), shown
+    assert [c for c in fake.calls if c != "status"] == ["pxe-once", "cycle"]  # (a poll may slip in)
+    messages = [e["message"] for e in shown["events"]]
+    assert any(m.startswith("power: the agent was lost") for m in messages), messages
+    again = await h.claim(machine_id)  # the new agent
+    assert again is not None and again["attempt"] == 2
+
+
 def test_a_bmc_record_needs_a_user_and_a_password(tmp_path: Path) -> None:
     store = MemoryStore()
     machine(store, "m-1")
@@ -307,3 +385,27 @@ async def test_the_poller_keeps_the_record_current_at_its_rate_and_survives_a_de
     assert records["m-2"].power is PowerState.UNKNOWN and "RMCP+" in records["m-2"].power_error
     # 3 s at one poll per 0.5 s (jittered, first within the first interval): 5-7 each, never more
     assert 4 <= len(up.calls) <= 7 and 4 <= len(dead.calls) <= 7, (up.calls, dead.calls)
+
+
+def test_ipmi_remembers_the_cipher_suite_a_bmc_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BMC without suite 17 refuses it once; later calls go straight to suite 3 (one session
+    per poll, not two). ipmitool here is a stand-in that logs its arguments."""
+    from controller.power.ipmi import IpmiBmc
+
+    tool = tmp_path / "ipmitool"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {tmp_path}/calls\n'
+        'case "$*" in *"-C 17 "*) echo "Error in open session response message :'
+        ' invalid authentication algorithm" >&2; exit 1;; esac\n'
+        "echo 'Chassis Power is on'\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    address = parse("ipmi://10.0.0.99:6231")
+    for _ in range(3):  # a driver per call, as the service makes them
+        assert IpmiBmc(address, "admin", "pw", 5.0).power_state() is PowerState.ON
+    suites = [line.split("-C ")[1].split()[0] for line in (tmp_path / "calls").read_text().splitlines()]
+    assert suites == ["17", "3", "3", "3"]
