@@ -42,6 +42,7 @@ class Controller:
     data: Path
     port: int = field(default_factory=free_port)
     lease: float = 60.0
+    kernel_args: str = "console=ttyS0,115200 quiet loglevel=3"  # "": the controller's default
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,9 +63,9 @@ class Controller:
             GUEST_URL,
             "--lease",
             str(self.lease),
-            "--kernel-args",
-            "console=ttyS0,115200 quiet loglevel=3",
         ]
+        if self.kernel_args:
+            cmd += ["--kernel-args", self.kernel_args]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

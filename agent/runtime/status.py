@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from agent import protocol as p
 from agent.progress import human_bytes
 
-MAX_LINE = 400  # a serial status line, whatever the messages in it
+# A serial status line's parts, each cut to its own budget so that a long job message (an erase
+# listing every disk it saw) never pushes the last error off the line.
+LIMITS = (120, 160, 200)
+MAX_LINE = len("sledge-status: ") + sum(LIMITS) + 2 * len(" | ")
 _ELLIPSIS = "..."  # ASCII: the VGA console's code page has no U+2026
 
 
@@ -85,9 +88,9 @@ def job_finished(status: Status, outcome: str, message: str, now: float) -> Stat
 
 
 def printable(text: str) -> str:
-    """Messages come from errors, servers and disks: no control character (an ESC would drive the
-    operator's terminal) and no line break reaches a console."""
-    return "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
+    """Messages come from errors, servers and disks: one line (runs of blanks and line breaks
+    become a space), and no control character (an ESC would drive the operator's terminal)."""
+    return "".join(c if c.isprintable() and c.isascii() else "?" for c in " ".join(text.split()))
 
 
 def clip(text: str, width: int) -> str:
@@ -129,7 +132,8 @@ def fields(status: Status) -> tuple[str, str, str]:
 
 def status_line(status: Status) -> str:
     """One line for a serial console (a log: it scrolls, so everything is on the line)."""
-    return clip("sledge-status: " + " | ".join(fields(status)), MAX_LINE)
+    parts = (clip(text, limit) for text, limit in zip(fields(status), LIMITS, strict=True))
+    return "sledge-status: " + " | ".join(parts)
 
 
 def status_rows(status: Status, width: int) -> tuple[str, str, str]:

@@ -87,16 +87,25 @@ def test_a_succeeded_job_keeps_the_earlier_error() -> None:
 
 
 def test_control_characters_from_messages_never_reach_a_console() -> None:
-    hostile = "bad\x1b[2J\x1b]0;owned\x07\r\nnext line\tmodel \u00e9"
+    hostile = "bad\x1b[2J\x1b]0;owned\x07\r\nnext line\tmodel \u00e9\x00"
     s = Status(URL, error=hostile, error_at=0.0)
     for text in (status_line(s), *status_rows(s, 80)):
         assert all(0x20 <= ord(c) < 0x7F for c in text), repr(text)
-    assert printable(hostile) == "bad?[2J?]0;owned???next line?model ?"
+    assert printable(hostile) == "bad?[2J?]0;owned? next line model ??"
 
 
-def test_lines_and_rows_are_bounded() -> None:
+def test_lines_and_rows_are_bounded_and_keep_every_part() -> None:
     s = Status(URL, error="x" * 10_000, error_at=0.0)
-    assert len(status_line(s)) == MAX_LINE and status_line(s).endswith("...")
+    assert len(status_line(s)) < MAX_LINE and status_line(s).endswith("...")
+    listing = "disk selection: no disk matches; disks seen:\n" + "  /dev/sdX  model=BIG DISK\n" * 100
+    s = job_finished(job_started(Status(URL * 10), "erase", "j-00000000000f"), "failed", listing, 0.0)
+    line = status_line(s)
+    assert len(line) == MAX_LINE, line
+    head, job, error = line.split(" | job erase ")[0], *line.split(" | job erase ")[1].split(" | last error ")
+    assert head.endswith("...") and job.endswith("...") and error.endswith("..."), line
+    assert error.startswith(
+        "00:00:00 UTC: erase j-00000000000f failed: disk selection: no disk matches; disks"
+    )
     rows = status_rows(s, 80)
     assert [len(r) for r in rows] == [len(rows[0]), len(rows[1]), 80] and rows[2].endswith("...")
     assert rows[0].startswith("sledge machine not registered yet")
