@@ -46,9 +46,10 @@ class Pace:
     last_at: float | None = None
     last_key: object = None
 
-    def delay(self, now: float, key: object) -> float:
-        """Seconds until the status `key` should be written (0: now)."""
-        if self.last_at is None:
+    def delay(self, now: float, key: object, urgent: bool = False) -> float:
+        """Seconds until the status `key` should be written (0: now); an urgent change (the
+        machine is about to reboot or power off) does not wait out the interval."""
+        if self.last_at is None or (urgent and key != self.last_key):
             return 0.0
         since = now - self.last_at
         wait = self.min_interval if key != self.last_key else self.repeat
@@ -158,6 +159,7 @@ class ConsoleWriter:
         self.thread = threading.Thread(target=self.run, name=f"console {target.path}", daemon=True)
 
     def start(self) -> ConsoleWriter:
+        self.board.attach(self.target.path)
         self.thread.start()
         return self
 
@@ -165,14 +167,16 @@ class ConsoleWriter:
         while not self.stop.is_set():
             status, version = self.board.snapshot()
             key = fields(status)
-            delay = self.pace.delay(self.clock(), key)
+            urgent = status.job is not None and bool(status.job.then)
+            delay = self.pace.delay(self.clock(), key, urgent)
             if delay <= 0:
                 self._draw(status)
                 self.pace.wrote(self.clock(), key)
-            elif key != self.pace.last_key:
-                self.stop.wait(delay)  # a change, but too soon after the last draw
+                self.board.drawn(self.target.path, version)  # tried: a dead console holds nobody up
             else:
-                self.board.wait_change(version, min(delay, 1.0))  # 1 s: see `stop` soon
+                # until it is due, or the next change (it may be urgent); 1 s: see `stop` soon.
+                # Changes come at the rate of the job's events, so this wakes no more than they.
+                self.board.wait_change(version, min(delay, 1.0))
 
     def _draw(self, status: Status) -> None:
         try:

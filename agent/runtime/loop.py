@@ -246,6 +246,8 @@ class Agent:
             self._job = None
         if finished and outcome.then is not None and outcome.result.outcome is p.Outcome.SUCCEEDED:
             self.log(f"sledge-agent: {outcome.then.value}")
+            self.status.powering(outcome.then.value)
+            self.status.wait_drawn(2.0)  # the consoles' last words: how the job ended
             self.machine.power(outcome.then)
         return outcome
 

@@ -32,6 +32,7 @@ class JobStatus:
     done: int | None = None  # bytes, from the last progress event
     total: int | None = None
     outcome: str = ""  # "" while it runs, then succeeded / failed
+    then: str = ""  # the power action under way after it (reboot, poweroff)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ def job_event(
     return status  # log lines and warnings stay in the log
 
 
+def powering(status: Status, action: str) -> Status:
+    job = status.job
+    if job is None:
+        return status
+    return dataclasses.replace(status, job=dataclasses.replace(job, then=action))
+
+
 def job_finished(status: Status, outcome: str, message: str, now: float) -> Status:
     job = status.job
     if job is None:
@@ -109,6 +117,8 @@ def _job_text(job: JobStatus | None) -> str:
     if job.total:
         done = job.done or 0
         text += f" {min(100 * done // job.total, 100)}% {human_bytes(done)}/{human_bytes(job.total)}"
+    if job.then:
+        text += f", {job.then} now"  # ahead of the stage: the last words before the screen goes
     if job.stage:
         text += f": {job.stage}"
     return text
@@ -152,6 +162,7 @@ class StatusBoard:
         self._status = Status(controller, mac)
         self._version = 0
         self._cond = threading.Condition()
+        self._drawn: dict[str, int] = {}  # console -> the version it last showed
         self.clock = clock
 
     def snapshot(self) -> tuple[Status, int]:
@@ -162,6 +173,22 @@ class StatusBoard:
         """Wait up to `timeout` seconds for a version newer than `version`; True if there is one."""
         with self._cond:
             return self._cond.wait_for(lambda: self._version != version, timeout)
+
+    def attach(self, console: str) -> None:
+        """A console that will show the status (wait_drawn waits for it)."""
+        with self._cond:
+            self._drawn.setdefault(console, -1)
+
+    def drawn(self, console: str, version: int) -> None:
+        with self._cond:
+            self._drawn[console] = max(version, self._drawn.get(console, -1))
+            self._cond.notify_all()
+
+    def wait_drawn(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every attached console to show the current status (before
+        the machine reboots or powers off: the operator sees how the job ended)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: all(v >= self._version for v in self._drawn.values()), timeout)
 
     def _apply(self, change: Callable[[Status], Status]) -> None:
         with self._cond:
@@ -184,6 +211,9 @@ class StatusBoard:
     def job_event(self, kind: p.EventKind, message: str, done: int | None, total: int | None) -> None:
         now = self.clock()
         self._apply(lambda s: job_event(s, kind, message, done, total, now))
+
+    def powering(self, action: str) -> None:
+        self._apply(lambda s: powering(s, action))
 
     def job_finished(self, outcome: str, message: str) -> None:
         now = self.clock()

@@ -131,6 +131,8 @@ def test_the_pace_draws_a_change_at_most_once_per_interval_and_repeats_the_same(
     assert pace.delay(101.5, "b") == 0.0
     assert pace.delay(102.0, "a") == pytest.approx(3.0)  # unchanged: repeated at 105
     assert pace.delay(106.0, "a") == 0.0
+    assert pace.delay(101.0, "c", urgent=True) == 0.0  # about to power off: no waiting
+    assert pace.delay(101.0, "a", urgent=True) == pytest.approx(4.0)  # already shown
 
 
 def test_the_vt_frame_keeps_the_status_rows_out_of_the_scroll_region() -> None:
@@ -248,3 +250,35 @@ def test_a_console_that_cannot_be_written_is_reported_once(tmp_path: Path) -> No
         and said[0].startswith(f"sledge-agent: status on {gone.path}: ")
         and "No such file" in said[0]
     )
+
+
+def test_the_consoles_show_how_a_job_ended_before_the_machine_powers_off(tmp_path: Path) -> None:
+    t = FakeTransport()
+    job = t.add_job(p.JobKind.REBOOT, p.JobParams(power=p.PowerAction.POWEROFF))
+    agent, _, _ = make(tmp_path, t)
+    shown: list[Status] = []
+    at_power: list[list[Status]] = []
+    real_power = agent.machine.power
+    agent.machine.power = lambda action: (at_power.append(list(shown)), real_power(action))  # type: ignore[method-assign]
+    stop = threading.Event()
+    # a serial console's pace: a change waits 5 s after the last line, unless the machine is going
+    writer = ConsoleWriter(
+        Target("/dev/null", Kind.LINE), agent.status, stop, print, write=lambda _, s: shown.append(s)
+    )
+    writer.start()
+    try:
+        started = time.monotonic()
+        assert agent.run(max_jobs=1) == 1
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        writer.thread.join(5)
+    assert at_power and at_power[0], "nothing drawn before the power action"
+    last = at_power[0][-1]
+    assert last.job is not None and (last.job.job_id, last.job.outcome, last.job.then) == (
+        job,
+        "succeeded",
+        "poweroff",
+    )
+    assert ", poweroff now: " in fields(last)[1]
+    assert took < 4.0, f"the agent waited {took:.1f} s for the console"
