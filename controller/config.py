@@ -54,7 +54,9 @@ class Config:
     max_body: int = MAX_BODY
     kernel: str = "vmlinuz"  # under DATA/boot/
     initrd: str = "initrd.img"
-    kernel_args: str = "console=ttyS0,115200 console=tty0"
+    # Every console gets the kernel's and the agent's output (docs/boot.md); the last one is
+    # /dev/console, where a crash's last words go: serial, which a BMC can log.
+    kernel_args: str = "console=tty0 console=ttyS0,115200"
     tls_cert: Path | None = None
     tls_key: Path | None = None
     dhcp: DhcpOptions = field(default_factory=DhcpOptions)  # off unless --dhcp; see controller/boot

@@ -43,6 +43,7 @@ class Controller:
     port: int = field(default_factory=free_port)
     lease: float = 60.0
     extra: tuple[str, ...] = ()  # more `sledge serve` options (--boot-deadline...)
+    kernel_args: str = "console=ttyS0,115200 quiet loglevel=3"  # "": the controller's default
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,10 +64,10 @@ class Controller:
             GUEST_URL,
             "--lease",
             str(self.lease),
-            "--kernel-args",
-            "console=ttyS0,115200 quiet loglevel=3",
             *self.extra,
         ]
+        if self.kernel_args:
+            cmd += ["--kernel-args", self.kernel_args]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

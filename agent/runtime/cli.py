@@ -21,6 +21,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mac", help="the MAC this machine booted from (for re-enrollment)")
     p.add_argument("--state-dir", help="where the agent token is kept between restarts")
     p.add_argument("--allow-power", action="store_true", help="really reboot / power off when a job says so")
+    p.add_argument(
+        "--console-status",
+        action="store_true",
+        help="draw the agent's status on every kernel console (/sys/class/tty/console/active)",
+    )
     p.add_argument("--max-jobs", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
@@ -39,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
                 "mac": args.mac,
                 "state_dir": args.state_dir,
                 "power": True if args.allow_power else None,
+                "console_status": True if args.console_status else None,
             }
         )
     except cfg.ConfigError as exc:
@@ -48,13 +54,18 @@ def run(args: argparse.Namespace) -> int:
         log("sledge-agent: no controller: give --controller URL or sledge.controller= on the kernel cmdline")
         return 2
     # imported here: `sledge-agent write` should not pay for the runtime's imports
+    from agent.runtime.console import start_writers
     from agent.runtime.devices import BlockDisks, HttpSources
     from agent.runtime.loop import Agent
     from agent.runtime.machine import RealMachine
+    from agent.runtime.status import StatusBoard
     from agent.runtime.transport import HttpTransport
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    status = StatusBoard(config.controller, config.mac)
+    if config.console_status:
+        start_writers(status, stop, log)
     agent = Agent(
         config,
         HttpTransport(config.controller, config.ca),
@@ -63,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         stop,
         sources=HttpSources(config.ca),
         disks=BlockDisks(),
+        status=status,
     )
     log(f"sledge-agent: controller {config.controller}")
     try:

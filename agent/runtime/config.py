@@ -35,6 +35,7 @@ class AgentConfig:
     workers: int = 0  # the writer's fetching threads; 0: sized to the cores
     shell: bool = False
     power: bool = False  # really reboot / power off (set in the live image)
+    console_status: bool = False  # draw the status on every console (set in the live image)
 
     def validate(self) -> AgentConfig:
         if self.controller:

@@ -27,6 +27,7 @@ from agent.runtime.jobs import Disks, JobContext, Machine, Outcome, Sources, che
 from agent.runtime.jobs.deploy import deploy, verify
 from agent.runtime.jobs.erase import erase
 from agent.runtime.jobs.simple import inventory, reboot
+from agent.runtime.status import StatusBoard
 from agent.runtime.transport import Conflict, Rejected, Transport, TransportError, Unauthorized
 
 JOBS: dict[p.JobKind, Callable[[JobContext], Outcome]] = {
@@ -51,6 +52,7 @@ class Agent:
         *,
         sources: Sources,
         disks: Disks,
+        status: StatusBoard | None = None,
     ) -> None:
         check_io(machine, sources, disks)
         self.config = config
@@ -61,6 +63,8 @@ class Agent:
         self.log = log
         self.stop = stop or threading.Event()
         self.backoff = backoff or Backoff(cap=config.max_backoff)
+        # what the consoles show (agent.runtime.console draws it, when asked to)
+        self.status = status or StatusBoard(config.controller, config.mac)
         self.token = ""
         self.machine_id = ""
         self.heartbeat_seconds = config.heartbeat
@@ -97,12 +101,14 @@ class Agent:
         return done
 
     def _pause(self, why: str) -> None:
+        self.status.error(why)
         delay = self.backoff.next_delay()
         self.log(f"sledge-agent: {why}; retrying in {delay:.1f} s")
         self.stop.wait(delay)
 
     def _refused(self, exc: Exception) -> None:
         self.log(f"sledge-agent: agent token refused ({exc}); enrolling again")
+        self.status.error(f"agent token refused ({exc})")
         with self._lock:
             self.token = ""
         self._forget_token()
@@ -117,7 +123,8 @@ class Agent:
             state = json.loads(self._state_file().read_text())
             self.token, self.machine_id = str(state["agent_token"]), str(state["machine_id"])
         except (OSError, ValueError, KeyError, TypeError):
-            pass
+            return
+        self.status.registered(self.machine_id)
 
     def _save_token(self) -> None:
         try:
@@ -154,6 +161,7 @@ class Agent:
         self._enrollment = ""
         self._save_token()
         self.backoff.reset()
+        self.status.registered(reply.machine_id)
         self.log(f"sledge-agent: registered as machine {reply.machine_id}")
 
     def _fresh_enrollment_token(self, inv: Inventory) -> str:
@@ -198,8 +206,11 @@ class Agent:
         sender = threading.Thread(target=self._send_events, args=(events, sender_stop, cancel), daemon=True)
         sender.start()
 
+        self.status.job_started(assignment.kind.value, assignment.job_id)
+
         def emit(kind: p.EventKind, message: str, done: int | None, total: int | None) -> None:
             events.add(kind, message, done, total)
+            self.status.job_event(kind, message, done, total)
             self.log(f"[{assignment.kind.value} {assignment.job_id}] {kind.value}: {message}")
 
         ctx = JobContext(
@@ -226,6 +237,7 @@ class Agent:
             None,
             None,
         )
+        self.status.job_finished(outcome.result.outcome.value, outcome.result.message)
         sender_stop.set()
         sender.join()
         self._flush(events, cancel)
@@ -234,6 +246,8 @@ class Agent:
             self._job = None
         if finished and outcome.then is not None and outcome.result.outcome is p.Outcome.SUCCEEDED:
             self.log(f"sledge-agent: {outcome.then.value}")
+            self.status.powering(outcome.then.value)
+            self.status.wait_drawn(2.0)  # the consoles' last words: how the job ended
             self.machine.power(outcome.then)
         return outcome
 

@@ -31,9 +31,15 @@ async def ipxe(request: web.Request) -> web.StreamResponse:
         script = f"#!ipxe\necho sledge: {decision.note}\nexit 1\n"
     else:
         cfg = svc.config
-        args = (
-            f"sledge.controller={cfg.url} sledge.token={decision.enrollment_token} sledge.mac={mac} "
-            f"{cfg.kernel_args}".strip()
+        # the machine's own arguments last: its `sledge.shell=1` beats a default `sledge.shell=0`
+        args = " ".join(
+            a
+            for a in (
+                f"sledge.controller={cfg.url} sledge.token={decision.enrollment_token} sledge.mac={mac}",
+                cfg.kernel_args,
+                decision.kernel_args,
+            )
+            if a
         )
         script = (
             "#!ipxe\n"

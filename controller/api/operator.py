@@ -54,7 +54,9 @@ async def patch_machine(request: web.Request) -> web.StreamResponse:
     if body.desired_image:
         layout.parse_ref(body.desired_image)
     svc = services(request)
-    machine = svc.ops.set_desired(request.match_info["machine"], body.desired_image, body.disk_hints)
+    machine = svc.ops.set_desired(
+        request.match_info["machine"], body.desired_image, body.disk_hints, body.kernel_args
+    )
     return respond(request, views.MachineView.of(machine, svc.ops.bmc(machine.id)).to_wire())
 
 

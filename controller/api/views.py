@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Self
 
 from agent.hardware.model import Inventory
-from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult, read_inventory
-from agent.wire import Bound, Message
+from agent.protocol import DiskHints, EventKind, JobKind, JobParams, JobResult, ProtocolError, read_inventory
+from agent.wire import Bound, Message, path
+from controller.boot import cmdline
 from controller.jobs import JobState, MachineState
 from controller.state.model import (
     BmcRecord,
@@ -37,6 +38,18 @@ class MachinePatch(Message):
 
     desired_image: Ref | None = None
     disk_hints: DiskHints | None = None
+    # appended to the machine's agent boot ("" clears them), e.g. "sledge.shell=1"
+    kernel_args: (
+        Annotated[str, Bound(max_len=cmdline.MAX_LEN, pattern=cmdline.PATTERN, expected=cmdline.EXPECTED)]
+        | None
+    ) = None
+
+    def wire_check(self, where: str) -> None:
+        word = cmdline.reserved_key(self.kernel_args or "")
+        if word is not None:
+            raise ProtocolError(
+                path(where, "kernel_args"), "arguments the controller does not set itself", word
+            )
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ class MachineView(Message):
     last_seen: float | None
     expected: bool  # may enroll once while discovery is closed (`sledge machine expect`)
     power: PowerState | None  # as last polled through its BMC; None: the machine has no BMC record
+    kernel_args: str  # its own, appended to the agent boot's kernel command line
 
     @classmethod
     def of(cls, m: Machine, bmc: BmcRecord | None = None) -> MachineView:
@@ -122,6 +136,7 @@ class MachineView(Message):
             m.last_seen,
             m.expected,
             bmc.power if bmc else None,
+            m.kernel_args,
         )
 
 

@@ -130,6 +130,13 @@ def add_parsers(sub: Any) -> None:
     msub.add_parser(
         "expect", parents=[common], help="let a MAC enroll once even with `sledge serve --discovery closed`"
     ).add_argument("machine", metavar="MAC")
+    p = msub.add_parser("set", parents=[common], help="change a machine's settings (see docs/controller.md)")
+    p.add_argument("machine", help="id, MAC or hostname (a MAC not seen yet: `machine expect` it first)")
+    p.add_argument(
+        "--kernel-args",
+        required=True,
+        help='appended to its agent boot\'s kernel command line, e.g. "sledge.shell=1" ("" clears them)',
+    )
     power_cli.add_bmc_parsers(msub, common)
     power_cli.add_power_parser(sub, common)
     p = sub.add_parser("images", parents=[common], help="list registered images")
@@ -247,6 +254,11 @@ def machine(c: Client, args: argparse.Namespace) -> int:
         reply = c.call("POST", f"/v1/machines/{ref}/expect")
         e = views.MachineView.from_wire(reply)
         return emit(args, reply, f"{e.id}: expected ({', '.join(e.macs)}); it may enroll once")
+    if args.machine_cmd == "set":
+        patch = views.MachinePatch(kernel_args=args.kernel_args)
+        reply = c.call("PATCH", f"/v1/machines/{ref}", patch.to_wire())
+        s = views.MachineView.from_wire(reply)
+        return emit(args, reply, f"{s.id}: kernel args {s.kernel_args or '(none)'} from its next agent boot")
     reply = c.call("GET", f"/v1/machines/{ref}")
     m = views.MachineDetail.from_wire(reply)
     inv = m.inventory
@@ -261,6 +273,7 @@ def machine(c: Client, args: argparse.Namespace) -> int:
         f"serial    {(inv.system.serial if inv else None) or '-'}",
         f"memory    {human_bytes(inv.memory.total if inv else 0)}",
         f"image     {m.desired_image or '-'}   disk hints {hints}",
+        f"boot args {m.kernel_args or '-'}",
         f"seen      {ago(m.last_seen)}   inventories {len(m.inventory_history)}",
     ]
     if m.fingerprint:

@@ -45,6 +45,7 @@ class BootDecision:
     enrollment_token: str | None
     note: str  # what the script echoes
     refusal: Refusal | None = None
+    kernel_args: str = ""  # the machine's own (`sledge machine set --kernel-args`)
 
 
 class Enrollment:
@@ -115,7 +116,9 @@ class Enrollment:
                     address=peer,
                 )
             )
-            return BootDecision(machine.id, token.text, f"machine {machine.id}, booting the agent")
+            return BootDecision(
+                machine.id, token.text, f"machine {machine.id}, booting the agent", None, machine.kernel_args
+            )
 
     # -- registration --------------------------------------------------------------------------------
 

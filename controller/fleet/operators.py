@@ -67,13 +67,17 @@ class Operations:
         with self.store.transaction() as tx:
             return tx.inventory_history(find_machine(tx, ref).id, limit)
 
-    def set_desired(self, ref: str, image: str | None, disk: DiskHints | None) -> Machine:
+    def set_desired(
+        self, ref: str, image: str | None, disk: DiskHints | None, kernel_args: str | None = None
+    ) -> Machine:
         with self.store.transaction() as tx:
             machine = find_machine(tx, ref)
             if image is not None:
                 machine = replace(machine, desired_image=image)
             if disk is not None:
                 machine = replace(machine, disk_hints=disk)
+            if kernel_args is not None:
+                machine = replace(machine, kernel_args=kernel_args)
             tx.put_machine(machine)
             return machine
 

@@ -128,4 +128,8 @@ MIGRATIONS: tuple[str, ...] = (
         power_error TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 4: a machine's own kernel arguments for its agent boot (`sledge machine set --kernel-args`)
+    """
+    ALTER TABLE machines ADD COLUMN kernel_args TEXT NOT NULL DEFAULT '';
+    """,
 )

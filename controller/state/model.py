@@ -57,6 +57,7 @@ class Machine:
     fingerprint: Fingerprint | None = None  # bound at the first registration
     quarantine: Quarantine | None = None  # set while state is quarantined
     expected: bool = False  # an operator's `machine expect`: may enroll once with discovery closed
+    kernel_args: str = ""  # appended to its agent boot's kernel command line (controller.boot.cmdline)
 
     @property
     def label(self) -> str:

@@ -59,6 +59,7 @@ def _machine(row: sqlite3.Row, macs: tuple[str, ...]) -> Machine:
         fingerprint=Fingerprint.from_wire(json.loads(row["fingerprint"])) if row["fingerprint"] else None,
         quarantine=Quarantine.from_wire(json.loads(row["quarantine"])) if row["quarantine"] else None,
         expected=bool(row["expected"]),
+        kernel_args=row["kernel_args"],
     )
 
 
@@ -160,13 +161,13 @@ class SqliteTx:
     def put_machine(self, m: Machine) -> None:
         self.db.execute(
             "INSERT INTO machines (id, state, system_uuid, hostname, desired_image, disk_hints, created_at,"
-            " last_seen, inventory, fingerprint, quarantine, expected)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " last_seen, inventory, fingerprint, quarantine, expected, kernel_args)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
             " state = excluded.state, system_uuid = excluded.system_uuid, hostname = excluded.hostname,"
             " desired_image = excluded.desired_image, disk_hints = excluded.disk_hints,"
             " last_seen = excluded.last_seen, inventory = excluded.inventory,"
             " fingerprint = excluded.fingerprint, quarantine = excluded.quarantine,"
-            " expected = excluded.expected",
+            " expected = excluded.expected, kernel_args = excluded.kernel_args",
             (
                 m.id,
                 m.state.value,
@@ -180,6 +181,7 @@ class SqliteTx:
                 _json(m.fingerprint.to_wire()) if m.fingerprint else None,
                 _json(m.quarantine.to_wire()) if m.quarantine else None,
                 int(m.expected),
+                m.kernel_args,
             ),
         )
         self.db.execute("DELETE FROM machine_macs WHERE machine_id = ?", (m.id,))

@@ -262,7 +262,7 @@ def test_debug_shell_sees_the_settings_and_powers_off(
 ) -> None:
     port, _ = http_server
     machine = boot(port, f"sledge.shell=1 sledge.dhcp=0 sledge.controller={CONTROLLER} sledge.token=t0k-3n")
-    machine.wait_for(r"sledge\.shell=1: shell on the console", 120)
+    machine.wait_for(r"sledge\.shell=1: root shell on /dev/ttyS0", 120)
     for _ in range(20):  # the shell may not be reading yet: ask until it answers
         machine.type("echo SHELL-$((6 * 7))\n")
         try:

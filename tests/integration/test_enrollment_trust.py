@@ -115,3 +115,21 @@ def test_the_rate_limit_holds_on_a_real_server(closed: Server) -> None:
         {"enrollment_token": forged, "inventory": inventory(macs=(MAC,)).to_wire()},
     )
     assert status == 429 and 0 < int(headers["Retry-After"]) <= 300
+
+
+def test_an_operator_gives_one_machine_a_shell_through_its_kernel_args(
+    closed: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, err = sledge(capsys, closed, "machine", "expect", MAC)
+    assert rc == 0, err
+    rc, out, err = sledge(capsys, closed, "machine", "set", MAC, "--kernel-args", "sledge.shell=1")
+    assert rc == 0 and "kernel args sledge.shell=1 from its next agent boot" in out, err
+    _, script, _ = request(closed, "127.0.0.1", "GET", f"/boot/ipxe?mac={MAC}")
+    kernel = next(line for line in script.splitlines() if line.startswith("kernel "))
+    assert kernel.endswith("console=tty0 console=ttyS0,115200 sledge.shell=1"), kernel
+    rc, out, err = sledge(capsys, closed, "machine", "show", MAC)
+    assert rc == 0 and "boot args sledge.shell=1\n" in out, err
+    rc, out, err = sledge(
+        capsys, closed, "machine", "set", MAC, "--kernel-args", "sledge.mac=52:54:00:00:00:09"
+    )
+    assert rc == 1 and "expected arguments the controller does not set itself" in err, (out, err)

@@ -56,11 +56,12 @@ def test_an_existing_database_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     first_schema_database(path)
     store = SqliteStore(path)
-    assert store.schema_version == len(MIGRATIONS) == 3
+    assert store.schema_version == len(MIGRATIONS) == 4
     with store.transaction() as tx:
         machine = tx.machine("m-000000000001")
         assert machine is not None and machine.state is MachineState.DEPLOYED and machine.macs == (MAC,)
         assert machine.fingerprint is None and machine.quarantine is None and not machine.expected
+        assert machine.kernel_args == ""  # migration 4: none until an operator sets them
         assert [(e.id, e.message) for e in tx.events("j-000000000001", 0, 10)] == [
             (1, "e1"),
             (2, "e2"),

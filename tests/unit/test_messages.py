@@ -267,7 +267,7 @@ async def test_the_served_api_answers_what_its_routes_declare(
         m,
         f"/v1/machines/{machine_id}",
         op,
-        json={"disk_hints": {"by_id": "x"}, "desired_image": "tiny:1"},
+        json={"disk_hints": {"by_id": "x"}, "desired_image": "tiny:1", "kernel_args": "quiet"},
     )
     job = await call(
         "POST", "/v1/jobs", "/v1/jobs", op, json={"machine": machine_id, "kind": "deploy", "image": "tiny"}
