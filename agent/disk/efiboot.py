@@ -149,7 +149,7 @@ def plan_entry(
     rest = [n for n in dict.fromkeys(order) if n != number]
     anchor = current if current is not None and current in rest else (rest[0] if rest else None)
     at = rest.index(anchor) + 1 if anchor is not None else 0
-    return EntryPlan(number, option, tuple(rest[:at] + [number] + rest[at:]), reused)
+    return EntryPlan(number, option, (*rest[:at], number, *rest[at:]), reused)
 
 
 def _device_path_of(raw: bytes) -> bytes | None:

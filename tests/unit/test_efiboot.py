@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import struct
 import uuid
+from pathlib import Path
 
 import pytest
 
 from agent.disk.efiboot import (
+    GLOBAL_VARIABLE,
     LOAD_OPTION_ACTIVE,
     EfiBootError,
     LoaderPath,
@@ -21,6 +23,7 @@ from agent.disk.efiboot import (
     encode_load_option,
     plan_entry,
 )
+from agent.runtime.efivars import EfiVarsError, add_boot_entry
 
 GUID = uuid.UUID("5e1d6e00-0000-4000-8000-000000000002")
 LOADER = LoaderPath(2, GUID, 4096, 65536, "/EFI/debian/grubx64.efi")
@@ -114,3 +117,29 @@ def test_bad_extents_are_refused() -> None:
         device_path(LoaderPath(0, GUID, 1, 1, "x.efi"))
     with pytest.raises(EfiBootError, match="non-empty extent"):
         device_path(LoaderPath(1, GUID, 1, 0, "x.efi"))
+
+
+def efivar(root: Path, name: str, value: bytes) -> None:
+    (root / f"{name}-{GLOBAL_VARIABLE}").write_bytes(struct.pack("<I", 7) + value)
+
+
+def test_add_boot_entry_writes_the_variables_efivarfs_style(tmp_path: Path) -> None:
+    efivar(tmp_path, "Boot0000", network(0))
+    efivar(tmp_path, "Boot0001", network(1))
+    efivar(tmp_path, "BootOrder", encode_boot_order([1, 0]))
+    efivar(tmp_path, "BootCurrent", struct.pack("<H", 1))
+    report = add_boot_entry(LOADER, "debian", tmp_path)
+    assert report.name == "Boot0002" and report.order == (1, 2, 0) and not report.reused
+    raw = (tmp_path / f"Boot0002-{GLOBAL_VARIABLE}").read_bytes()
+    assert raw[:4] == struct.pack("<I", 7)  # NV | BS | RT
+    assert decode_load_option(raw[4:]).device_path == device_path(LOADER)
+    order = (tmp_path / f"BootOrder-{GLOBAL_VARIABLE}").read_bytes()[4:]
+    assert decode_boot_order(order) == [1, 2, 0]
+    again = add_boot_entry(LOADER, "debian", tmp_path)
+    assert again.reused and again.order == (1, 2, 0)
+    assert "Boot0002" in again.describe() and "0001,0002,0000" in again.describe()
+
+
+def test_add_boot_entry_without_efivarfs_says_so(tmp_path: Path) -> None:
+    with pytest.raises(EfiVarsError, match="not a directory"):
+        add_boot_entry(LOADER, "debian", tmp_path / "absent")
