@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from lab import OVMF_CODE, Controller, Vm, build_live_image, build_os_image, free_port  # noqa: E402
+from osdemo import deploy, make_key, ssh, user_data, wait_for_login  # noqa: E402
 
 BOOT = 240.0  # a live-image boot or a deploy under TCG on a busy 2-core machine
 OS_BOOT = 600.0  # power-on to cloud-init done: systemd + cloud-init's Python under TCG
@@ -38,73 +39,10 @@ class Lab:
     work: Path
     key: Path  # the operator's SSH private key; key.pub goes into user-data
 
-    def user_data(self, hostname: str, marker: str) -> str:
-        pub = self.key.with_suffix(".pub").read_text().strip()
-        return "#cloud-config\n" + json.dumps(
-            {
-                "hostname": hostname,
-                "users": [
-                    {
-                        "name": "op",
-                        "ssh_authorized_keys": [pub],
-                        "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                        "shell": "/bin/bash",
-                    }
-                ],
-                "write_files": [{"path": "/etc/sledge-test", "content": f"{marker}\n"}],
-                "runcmd": [["sh", "-c", f"echo {marker} > /var/lib/sledge-runcmd"]],
-            }
-        )
-
-    def deploy(self, vm: Vm, mac: str, user_data: str) -> dict[str, Any]:
-        """Power on (PXE, live image), deploy debian:12 with user_data; returns the finished job."""
-        vm.start()
-        vm.wait_for(r"sledge-agent: registered as machine", BOOT)
-        body = {
-            "machine": mac,
-            "kind": "deploy",
-            "image": "debian:12",
-            "params": {"cloud_init": {"user_data": user_data}},
-        }
-        status, job = self.controller.call("POST", "/v1/jobs", body)
-        assert status == 201, job
-        deadline = time.monotonic() + 2 * BOOT
-        while (job := self.controller.job(str(job["id"])))["state"] not in (
-            "succeeded",
-            "failed",
-            "cancelled",
-        ):
-            assert time.monotonic() < deadline, f"deploy {job['id']} still {job['state']}"
-            time.sleep(1)
+    def deploy(self, vm: Vm, mac: str, hostname: str, marker: str) -> dict[str, Any]:
+        job = deploy(self.controller, vm, mac, "debian:12", user_data(self.key, hostname, marker), 2 * BOOT)
         assert job["state"] == "succeeded", job
         return job
-
-
-def ssh(key: Path, port: int, command: str, timeout: float = 60) -> str:
-    out = subprocess.run(
-        ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-         "op@127.0.0.1", command],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    if out.returncode != 0:
-        raise AssertionError(f"ssh {command!r}: exit {out.returncode}: {out.stderr.strip()}")
-    return out.stdout
-
-
-def wait_for_login(key: Path, port: int, vm: Vm, timeout: float) -> float:
-    """Seconds until an SSH login as the user cloud-init created works."""
-    started = time.monotonic()
-    while True:
-        try:
-            ssh(key, port, "true", timeout=30)
-            return time.monotonic() - started
-        except (AssertionError, subprocess.TimeoutExpired):
-            if time.monotonic() - started > timeout:
-                tail = "\n".join(vm.lines[-30:])
-                raise AssertionError(f"no SSH login within {timeout} s; console:\n{tail}") from None
-            assert vm.proc is not None and vm.proc.poll() is None, "QEMU exited"
-            time.sleep(3)
 
 
 def check_configured(lab: Lab, port: int, hostname: str, marker: str, instance_id: str) -> None:
@@ -153,8 +91,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     work = tmp_path_factory.mktemp("os-image")
     kernel, initrd = build_live_image()
     image = build_os_image()
-    key = work / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = make_key(work / "id_ed25519")
     controller = Controller(work / "data", lease=60.0)
     controller.install_boot_files(kernel, initrd)
     controller.start()
@@ -173,7 +110,7 @@ def test_bios_deploy_boots_and_cloud_init_configures_the_machine(lab: Lab) -> No
     vm = Vm(lab.work / "bios", lab.controller.port, mac, firmware="bios", ssh_port=port)
     try:
         powered = time.monotonic()
-        job = lab.deploy(vm, mac, lab.user_data("deployed-bios", "bios-1"))
+        job = lab.deploy(vm, mac, "deployed-bios", "bios-1")
         vm.wait_for(r"Welcome to .*Debian GNU/Linux 12", OS_BOOT)  # the disk's systemd
         login = wait_for_login(lab.key, port, vm, OS_BOOT)
         print(
@@ -196,7 +133,7 @@ def test_uefi_deploy_boots_with_the_network_first_and_a_redeploy_runs_cloud_init
     vm = Vm(workdir, lab.controller.port, mac, firmware="uefi", ssh_port=port)
     try:
         powered = time.monotonic()
-        first = lab.deploy(vm, mac, lab.user_data("deployed-uefi", "uefi-1"))
+        first = lab.deploy(vm, mac, "deployed-uefi", "uefi-1")
         wait_for_login(lab.key, port, vm, OS_BOOT)
         print(f"UEFI: power-on to SSH login {time.monotonic() - powered:.0f} s")
         check_configured(lab, port, "deployed-uefi", "uefi-1", str(first["id"]))
@@ -207,7 +144,7 @@ def test_uefi_deploy_boots_with_the_network_first_and_a_redeploy_runs_cloud_init
         # A second deploy with new user-data: a new instance-id, and cloud-init runs again.
         vm.stop()
         vm = Vm(workdir, lab.controller.port, mac, firmware="uefi", ssh_port=port)
-        second = lab.deploy(vm, mac, lab.user_data("redeployed-uefi", "uefi-2"))
+        second = lab.deploy(vm, mac, "redeployed-uefi", "uefi-2")
         assert second["id"] != first["id"]
         wait_for_login(lab.key, port, vm, OS_BOOT)
         check_configured(lab, port, "redeployed-uefi", "uefi-2", str(second["id"]))
