@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.disk.errors import DiskError
+from agent.disk.fatdir import Fat, FatError
+from agent.disk.tables import Tables
 
 LOAD_OPTION_ACTIVE = 0x1
 # NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS: what Boot#### and BootOrder carry.
@@ -24,6 +26,10 @@ VARIABLE_ATTRIBUTES = 0x7
 GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")
 MAX_ENTRIES = 0x10000
 MAX_PATH = 512  # characters of the loader's path: far beyond any real one, bounds the variable
+ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
+REMOVABLE = "EFI/BOOT/BOOTX64.EFI"
+# Loaders an ESP's vendor directory may hold, preferred first: shim (Secure Boot), then GRUB.
+LOADERS = ("SHIMX64.EFI", "GRUBX64.EFI")
 
 
 class EfiBootError(DiskError):
@@ -157,3 +163,59 @@ def _device_path_of(raw: bytes) -> bytes | None:
         return decode_load_option(raw).device_path
     except EfiBootError:
         return None  # a damaged entry is never "ours"; it is left as it is
+
+
+@dataclass(frozen=True)
+class EspVerdict:
+    """What a deployed disk needs from NVRAM: nothing (no ESP, or the removable path is there),
+    or an entry for `loader`; `detail` says which, for the job's report."""
+
+    loader: LoaderPath | None
+    detail: str
+
+
+def esp_verdict(tables: Tables, read: Callable[[int, int], bytes]) -> EspVerdict:
+    """Look at the disk's ESPs (GPT type C12A7328-...): the first holding the removable-media
+    loader needs no entry; otherwise the first vendor loader (EFI/<dir>/shimx64.efi or
+    grubx64.efi) found gets one. read: (byte offset, length) on the disk."""
+    copy = tables.primary
+    if copy is None or not copy.valid:
+        return EspVerdict(None, "no valid GPT: no EFI system partition")
+    esps = [e for e in copy.used if e.type_guid == ESP_TYPE.bytes_le]
+    if not esps:
+        return EspVerdict(None, "no EFI system partition")
+    sector = tables.sector
+    found: list[LoaderPath] = []
+    problems: list[str] = []
+    for e in esps:
+        start, size = e.first * sector, (e.last + 1 - e.first) * sector
+
+        def part(offset: int, length: int, start: int = start) -> bytes:
+            return read(start + offset, length)
+
+        try:
+            fat = Fat.open(part, size)
+            if fat.exists(REMOVABLE):
+                return EspVerdict(
+                    None, f"partition {e.slot + 1} holds the removable-media loader {REMOVABLE}"
+                )
+            for vendor in sorted(d.name for d in fat.listdir("EFI") if d.directory and d.name != "BOOT"):
+                names = {f.name for f in fat.listdir(f"EFI/{vendor}") if not f.directory}
+                for loader in LOADERS:
+                    if loader in names:
+                        found.append(
+                            LoaderPath(
+                                e.slot + 1,
+                                uuid.UUID(bytes_le=e.guid),
+                                e.first,
+                                e.last + 1 - e.first,
+                                f"EFI/{vendor}/{loader}",
+                            )
+                        )
+                        break
+        except FatError as exc:
+            problems.append(f"partition {e.slot + 1}: {exc}")
+    if found:
+        return EspVerdict(found[0], f"partition {found[0].partition} has no removable-media loader")
+    why = "; ".join(problems) if problems else "no EFI/<vendor>/shimx64.efi or grubx64.efi"
+    return EspVerdict(None, f"no loader found on the EFI system partition ({why})")

@@ -13,9 +13,11 @@ import fcntl
 import os
 import re
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import blockdev
 from agent.disk.efiboot import (
     GLOBAL_VARIABLE,
     VARIABLE_ATTRIBUTES,
@@ -24,10 +26,13 @@ from agent.disk.efiboot import (
     LoaderPath,
     decode_boot_order,
     encode_boot_order,
+    esp_verdict,
     plan_entry,
 )
+from agent.disk.tables import read_tables
 
-EFIVARS = Path("/sys/firmware/efi/efivars")
+EFI = Path("/sys/firmware/efi")
+EFIVARS = EFI / "efivars"
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 FS_IMMUTABLE_FL = 0x10
@@ -104,3 +109,40 @@ def add_boot_entry(loader: LoaderPath, description: str, root: Path = EFIVARS) -
     _write(root / f"{plan.name}-{GLOBAL_VARIABLE}", plan.option)
     _write(root / f"BootOrder-{GLOBAL_VARIABLE}", encode_boot_order(plan.order))
     return EntryReport(plan.name, loader.path, plan.order, plan.reused)
+
+
+def mount_efivarfs(path: Path = EFIVARS) -> None:
+    """The live image mounts only proc, sys and dev: efivarfs (a module) comes up on first use."""
+    if os.path.ismount(path):
+        return
+    subprocess.run(["modprobe", "-q", "efivarfs"], check=False, capture_output=True)
+    done = subprocess.run(["mount", "-t", "efivarfs", "efivarfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise EfiVarsError(f"{path}: mount -t efivarfs failed: {done.stderr.strip() or done.returncode}")
+
+
+def boot_entry_for(device: str, description: str, efi: Path = EFI) -> str:
+    """After a deploy to device: add the NVRAM entry its image needs, if any (only when this machine
+    booted through UEFI; a BIOS machine has no NVRAM entries). Returns what was done, for the report."""
+    if not efi.is_dir():
+        return ""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EfiVarsError(f"{device}: {exc.strerror}") from None
+    try:
+
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        tables = read_tables(read, blockdev.size_of(fd), blockdev.logical_sector_size(fd))
+        verdict = esp_verdict(tables, read)
+    except OSError as exc:
+        raise EfiVarsError(f"{device}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if verdict.loader is None:
+        return f"no UEFI boot entry needed: {verdict.detail}"
+    if efi == EFI:
+        mount_efivarfs(efi / "efivars")
+    return add_boot_entry(verdict.loader, description, efi / "efivars").describe()
