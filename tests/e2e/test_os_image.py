@@ -39,8 +39,10 @@ class Lab:
     work: Path
     key: Path  # the operator's SSH private key; key.pub goes into user-data
 
-    def deploy(self, vm: Vm, mac: str, hostname: str, marker: str) -> dict[str, Any]:
-        job = deploy(self.controller, vm, mac, "debian:12", user_data(self.key, hostname, marker), 2 * BOOT)
+    def deploy(
+        self, vm: Vm, mac: str, hostname: str, marker: str, image: str = "debian:12"
+    ) -> dict[str, Any]:
+        job = deploy(self.controller, vm, mac, image, user_data(self.key, hostname, marker), 2 * BOOT)
         assert job["state"] == "succeeded", job
         return job
 
@@ -85,9 +87,19 @@ def boot_order(lab: Lab, port: int) -> tuple[int, list[str]]:
     return current, names
 
 
+def vendor_only(image: Path, out: Path) -> Path:
+    """The same image with its loader moved from the removable-media path to EFI/debian/grubx64.efi
+    (an installed system's layout): it boots only through a boot entry naming it."""
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out)], check=True)
+    esp = f"{out}@@{2 << 20}"  # p2 starts at 2 MiB (scripts/build-os-image)
+    subprocess.run(["mmd", "-i", esp, "::/EFI/debian"], check=True)
+    subprocess.run(["mmove", "-i", esp, "::/EFI/BOOT/BOOTX64.EFI", "::/EFI/debian/grubx64.efi"], check=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    need("qemu-system-x86_64", "socat", "mmdebstrap", "ssh", "ssh-keygen", "mkfs.vfat")
+    need("qemu-system-x86_64", "socat", "mmdebstrap", "ssh", "ssh-keygen", "mkfs.vfat", "mmove", "qemu-img")
     work = tmp_path_factory.mktemp("os-image")
     kernel, initrd = build_live_image()
     image = build_os_image()
@@ -96,6 +108,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     controller.install_boot_files(kernel, initrd)
     controller.start()
     controller.import_image(image, "debian", "12")
+    controller.import_image(vendor_only(image, work / "vendor.img"), "debian", "12-vendor")
     try:
         yield Lab(controller, work, key)
     finally:
@@ -124,7 +137,9 @@ def test_bios_deploy_boots_and_cloud_init_configures_the_machine(lab: Lab) -> No
 
 @pytest.mark.root
 @pytest.mark.qemu
-def test_uefi_deploy_boots_with_the_network_first_and_a_redeploy_runs_cloud_init_again(lab: Lab) -> None:
+def test_uefi_deploy_keeps_the_network_first_and_a_redeploy_adds_a_boot_entry_and_reruns_cloud_init(
+    lab: Lab,
+) -> None:
     if not OVMF_CODE.exists():
         unavailable(f"needs {OVMF_CODE} (Debian package ovmf; scripts/setup installs it)")
     mac, port = "52:54:00:13:00:02", free_port()
@@ -137,17 +152,29 @@ def test_uefi_deploy_boots_with_the_network_first_and_a_redeploy_runs_cloud_init
         wait_for_login(lab.key, port, vm, OS_BOOT)
         print(f"UEFI: power-on to SSH login {time.monotonic() - powered:.0f} s")
         check_configured(lab, port, "deployed-uefi", "uefi-1", str(first["id"]))
+        assert "no UEFI boot entry needed" in first["result"]["message"], first["result"]
         # The controller keeps control: the network is still first; the disk booted after iPXE's exit.
         current, order = boot_order(lab, port)
-        assert "PXE" in order[0] or "iPXE" in order[0] or "Network" in order[0], order
-        assert f"{current:04X}" not in order[0], (current, order)
-        # A second deploy with new user-data: a new instance-id, and cloud-init runs again.
+        print(f"UEFI boot order after the first deploy: {order}, current {current:04X}")
+        network = order[0]
+        assert "PXE" in network or "iPXE" in network or "Network" in network, order
+        assert not network.startswith(f"{current:04X} "), (current, order)
+        # A second deploy, of the image whose loader is only at EFI/debian/grubx64.efi, with new
+        # user-data: the agent adds a boot entry for it right after the network; a new instance-id,
+        # and cloud-init runs again.
         vm.stop()
         vm = Vm(workdir, lab.controller.port, mac, firmware="uefi", ssh_port=port)
-        second = lab.deploy(vm, mac, "redeployed-uefi", "uefi-2")
+        second = lab.deploy(vm, mac, "redeployed-uefi", "uefi-2", image="debian:12-vendor")
         assert second["id"] != first["id"]
+        assert "UEFI boot entry added" in second["result"]["message"], second["result"]
         wait_for_login(lab.key, port, vm, OS_BOOT)
         check_configured(lab, port, "redeployed-uefi", "uefi-2", str(second["id"]))
+        current, order = boot_order(lab, port)
+        print(f"UEFI boot order after the second deploy: {order}, current {current:04X}")
+        assert order[0] == network, order
+        assert order[1].startswith(f"{current:04X} ") and order[1].endswith("debian:12-vendor (sledge)"), (
+            order
+        )
     finally:
         vm.stop()
 
