@@ -16,7 +16,7 @@ from pathlib import Path
 from lab import Controller, Vm, build_live_image, build_os_image, free_port
 
 SSH_OPTIONS = [
-    "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "StrictHostKeyChecking=no",
+    "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o", "StrictHostKeyChecking=no",
     "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
 ]  # fmt: skip
 
@@ -46,10 +46,15 @@ def user_data(key: Path, hostname: str, marker: str) -> str:
     return "#cloud-config\n" + json.dumps(config)
 
 
-def ssh(key: Path, port: int, command: str, timeout: float = 60) -> str:
-    """Run command as `op` on the machine whose port 22 is forwarded to 127.0.0.1:port."""
+def ssh(key: Path, port: int, command: str, timeout: float = 120, tries: int = 3) -> str:
+    """Run command as `op` on the machine whose port 22 is forwarded to 127.0.0.1:port. A TCG guest
+    on a loaded host can miss the banner exchange: ssh's own failures (exit 255) are tried again."""
     argv = ["ssh", "-i", str(key), "-p", str(port), *SSH_OPTIONS, "op@127.0.0.1", command]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(tries):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 255 or attempt == tries - 1:
+            break
+        time.sleep(2)
     if out.returncode != 0:
         raise AssertionError(f"ssh {command!r}: exit {out.returncode}: {out.stderr.strip()}")
     return out.stdout
@@ -60,7 +65,7 @@ def wait_for_login(key: Path, port: int, vm: Vm, timeout: float) -> float:
     started = time.monotonic()
     while True:
         try:
-            ssh(key, port, "true", timeout=30)
+            ssh(key, port, "true", timeout=60, tries=1)
             return time.monotonic() - started
         except (AssertionError, subprocess.TimeoutExpired):
             if time.monotonic() - started > timeout:
