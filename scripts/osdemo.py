@@ -79,13 +79,24 @@ def wait_for_login(key: Path, port: int, vm: Vm, timeout: float) -> float:
 def deploy(
     controller: Controller, vm: Vm, mac: str, image: str, data: str, timeout: float
 ) -> dict[str, object]:
-    """Power on (PXE, live image), deploy image with user-data; the finished job."""
-    vm.start()
-    vm.wait_for(r"sledge-agent: registered as machine", timeout)
+    """Deploy image with user-data and power the machine on; the finished job. A machine the
+    controller does not know yet is booted first (it registers, then gets the job); a known one
+    gets the job queued before power-on, or its boot script would send it to its disk."""
     body = {"machine": mac, "kind": "deploy", "image": image, "params": {"cloud_init": {"user_data": data}}}
-    status, job = controller.call("POST", "/v1/jobs", body)
-    if status != 201:
-        raise AssertionError(f"POST /v1/jobs: HTTP {status}: {job}")
+
+    def queue() -> dict[str, object]:
+        status, job = controller.call("POST", "/v1/jobs", body)
+        if status != 201:
+            raise AssertionError(f"POST /v1/jobs: HTTP {status}: {job}")
+        return dict(job)
+
+    if controller.machine(mac) is not None:
+        job = queue()
+        vm.start()
+    else:
+        vm.start()
+        vm.wait_for(r"sledge-agent: registered as machine", timeout)
+        job = queue()
     deadline = time.monotonic() + timeout
     while (job := controller.job(str(job["id"])))["state"] not in ("succeeded", "failed", "cancelled"):
         if time.monotonic() > deadline:
