@@ -171,10 +171,11 @@ def test_uefi_deploy_keeps_the_network_first_and_a_redeploy_adds_a_boot_entry_an
         check_configured(lab, port, "redeployed-uefi", "uefi-2", str(second["id"]))
         current, order = boot_order(lab, port)
         print(f"UEFI boot order after the second deploy: {order}, current {current:04X}")
-        assert order[0] == network, order
-        assert order[1].startswith(f"{current:04X} ") and order[1].endswith("debian:12-vendor (sledge)"), (
-            order
-        )
+        assert order[0] == network, order  # the controller still comes first
+        # The disk booted through the entry the agent added (OVMF re-sorts BootOrder by QEMU's
+        # bootindex at each boot, so where it sits among the firmware's own entries is OVMF's call).
+        ours = [o for o in order if o.startswith(f"{current:04X} ")]
+        assert ours and ours[0].endswith("debian:12-vendor (sledge)"), (current, order)
     finally:
         vm.stop()
 
