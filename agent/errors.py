@@ -14,7 +14,8 @@ SledgeError
 ├── WriteError                agent.writer: TargetError, ManifestUnavailable, ChunkUnavailable,
 │                             VerifyFailed, Cancelled, FetchError (one failed attempt at one source)
 ├── HardwareError             agent.hardware: HintError, WireError, SelectionError
-├── DiskError                 agent.disk: SeedError (TableError, NoSpace, SeedTooLarge)
+├── DiskError                 agent.disk: SeedError (TableError, NoSpace, SeedTooLarge),
+│                             EfiBootError (EfiVarsError: efivarfs, agent.runtime.efivars)
 ├── AgentError                agent.runtime: TransportError, ConfigError
 └── ControllerError           controller (controller/errors.py draws its part of the tree)
 """

@@ -27,6 +27,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 GUEST_URL = "http://10.0.2.100:8080"
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def free_port() -> int:
@@ -193,7 +195,11 @@ class Vm:
         disk_size: int = 4 << 30,
         echo: Callable[[str], None] | None = None,
         memory: int = 1024,
+        firmware: str = "bios",
+        ssh_port: int = 0,
     ) -> None:
+        """firmware: "bios" (SeaBIOS) or "uefi" (OVMF, q35, a fresh copy of the variables per
+        workdir); ssh_port: forward 127.0.0.1:ssh_port to the guest's port 22 (0: none)."""
         self.workdir = workdir
         self.mac = mac
         self.disk = workdir / "disk.img"
@@ -206,6 +212,26 @@ class Vm:
         self._cond = threading.Condition()
         self._log = open(workdir / "console.log", "a")  # noqa: SIM115 - closed in stop()
         fwd = f"guestfwd=tcp:10.0.2.100:8080-cmd:socat - TCP:127.0.0.1:{controller_port}"
+        if ssh_port:
+            fwd += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+        board = ["-boot", "order=nc"]
+        if firmware == "uefi":
+            vars_copy = workdir / "OVMF_VARS.fd"
+            if not vars_copy.exists():
+                shutil.copyfile(OVMF_VARS, vars_copy)
+            # The boot order through bootindex (OVMF ignores -boot order): network, then disk.
+            # No PXE/HTTP boot of OVMF's own: the NIC's iPXE ROM is the network entry, and after
+            # iPXE's `exit` OVMF would otherwise try each of those first (minutes under TCG).
+            board = [
+                "-machine", "q35",
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+                "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no",
+            ]  # fmt: skip
+        elif firmware != "bios":
+            raise ValueError(f"firmware {firmware!r}: expected bios or uefi")
+        nic_index, disk_index = (",bootindex=1", ",bootindex=2") if firmware == "uefi" else ("", "")
         self.argv = [
             "qemu-system-x86_64",
             "-accel",
@@ -224,11 +250,12 @@ class Vm:
             "-netdev",
             f"user,id=n0,restrict=on,{fwd},bootfile={GUEST_URL}/boot.ipxe",
             "-device",
-            f"virtio-net-pci,netdev=n0,mac={mac}",
+            f"virtio-net-pci,netdev=n0,mac={mac}{nic_index}",
             "-drive",
-            f"file={self.disk},if=virtio,format=raw,cache=unsafe,discard=unmap",
-            "-boot",
-            "order=nc",
+            f"file={self.disk},if=none,id=d0,format=raw,cache=unsafe,discard=unmap",
+            "-device",
+            f"virtio-blk-pci,drive=d0{disk_index}",
+            *board,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -301,6 +328,12 @@ def build_live_image() -> tuple[Path, Path]:
     subprocess.run([str(REPO / "scripts" / "build-initramfs")], check=True, stdout=sys.stderr)
     out = REPO / "build" / "initramfs"
     return out / "vmlinuz", out / "initramfs.zst"
+
+
+def build_os_image() -> Path:
+    """The Debian 12 cloud image (qcow2; built once, then cached by the script)."""
+    subprocess.run([str(REPO / "scripts" / "build-os-image")], check=True, stdout=sys.stderr)
+    return REPO / "build" / "os-image" / "debian-12.qcow2"
 
 
 def build_demo_image(version: str) -> Path:

@@ -69,8 +69,9 @@ def rig(
     params: p.JobParams,
     store: Path | None = None,
     pace: float = 0.0,
+    efi: Path | None = None,
 ) -> Rig:
-    fakes = SparseDisks(tmp_path / "disks", {d.path: d.size for d in disks}, pace=pace)
+    fakes = SparseDisks(tmp_path / "disks", {d.path: d.size for d in disks}, pace=pace, efi=efi)
     sources = DirectorySources(store or tmp_path / "no-store")
     lines: list[str] = []
     machine = FakeMachine(dataclasses.replace(inventory(), disks=tuple(disks)))

@@ -5,6 +5,8 @@ DiskError                   the package's root
     ├── TableError          no table, a damaged one, or no free entry for one more partition
     ├── NoSpace             too little free space at the end of the disk
     └── SeedTooLarge        the files do not fit the seed filesystem
+└── EfiBootError            a UEFI boot entry cannot be made (agent.disk.efiboot)
+    └── EfiVarsError        efivarfs cannot be read or written (agent.runtime.efivars)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from agent.runtime.efivars import boot_entry_for
 from agent.runtime.seed import SeedContent, SeedReport, write_seed
 from agent.writer.device import OpenTarget, open_for_read, open_target
 from agent.writer.errors import TargetError
@@ -47,6 +48,9 @@ class BlockDisks:
 
     def write_seed(self, path: str, content: SeedContent) -> SeedReport:
         return write_seed(path, content)
+
+    def boot_entry(self, path: str, description: str) -> str:
+        return boot_entry_for(path, description)
 
 
 # -- fakes -----------------------------------------------------------------------------------------
@@ -110,7 +114,16 @@ class SparseDisks:
     machine; an image larger than the disk is refused as a device would refuse it.
     """
 
-    def __init__(self, root: str | os.PathLike[str], sizes: Mapping[str, int], pace: float = 0.0) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        sizes: Mapping[str, int],
+        pace: float = 0.0,
+        efi: Path | None = None,
+    ) -> None:
+        """efi: a directory standing for /sys/firmware/efi (with efivars/ below it); None: a BIOS
+        machine, no NVRAM."""
+        self.efi = efi
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.sizes = dict(sizes)
@@ -145,3 +158,8 @@ class SparseDisks:
     def write_seed(self, path: str, content: SeedContent) -> SeedReport:
         report = write_seed(str(self.file(path)), content)
         return dataclasses.replace(report, device=path)
+
+    def boot_entry(self, path: str, description: str) -> str:
+        if self.efi is None:
+            return ""
+        return boot_entry_for(str(self.file(path)), description, self.efi)

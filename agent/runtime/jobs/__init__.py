@@ -49,6 +49,10 @@ class Disks(Protocol):
         """A cloud-init seed partition added to the deployed disk."""
         ...
 
+    def boot_entry(self, path: str, description: str) -> str:
+        """The UEFI boot entry the deployed disk needs, added if any; what was done ("" if nothing)."""
+        ...
+
 
 def check_io(machine: object, sources: object, disks: object) -> None:
     """At start, not mid-job: each injected piece has every method its interface names."""

@@ -106,6 +106,13 @@ def deploy(ctx: JobContext) -> Outcome:
         if report.chunks_restored
         else ""
     )
+    try:
+        entry = ctx.disks.boot_entry(disk.path, f"{image} (sledge)")
+    except (DiskError, OSError) as exc:  # EfiBootError, EfiVarsError
+        return failed(f"{image} written to {disk.path}, but its UEFI boot entry was not: {exc}", disk.path)
+    if entry:
+        ctx.stage(entry)
+        seeded += f"; {entry}"
     message = (
         f"{image} on {disk.path}: {report.chunks_fetched} chunks fetched "
         f"({human_bytes(report.fetched_bytes)}), "
