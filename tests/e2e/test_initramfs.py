@@ -205,6 +205,7 @@ def test_image_holds_the_agent_and_not_the_controller(live_image: LiveImage) -> 
         "ahci", "sd_mod", "nvme", "megaraid_sas", "mpt3sas", "smartpqi", "hpsa", "aacraid", "sym53c8xx",
         "vmd",  # storage
         "xhci-pci", "ehci-pci", "usb-storage", "uas", "usbhid", "hid-generic", "md-mod", "raid1", "dm-mod",
+        "ipmi_si", "ipmi_devintf",  # the BMC's system interface, for the address the inventory suggests
     ):  # fmt: skip
         assert name in modules, f"module {name} not in the image"
     for name in ("lpfc", "qla2xxx", "scsi_debug", "iwlwifi"):  # left out on purpose
@@ -221,6 +222,8 @@ def test_image_holds_the_agent_and_not_the_controller(live_image: LiveImage) -> 
     assert re.search(r"^ice \(.*\): all, 1/1$", coverage, re.M), "ice's DDP package not reported present"
     assert not [p for p in files if p.startswith(("usr/share/doc/", "usr/share/man/", "usr/share/locale/"))]
     assert "usr/bin/perl" not in files
+    assert "usr/bin/ipmitool" in files and "usr/share/misc/enterprise-numbers.txt" not in files
+    assert "etc/modprobe.d/ipmi.conf" in files  # ipmi_devintf (/dev/ipmi0) after udev's ipmi_si
 
 
 def test_same_inputs_give_the_same_bytes(live_image: LiveImage, tmp_path: Path) -> None:
