@@ -245,7 +245,7 @@ def test_boots_gets_dhcp_and_runs_the_agent(
     machine = boot(port, f"sledge.controller={CONTROLLER} sledge.token=smoke-token")
     t_init, _ = machine.wait_for(r"sledge-init: \[[\d.]+\] sledge live image", 120)
     t_udev, _ = machine.wait_for(r"sledge-init: .* udev: devices settled", 60)
-    t_dhcp, m = machine.wait_for(r"sledge-dhcp: (\S+): bound (\d+\.\d+\.\d+\.\d+)/", 60)
+    t_dhcp, m = machine.wait_for(r"sledge-dhcp: (\S+): bound: address \S+ -> (\d+\.\d+\.\d+\.\d+)/", 60)
     assert m.group(2).startswith("10.0.2."), m.group(0)
     t_start, _ = machine.wait_for(r"sledge-init: .* starting sledge-agent run \(attempt 1\)", 30)
     machine.wait_for(r"sledge-agent: controller http://10\.0\.2\.100:8080", 60)
