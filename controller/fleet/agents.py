@@ -22,6 +22,7 @@ from agent.protocol import (
     FinishRequest,
     Heartbeat,
     HeartbeatReply,
+    JobKind,
     identity,
 )
 from controller import auth, jobs
@@ -156,6 +157,17 @@ class Fleet:
             status = jobs.renew(job.id, job.status, job.status.attempts, now, self.policy.lease_seconds)
             tx.put_job(replace(job, status=status, updated_at=now))
             return HeartbeatReply()
+
+    def check_deploying(self, machine_id: str, job_id: str, digest: str) -> None:
+        """Only an agent running a deploy job of an image may take part in sharing its chunks."""
+        with self.store.transaction() as tx:
+            job = self._own_job(tx, machine_id, job_id)
+        if job.kind is not JobKind.DEPLOY or job.state is not JobState.RUNNING:
+            raise Conflict(f"job {job_id}: expected a running deploy job, got a {job.state} {job.kind} job")
+        if job.params.manifest_digest != digest:
+            raise Conflict(
+                f"job {job_id}: deploys manifest {job.params.manifest_digest[:16]}, not {digest[:16]}"
+            )
 
     def claim(self, machine_id: str) -> Assignment | None:
         """The machine's running job (handed again, e.g. to a restarted agent) or its oldest queued one."""

@@ -1,0 +1,151 @@
+"""The tracker: which deploying agent holds which chunks of which image, and who should ask whom.
+
+Kept in memory only (a restart forgets it; agents re-announce within one interval) and bounded:
+at most `max_agents` holdings (10,000 by default) of at most 8 KiB of bitmap each, the least
+recently seen evicted first, and a holding not renewed within `ttl` seconds forgotten. Every
+announce is answered with:
+- the image's fleet key for the current epoch and a fresh ticket for the caller (agent.peer.ticket),
+- a few peers that hold chunks the caller lacks: completed ones first, random among equals,
+  about ln N of them and at most 10,
+- the caller's origin share: chunk i is the caller's to fetch from the sources when
+  i % seed_of == seed_slot, so that the origin serves about one copy and peers the rest.
+Whether the caller may announce at all (a running deploy job for that image) is the fleet's
+check, done before (Fleet.check_deploying).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.peer import ticket
+from agent.peer.bitmap import Have
+from agent.peer.errors import PeerError
+from agent.protocol import MAX_PEERS, Announce, AnnounceReply, PeerGrant, PeerInfo, ProtocolError
+
+
+@dataclass(frozen=True)
+class TrackerPolicy:
+    max_agents: int = 10_000
+    ttl: float = 30.0  # seconds a holding lives without an announce
+    interval: float = 2.0  # seconds between an agent's announces
+    epoch_seconds: float = 3600.0  # a fleet key's lifetime
+    ticket_seconds: float = 600.0
+    probes: int = 64  # holdings looked at per answer: the cost of an answer stays flat in N
+
+
+@dataclass
+class Holding:
+    machine_id: str
+    url: str
+    have: Have
+    complete: bool
+    seen: float
+    slot: int
+
+
+def peer_count(n: int) -> int:
+    """About ln N peers for a swarm of N, at least 4, at most MAX_PEERS."""
+    return max(4, min(MAX_PEERS, math.ceil(2 * math.log(max(n, 1)))))
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Tracker:
+    def __init__(
+        self,
+        policy: TrackerPolicy = TrackerPolicy(),
+        secret: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy
+        self.secret = secret or secrets.token_bytes(32)  # a restart re-keys: agents get new keys
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.swarms: dict[str, dict[str, Holding]] = {}  # digest -> machine -> holding, by slot
+        self.where: dict[str, str] = {}  # machine -> the digest it announced last
+        self.lru: OrderedDict[str, None] = OrderedDict()  # machines, least recently seen first
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def grant(self, machine_id: str, digest: str) -> PeerGrant:
+        now = self.clock()
+        epoch = int(now // self.policy.epoch_seconds)
+        key = ticket.fleet_key(self.secret, digest, epoch)
+        expires = int(now + self.policy.ticket_seconds)
+        text = ticket.encode(ticket.Ticket(digest, machine_id, epoch, expires), key)
+        return PeerGrant(epoch, key.hex(), text, float(expires))
+
+    def announce(self, machine_id: str, host: str, message: Announce) -> AnnounceReply:
+        """Record what the caller holds (it serves at host:port) and answer with peers and a grant."""
+        now = self.clock()
+        digest = message.manifest_digest
+        try:
+            have = Have.decode(message.have, message.chunks)
+        except PeerError as exc:
+            raise ProtocolError("have", f"a bitmap of {message.chunks} chunks", str(exc)) from None
+        self._expire(now)
+        previous = self.where.get(machine_id)
+        if previous is not None and previous != digest:
+            self._forget(machine_id)
+        swarm = self.swarms.setdefault(digest, {})
+        holding = swarm.get(machine_id)
+        if holding is None:
+            while len(self.where) >= self.policy.max_agents:
+                self._forget(next(iter(self.lru)))
+            holding = Holding(machine_id, "", have, False, now, len(swarm))
+            swarm[machine_id] = holding
+            self.where[machine_id] = digest
+        holding.url = url_of(host, message.port)
+        holding.have, holding.complete, holding.seen = have, message.complete, now
+        self.lru[machine_id] = None
+        self.lru.move_to_end(machine_id)
+        peers = self._peers(swarm, holding)
+        return AnnounceReply(
+            self.grant(machine_id, digest),
+            tuple(PeerInfo(h.machine_id, h.url, h.have.encode(), h.complete) for h in peers),
+            seed_slot=holding.slot,
+            seed_of=len(swarm),
+            interval=self.policy.interval,
+        )
+
+    def _peers(self, swarm: dict[str, Holding], me: Holding) -> list[Holding]:
+        members = list(swarm.values())
+        probes = self.rng.sample(members, min(len(members), self.policy.probes))
+        lacking = ~me.have.bits
+        useful = [
+            h for h in probes if h is not me and h.have.count == me.have.count and h.have.bits & lacking
+        ]
+        self.rng.shuffle(useful)
+        useful.sort(key=lambda h: not h.complete)  # stable: completed first, random among equals
+        return useful[: peer_count(len(swarm))]
+
+    def _forget(self, machine_id: str) -> None:
+        digest = self.where.pop(machine_id, None)
+        self.lru.pop(machine_id, None)
+        if digest is None:
+            return
+        swarm = self.swarms.get(digest, {})
+        swarm.pop(machine_id, None)
+        if not swarm:
+            self.swarms.pop(digest, None)
+        else:
+            for slot, h in enumerate(swarm.values()):  # shares close up over the gap
+                h.slot = slot
+
+    def _expire(self, now: float) -> None:
+        while self.lru:
+            oldest = next(iter(self.lru))
+            digest = self.where[oldest]
+            if now - self.swarms[digest][oldest].seen <= self.policy.ttl:
+                return
+            self._forget(oldest)

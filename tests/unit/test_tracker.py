@@ -1,0 +1,113 @@
+"""The tracker (controller.fleet.tracker): peer choice, origin shares, grants, bounded state."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from agent.peer import ticket
+from agent.peer.bitmap import Have
+from agent.protocol import Announce
+from controller.fleet.tracker import Tracker, TrackerPolicy, peer_count
+
+IMAGE = "ab" * 32
+OTHER = "cd" * 32
+CHUNKS = 16
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def mid(i: int) -> str:
+    return f"m-{i:012x}"
+
+
+def bits(*held: int, n: int = CHUNKS) -> str:
+    have = Have(n)
+    for i in held:
+        have.add(i)
+    return have.encode()
+
+
+def announce(t: Tracker, i: int, held: tuple[int, ...] = (), digest: str = IMAGE, complete: bool = False):  # type: ignore[no-untyped-def]
+    message = Announce(f"j-{i:012x}", digest, 7000 + i, CHUNKS, bits(*held), complete)
+    return t.announce(mid(i), "127.0.0.1", message)
+
+
+def test_peers_hold_what_the_caller_lacks_completed_first() -> None:
+    t = Tracker(rng=random.Random(1))
+    announce(t, 1, tuple(range(CHUNKS)), complete=True)
+    announce(t, 2, (0, 1))
+    announce(t, 3, (5,))
+    announce(t, 4, ())  # holds nothing: useless to anyone
+    reply = announce(t, 5, (0, 1))
+    ids = [p.machine_id for p in reply.peers]
+    assert ids[0] == mid(1), "the completed peer comes first"
+    assert set(ids) == {mid(1), mid(3)}, "peer 2 holds nothing peer 5 lacks, peer 4 nothing at all"
+    assert reply.peers[0].url == "http://127.0.0.1:7001" and reply.peers[0].complete
+
+
+def test_about_ln_n_peers_at_most_ten_and_shares_cover_every_chunk_once() -> None:
+    t = Tracker(rng=random.Random(2))
+    for i in range(200):
+        announce(t, i, (i % CHUNKS,))
+    reply = announce(t, 999, ())
+    assert len(reply.peers) == peer_count(201) == 10
+    assert peer_count(25) == math.ceil(2 * math.log(25)) == 7
+    shares = [announce(t, i, (i % CHUNKS,)) for i in range(200)]
+    owners = {c: [i for i, r in enumerate(shares) if c % r.seed_of == r.seed_slot] for c in range(CHUNKS)}
+    assert all(len(v) == 1 for v in owners.values()), owners
+
+
+def test_shares_close_up_when_an_agent_goes_silent() -> None:
+    clock = Clock()
+    t = Tracker(TrackerPolicy(ttl=10.0), clock=clock)
+    for i in range(3):
+        announce(t, i)
+    clock.now += 6
+    announce(t, 0)
+    announce(t, 2)
+    clock.now += 6  # agent 1 last seen 12 s ago
+    a, c = announce(t, 0), announce(t, 2)
+    assert (a.seed_slot, a.seed_of, c.seed_slot, c.seed_of) == (0, 2, 1, 2)
+    assert len(t) == 2
+
+
+def test_state_is_bounded_least_recently_seen_first() -> None:
+    clock = Clock()
+    t = Tracker(TrackerPolicy(max_agents=100), clock=clock)
+    for i in range(250):
+        clock.now += 0.01
+        announce(t, i, (1,), digest=IMAGE if i % 2 else OTHER)
+    assert len(t) == 100
+    assert sum(len(s) for s in t.swarms.values()) == 100
+    assert set(t.where) == {mid(i) for i in range(150, 250)}
+
+
+def test_an_agent_moving_to_another_image_leaves_the_first_swarm() -> None:
+    t = Tracker()
+    announce(t, 1, (1,), digest=IMAGE)
+    announce(t, 1, (1,), digest=OTHER)
+    assert IMAGE not in t.swarms and list(t.swarms[OTHER]) == [mid(1)]
+
+
+def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None:
+    clock = Clock()
+    t = Tracker(clock=clock)
+    grant = announce(t, 1).grant
+    keys = {grant.epoch: bytes.fromhex(grant.key)}
+    got = ticket.verify(grant.ticket, keys, IMAGE, now=clock.now)
+    assert got.holder == mid(1) and got.expires == grant.expires
+    other = announce(t, 2, digest=OTHER).grant
+    assert other.key != grant.key, "a key admits to one image only"
+    clock.now += 601
+    try:
+        ticket.verify(grant.ticket, keys, IMAGE, now=clock.now)
+        raise AssertionError("an expired ticket verified")
+    except ticket.TicketInvalid:
+        pass
