@@ -41,6 +41,8 @@ class Have:
     def decode(cls, text: str, count: int) -> Have:
         if len(text) > MAX_TEXT:
             raise PeerError(f"have-bitmap: expected at most {MAX_TEXT} characters, got {len(text)}")
+        if not text:
+            return cls(count)  # holds nothing yet
         try:
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):

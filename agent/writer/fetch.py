@@ -111,14 +111,17 @@ class SourceSet:
     def _attempt(
         self, source: ChunkSource, chunk: Chunk, stored: memoryview, raw: memoryview, timing: dict[str, float]
     ) -> memoryview:
+        # a peer (agent.peer) sends the image bytes it read back from its disk, not the stored form
+        raw_form = getattr(source, "serves_raw", False)
+        expected = chunk.length if raw_form else chunk.stored_len
         t0 = time.perf_counter()
         n = source.fetch_into(chunk, stored)
         t1 = time.perf_counter()
         timing["fetch"] = timing.get("fetch", 0.0) + t1 - t0
-        if n != chunk.stored_len:
-            raise FetchError(source.name, f"expected {chunk.stored_len} bytes, got {n}", bad_bytes=True)
+        if n != expected:
+            raise FetchError(source.name, f"expected {expected} bytes, got {n}", bad_bytes=True)
         try:
-            if chunk.encoding is Encoding.ZSTD:
+            if chunk.encoding is Encoding.ZSTD and not raw_form:
                 data = decompress_bounded(chunk, stored[:n])
                 t2 = time.perf_counter()
                 timing["decompress"] = timing.get("decompress", 0.0) + t2 - t1

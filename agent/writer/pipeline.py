@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -46,6 +46,10 @@ class WriteOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5
+    # hooks for peer sharing (agent.peer.swarm): the fetch order, and each chunk once it is on the
+    # target verified (written, or found in place)
+    order: Callable[[Iterator[Step]], Iterator[Step]] | None = None
+    on_verified: Callable[[Chunk], None] | None = None
 
 
 class Writer:
@@ -97,6 +101,8 @@ class Writer:
         start = time.monotonic()
         target = Target(fresh=self.target.fresh, zeroout_cheap=self.target.zeroout_cheap)
         steps = iter_plan(self.manifest, target, PlanOptions(self.options.inplace, self.options.zero_mode))
+        if self.options.order is not None:
+            steps = self.options.order(steps)
         self._phase("write")
         with self._interrupt_on_cancel():
             self._run_threads(steps, self._work)
@@ -253,6 +259,8 @@ class Writer:
                         ) from None
                     timing["write"] = timing.get("write", 0.0) + time.perf_counter() - t0
                     self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
+                    if self.options.on_verified is not None:
+                        self.options.on_verified(chunk)
             except BaseException as exc:
                 self._fail(exc)
             finally:
@@ -271,6 +279,8 @@ class Writer:
             action = after_check(chunk, self._matches(chunk, raw, timing))
             if action is Action.SKIP:
                 self.counters.add(done=chunk.length, inplace=1)
+                if self.options.on_verified is not None and chunk.kind is ChunkKind.DATA:
+                    self.options.on_verified(chunk)
                 return None
         if action is Action.SKIP:
             self.counters.add(done=step.size, skipped=step.count)

@@ -1,0 +1,177 @@
+"""The peer server: serves the chunks this agent verified, to callers with a ticket for the image.
+
+GET /v1/peer/<manifest digest>/<chunk blake3> with `Authorization: Ticket <ticket>`. The path is
+matched whole against hex patterns and looked up in the swarm's bitmap: no part of a request
+reaches the filesystem. The bytes are read back from the target at the chunk's offset and hashed
+again before they go out (a disk that changed under us serves nothing wrong): one extra read of
+each served chunk and one blake3 (~5 GB/s a core), and memory of one chunk per upload slot.
+Uploads are capped in number (more get 503 with Retry-After) and in bytes/s (a token bucket
+shared by all of them), so the agent's own deploy keeps its share of the link and the disk.
+A request without a ticket gets 401, one with a ticket that does not verify 403; both are logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import blake3
+
+from agent.peer import ticket
+from agent.peer.bucket import TokenBucket
+from agent.peer.errors import TicketInvalid
+from agent.peer.swarm import Swarm
+
+PEER_PATH = "/v1/peer/"
+_PATH = re.compile(r"/v1/peer/([0-9a-f]{64})/([0-9a-f]{64})")
+SLICE = 256 << 10
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    uploads: int = 4  # concurrent uploads
+    rate: float = 0.0  # bytes/s over all uploads; 0: no cap
+    timeout: float = 10.0  # a receiver that stalls this long is cut off
+
+
+@dataclass
+class ServeStats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    served_bytes: int = 0
+    served_chunks: int = 0
+    refused: int = 0  # 401/403
+    busy: int = 0  # 503
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PeerServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # refusals are logged on purpose below; the rest is not worth a line
+
+    def _reply(self, status: int, text: str, extra: dict[str, str] | None = None) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.server.serve_chunk(self)
+
+    def do_POST(self) -> None:
+        self._reply(405, "only GET\n")
+
+    do_PUT = do_DELETE = do_HEAD = do_POST
+
+
+class PeerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        fd: int,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        limits: ServeLimits = ServeLimits(),
+        log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__((host, port), _Handler)
+        self.swarm = swarm
+        self.fd = fd
+        self.limits = limits
+        self.log = log
+        self.clock = clock
+        self.slots = threading.BoundedSemaphore(limits.uploads)
+        self.bucket = TokenBucket(limits.rate)
+        self.stats = ServeStats()
+        self.stop_event = threading.Event()
+        self.port = self.server_address[1]
+        swarm.port = self.port
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeerServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(0.2,), name="peer-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        self.server_close()
+
+    def _refuse(self, h: _Handler, status: int, why: str) -> None:
+        with self.stats.lock:
+            self.stats.refused += 1
+        self.log(f"peer server: refused {h.client_address[0]} ({status}) {h.path[:160]!r}: {why}")
+        h._reply(status, why + "\n")
+
+    def serve_chunk(self, h: _Handler) -> None:
+        h.connection.settimeout(self.limits.timeout)
+        match = _PATH.fullmatch(h.path)
+        if match is None:
+            h._reply(404, "not a peer chunk path\n")
+            return
+        digest, chunk_hex = match.groups()
+        auth = h.headers.get("Authorization", "")
+        if not auth.startswith("Ticket "):
+            self._refuse(h, 401, "expected 'Authorization: Ticket <ticket>' from the controller")
+            return
+        try:
+            with self.swarm.lock:
+                keys = dict(self.swarm.keys)
+            ticket.verify(auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock())
+        except TicketInvalid as exc:
+            self._refuse(h, 403, str(exc))
+            return
+        chunk = self.swarm.lookup(digest, chunk_hex)
+        if chunk is None:
+            h._reply(404, "not held here\n")
+            return
+        if not self.slots.acquire(blocking=False):
+            with self.stats.lock:
+                self.stats.busy += 1
+            h._reply(503, "upload slots full\n", {"Retry-After": "1"})
+            return
+        try:
+            self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
+        finally:
+            self.slots.release()
+
+    def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> None:
+        data = bytearray(length)
+        got = os.preadv(self.fd, [data], offset)
+        if got != length or blake3.blake3(data).digest() != digest:
+            self.swarm.forget(index)
+            self.log(f"peer server: chunk {index} reads back wrong from the target; no longer offered")
+            h._reply(404, "not held here\n")
+            return
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
+        view = memoryview(data)
+        for start in range(0, length, SLICE):
+            piece = view[start : start + SLICE]
+            if not self.bucket.take(len(piece), self.stop_event):
+                return
+            h.wfile.write(piece)
+        with self.stats.lock:
+            self.stats.served_bytes += length
+            self.stats.served_chunks += 1

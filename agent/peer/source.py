@@ -1,0 +1,155 @@
+"""The peer source: a ChunkSource (agent.writer.sources) that fetches from the agent's peers.
+
+For a chunk of the agent's origin share it answers "missing" at once (the writer goes on to the
+mirrors and the origin); for any other it asks a random peer that holds it, waiting up to
+`patience` seconds for one to appear, then answers "missing" too. Peers send the image bytes
+(`serves_raw`), which are hashed here before they are returned, so a peer that serves wrong bytes
+is dropped by name while the source stays; the writer hashes them again like any source's. A peer
+that refuses the ticket, fails, or sends slower than `min_rate` is dropped as well.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import blake3
+
+from agent.image.manifest import Chunk
+from agent.peer.bucket import TokenBucket
+from agent.peer.server import PEER_PATH
+from agent.peer.swarm import Swarm
+from agent.writer.errors import FetchError
+from agent.writer.sources import ChunkSource
+
+SLICE = 256 << 10
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    patience: float = 30.0  # seconds to wait for some peer to hold a chunk before the origin
+    timeout: float = 5.0  # per socket operation
+    min_rate: float = 0.0  # bytes/s below which a peer counts as slow and is dropped; 0: never
+    download: float = 0.0  # this agent's download cap in bytes/s over all sources; 0: none
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, drop: bool) -> None:
+        super().__init__(reason)
+        self.drop = drop
+
+
+class PeerSource:
+    name = "peers"
+    serves_raw = True
+
+    def __init__(self, swarm: Swarm, options: PeerOptions, bucket: TokenBucket | None = None) -> None:
+        self.swarm = swarm
+        self.options = options
+        self.bucket = bucket or TokenBucket(options.download)
+        self.stop = threading.Event()
+        self.bytes_by_peer: dict[str, int] = {}
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        if self.swarm.mine(chunk.index):
+            raise FetchError(self.name, f"chunk {chunk.index} is this agent's origin share", missing=True)
+        deadline = time.monotonic() + self.options.patience
+        tried: set[str] = set()
+        while not self.stop.is_set():
+            holders = [u for u in self.swarm.holders(chunk.index) if u not in tried]
+            if not holders:
+                if time.monotonic() >= deadline or self.swarm.mine(chunk.index):
+                    raise FetchError(self.name, f"no peer holds chunk {chunk.index}", missing=True)
+                self.swarm.wait_change(0.1)
+                continue
+            url = self.swarm.rng.choice(holders)
+            tried.add(url)
+            try:
+                n = self._get(url, chunk, buf)
+            except _Failed as exc:
+                if exc.drop:
+                    self.swarm.drop(url, str(exc))
+                else:
+                    self.swarm.learned(url, chunk.index)
+                continue
+            if n != chunk.length or blake3.blake3(buf[:n]).digest() != chunk.digest:
+                self.swarm.drop(url, f"served bad bytes for {chunk.describe()}")
+                continue
+            self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
+            return n
+        raise FetchError(self.name, "interrupted")
+
+    def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.timeout)
+        t0 = time.monotonic()
+        try:
+            conn.request(
+                "GET",
+                f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
+                headers={"Authorization": f"Ticket {self.swarm.ticket()}"},
+            )
+            resp = conn.getresponse()
+            if resp.status in (401, 403):
+                raise _Failed(f"refused our ticket: HTTP {resp.status}", drop=True)
+            if resp.status in (404, 503):
+                raise _Failed(f"HTTP {resp.status}", drop=False)
+            if resp.status != 200:
+                raise _Failed(f"HTTP {resp.status}", drop=True)
+            length = resp.getheader("Content-Length", "")
+            if length != str(chunk.length):
+                raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)
+            got = 0
+            while got < chunk.length:
+                n = resp.readinto(buf[got : min(chunk.length, got + SLICE)])
+                if not n:
+                    break
+                got += n
+                if not self.bucket.take(n, self.stop):
+                    raise _Failed("interrupted", drop=False)
+            spent = time.monotonic() - t0
+            if self.options.min_rate and got > 0 and got / max(spent, 1e-6) < self.options.min_rate:
+                # the bytes are kept (they are checked like any); the peer is not asked again
+                self.swarm.drop(
+                    url, f"slow: {got / spent:.0f} bytes/s, expected >= {self.options.min_rate:.0f}"
+                )
+            return got
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Failed(f"{type(exc).__name__}: {exc}", drop=True) from None
+        finally:
+            conn.close()
+
+    def get(self, relative: str, limit: int) -> bytes:
+        raise FetchError(self.name, "peers serve chunks only", missing=True)
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+class CappedSource:
+    """A source under this agent's download cap (the token bucket the peer source uses too)."""
+
+    def __init__(self, source: ChunkSource, bucket: TokenBucket) -> None:
+        self.source = source
+        self.bucket = bucket
+        self.name = source.name
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        n = self.source.fetch_into(chunk, buf)
+        self.bucket.take(n)
+        return n
+
+    def get(self, relative: str, limit: int) -> bytes:
+        return self.source.get(relative, limit)
+
+    def interrupt(self) -> None:
+        self.source.interrupt()
+
+    def close(self) -> None:
+        self.source.close()
