@@ -94,6 +94,13 @@ class PeerSession:
         if self._thread is not None:
             self._thread.join()
         self.server.close()
+        stats = self.server.stats
+        fetched = sum(self.source.bytes_by_peer.values())
+        self.log(
+            f"peers: fetched {fetched} bytes from {len(self.source.bytes_by_peer)} peers; served "
+            f"{stats.served_bytes} bytes in {stats.served_chunks} chunks; refused {stats.refused} requests; "
+            f"dropped {len(self.swarm.dropped)} peers"
+        )
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -2,9 +2,10 @@
 
 For a chunk of the agent's origin share it answers "missing" at once (the writer goes on to the
 mirrors and the origin); for any other it asks a random peer that holds it, waiting up to
-`patience` seconds for one to appear, then answers "missing" too. Peers send the image bytes
-(`serves_raw`), which are hashed here before they are returned, so a peer that serves wrong bytes
-is dropped by name while the source stays; the writer hashes them again like any source's. A peer
+`patience` seconds for one to appear (unless it is alone in the swarm), then answers "missing"
+too. Peers send the image bytes (`serves_raw`), which are hashed here before they are returned,
+so a peer that serves wrong bytes is dropped by name while the source stays; the writer hashes
+them again like any source's. A peer
 that refuses the ticket, fails, or sends slower than `min_rate` is dropped as well.
 """
 
@@ -52,6 +53,7 @@ class PeerSource:
         self.bucket = bucket or TokenBucket(options.download)
         self.stop = threading.Event()
         self.bytes_by_peer: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
         if self.swarm.mine(chunk.index):
@@ -61,7 +63,10 @@ class PeerSource:
         while not self.stop.is_set():
             holders = [u for u in self.swarm.holders(chunk.index) if u not in tried]
             if not holders:
-                if time.monotonic() >= deadline or self.swarm.mine(chunk.index):
+                # another member of the swarm fetches it from the origin: wait for it (a lone agent
+                # goes on at once)
+                alone = self.swarm.of <= 1 and not self.swarm.peers
+                if time.monotonic() >= deadline or self.swarm.mine(chunk.index) or alone:
                     raise FetchError(self.name, f"no peer holds chunk {chunk.index}", missing=True)
                 self.swarm.wait_change(0.1)
                 continue
@@ -78,7 +83,8 @@ class PeerSource:
             if n != chunk.length or blake3.blake3(buf[:n]).digest() != chunk.digest:
                 self.swarm.drop(url, f"served bad bytes for {chunk.describe()}")
                 continue
-            self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
+            with self._lock:
+                self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
             return n
         raise FetchError(self.name, "interrupted")
 
