@@ -102,6 +102,9 @@ class PeerServer(ThreadingHTTPServer):
         swarm.port = self.port
         self._thread: threading.Thread | None = None
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a caller that hangs up (it dropped us, or was cancelled) is no error of ours
+
     def start(self) -> PeerServer:
         self._thread = threading.Thread(
             target=self.serve_forever, args=(0.2,), name="peer-server", daemon=True

@@ -5,8 +5,8 @@ mirrors and the origin); for any other it asks a random peer that holds it, wait
 `patience` seconds for one to appear (unless it is alone in the swarm), then answers "missing"
 too. Peers send the image bytes (`serves_raw`), which are hashed here before they are returned,
 so a peer that serves wrong bytes is dropped by name while the source stays; the writer hashes
-them again like any source's. A peer
-that refuses the ticket, fails, or sends slower than `min_rate` is dropped as well.
+them again like any source's. A peer that refuses the ticket, fails, or sends slower than
+`min_rate` is dropped as well.
 """
 
 from __future__ import annotations
