@@ -111,3 +111,34 @@ def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None
         raise AssertionError("an expired ticket verified")
     except ticket.TicketInvalid:
         pass
+
+
+async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.test_controller_kit import add_image, start
+
+    h = await start(aiohttp_client, tmp_path)
+    digest = add_image(h.config.store_dir, "tiny", "1")
+    machine = await h.enroll("52:54:00:00:00:41")
+    other = await h.enroll("52:54:00:00:00:42")
+    await h.client.post("/v1/images", json={"ref": "tiny:1"}, headers=h.op)
+
+    async def announce(who: str, job_id: str, image: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        body = {"job_id": job_id, "manifest_digest": image, "port": 7000, "chunks": 1, "have": ""}
+        r = await h.client.post("/v1/agent/peers", json=body, headers=h.agent(who))
+        return r.status, await r.json()
+
+    r = await h.client.post(
+        "/v1/jobs", json={"machine": machine, "kind": "deploy", "image": "tiny"}, headers=h.op
+    )
+    job = (await r.json())["id"]
+    status, body = await announce(machine, job, digest)
+    assert status == 409 and "expected a running deploy job, got a queued deploy job" in body["error"]
+    await h.client.get("/v1/agent/jobs/next?wait=0", headers=h.agent(machine))
+    status, body = await announce(machine, job, OTHER)
+    assert status == 409 and f"deploys manifest {digest[:16]}, not {OTHER[:16]}" in body["error"]
+    status, body = await announce(other, job, digest)
+    assert status == 404, "another machine's job is no job at all"
+    status, body = await announce(machine, job, digest)
+    assert status == 200 and body["grant"]["ticket"].startswith(f"t1.{digest}.{machine}.")
+    r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
+    assert r.status == 400
