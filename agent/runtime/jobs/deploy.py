@@ -80,16 +80,20 @@ def _peers(
         serve=ServeLimits(uploads=config.peer_uploads, rate=config.peer_upload_rate),
         linger=config.peer_linger,
     )
-    return PeerSession(
-        loaded.manifest,
-        loaded.digest,
-        ctx.assignment.job_id,
-        ctx.announce,
-        fd,
-        peer_config,
-        ctx.log,
-        lambda dropped: ctx.warn(f"peer {dropped.url} dropped: {dropped.reason}"),
-    )
+    try:
+        return PeerSession(
+            loaded.manifest,
+            loaded.digest,
+            ctx.assignment.job_id,
+            ctx.announce,
+            fd,
+            peer_config,
+            ctx.log,
+            lambda dropped: ctx.warn(f"peer {dropped.url} dropped: {dropped.reason}"),
+        )
+    except OSError as exc:  # sharing is an optimisation: the deploy goes on without it
+        ctx.warn(f"peers: cannot listen on {config.peer_host}:{config.peer_port}: {exc.strerror or exc}")
+        return contextlib.nullcontext()
 
 
 def deploy(ctx: JobContext) -> Outcome:
