@@ -31,7 +31,7 @@ def test_a_tracker_that_refuses_leaves_the_deploy_to_its_sources(tmp_path: Path)
 
 
 def test_a_peer_port_in_use_is_a_warning_not_a_failure(tmp_path: Path) -> None:
-    store, image, _, digest = store_with_image(tmp_path)
+    store, _, _, digest = store_with_image(tmp_path)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
