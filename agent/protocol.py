@@ -358,3 +358,4 @@ class AnnounceReply(Message):
     seed_slot: Annotated[int, Bound(lo=0, hi=10**6)] = 0
     seed_of: Annotated[int, Bound(lo=1, hi=10**6)] = 1
     interval: Seconds = 2.0
+    swarm_have: Bitmap = ""  # every chunk someone in the swarm holds: paces the origin shares

@@ -1,12 +1,12 @@
 """The peer source: a ChunkSource (agent.writer.sources) that fetches from the agent's peers.
 
-For a chunk of the agent's origin share it answers "missing" at once (the writer goes on to the
-mirrors and the origin); for any other it asks a random peer that holds it, waiting up to
-`patience` seconds for one to appear (unless it is alone in the swarm), then answers "missing"
-too. Peers send the image bytes (`serves_raw`), which are hashed here before they are returned,
-so a peer that serves wrong bytes is dropped by name while the source stays; the writer hashes
-them again like any source's. A peer that refuses the ticket, fails, or sends slower than
-`min_rate` is dropped as well.
+For a chunk of the agent's origin share it answers "missing" (the writer goes on to the mirrors
+and the origin) once the swarm holds all but a few of the chunks below it (Swarm.paced); for any
+other it asks a random peer that holds it, waiting up to `patience` seconds for one to appear
+(unless it is alone in the swarm), then answers "missing" too. Peers send the image bytes
+(`serves_raw`), which are hashed here before they are returned, so a peer that serves wrong bytes
+is dropped by name while the source stays; the writer hashes them again like any source's. A peer
+that refuses the ticket, fails, or sends slower than `min_rate` is dropped as well.
 """
 
 from __future__ import annotations
@@ -56,9 +56,13 @@ class PeerSource:
         self._lock = threading.Lock()
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
-        if self.swarm.mine(chunk.index):
-            raise FetchError(self.name, f"chunk {chunk.index} is this agent's origin share", missing=True)
         deadline = time.monotonic() + self.options.patience
+        if self.swarm.mine(chunk.index):
+            while (
+                not self.swarm.paced(chunk.index) and time.monotonic() < deadline and not self.stop.is_set()
+            ):
+                self.swarm.wait_change(0.1)
+            raise FetchError(self.name, f"chunk {chunk.index} is this agent's origin share", missing=True)
         tried: set[str] = set()
         while not self.stop.is_set():
             holders = [u for u in self.swarm.holders(chunk.index) if u not in tried]

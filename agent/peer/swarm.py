@@ -24,6 +24,10 @@ from agent.writer.plan import Action, Step
 
 Announcer = Callable[[p.Announce], p.AnnounceReply]
 SAMPLE = 64  # pending fetches weighed per step
+# Origin shares are paced: chunk i of an agent's share is fetched from the origin once the swarm
+# holds all but WINDOW of the chunks below i. Without it every share starts at once, the origin's
+# egress is split N ways, and no chunk exists anywhere until all of them do.
+WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Swarm:
         self.keys: dict[int, bytes] = {}  # epoch -> fleet key: the last two the controller gave
         self.interval = 2.0
         self.announces = 0
+        self.union = Have(len(manifest))  # what anyone in the swarm holds, as the tracker last said
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -89,6 +94,10 @@ class Swarm:
             for old in sorted(self.keys)[:-2]:
                 del self.keys[old]
             self.slot, self.of, self.interval = reply.seed_slot, reply.seed_of, reply.interval
+            try:
+                self.union = Have.decode(reply.swarm_have, len(self.manifest))
+            except PeerError:
+                self.union = Have(len(self.manifest))
             for info in reply.peers:
                 if info.url in self.dropped:
                     continue
@@ -121,6 +130,13 @@ class Swarm:
         """The chunk is this agent's to fetch from the origin (its share, or nobody else is left)."""
         with self.lock:
             return index % self.of == self.slot
+
+    def paced(self, index: int) -> bool:
+        """The origin may be asked for this chunk now: the swarm holds all but WINDOW of those below."""
+        with self.lock:
+            below = self.wanted & ((1 << index) - 1)
+            missing = (below & ~(self.union.bits | self.have.bits)).bit_count()
+            return missing <= WINDOW
 
     def holders(self, index: int) -> list[str]:
         with self.lock:
@@ -188,9 +204,10 @@ class Swarm:
             for i in sample:
                 index = pending[i].chunk.index
                 if index % self.of == self.slot:
-                    return i  # the origin share goes first: the others wait for it
-                n = sum(1 for have in self.peers.values() if index in have)
-                key = (1, n) if n else (2, 0)  # rarest among those someone holds, then the rest
+                    key = (0, index)  # the origin share first, lowest first (the origin is paced)
+                else:
+                    n = sum(1 for have in self.peers.values() if index in have)
+                    key = (1, n) if n else (2, 0)  # rarest among those someone holds, then the rest
                 if key < best_key:
                     best, best_key = i, key
             return best

@@ -8,7 +8,8 @@ announce is answered with:
 - a few peers that hold chunks the caller lacks: completed ones first, random among equals,
   about ln N of them and at most 10,
 - the caller's origin share: chunk i is the caller's to fetch from the sources when
-  i % seed_of == seed_slot, so that the origin serves about one copy and peers the rest.
+  i % seed_of == seed_slot, so that the origin serves about one copy and peers the rest;
+- which chunks anyone in the swarm holds (swarm_have), by which agents pace their origin shares.
 Whether the caller may announce at all (a running deploy job for that image) is the fleet's
 check, done before (Fleet.check_deploying).
 """
@@ -73,6 +74,7 @@ class Tracker:
         self.swarms: dict[str, dict[str, Holding]] = {}  # digest -> machine -> holding, by slot
         self.where: dict[str, str] = {}  # machine -> the digest it announced last
         self.lru: OrderedDict[str, None] = OrderedDict()  # machines, least recently seen first
+        self.union: dict[str, int] = {}  # digest -> OR of its holdings' bitmaps
 
     def __len__(self) -> int:
         return len(self.where)
@@ -109,6 +111,7 @@ class Tracker:
         holding.have, holding.complete, holding.seen = have, message.complete, now
         self.lru[machine_id] = None
         self.lru.move_to_end(machine_id)
+        self.union[digest] = self.union.get(digest, 0) | have.bits
         peers = self._peers(swarm, holding)
         return AnnounceReply(
             self.grant(machine_id, digest),
@@ -116,6 +119,7 @@ class Tracker:
             seed_slot=holding.slot,
             seed_of=len(swarm),
             interval=self.policy.interval,
+            swarm_have=Have(have.count, self.union[digest]).encode(),
         )
 
     def _peers(self, swarm: dict[str, Holding], me: Holding) -> list[Holding]:
@@ -138,9 +142,13 @@ class Tracker:
         swarm.pop(machine_id, None)
         if not swarm:
             self.swarms.pop(digest, None)
+            self.union.pop(digest, None)
         else:
+            union = 0
             for slot, h in enumerate(swarm.values()):  # shares close up over the gap
                 h.slot = slot
+                union |= h.have.bits
+            self.union[digest] = union
 
     def _expire(self, now: float) -> None:
         while self.lru:

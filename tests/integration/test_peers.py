@@ -257,3 +257,17 @@ def _fake_manifest(n: int) -> Manifest:
 
     entries = [ChunkEntry(bytes([i]) * 32, ChunkKind.DATA, Encoding.RAW, MiB) for i in range(n)]
     return Manifest.build(n * MiB, MiB, Metadata("x", "1"), entries)
+
+
+def test_origin_shares_are_paced_by_what_the_swarm_holds() -> None:
+    from agent.peer.bitmap import Have
+    from agent.peer.swarm import WINDOW
+    from tests.unit.test_tracker import IMAGE
+
+    manifest = _fake_manifest(12)
+    swarm = Swarm(manifest, IMAGE, "j-000000000001", lambda m: (_ for _ in ()).throw(RuntimeError()))
+    assert [i for i in range(12) if swarm.paced(i)] == list(range(WINDOW + 1))
+    swarm.union = Have(12, 0b111)  # the swarm holds chunks 0-2
+    assert [i for i in range(12) if swarm.paced(i)] == list(range(3 + WINDOW + 1))
+    swarm.on_verified(manifest.chunk(3))  # and this agent chunk 3
+    assert max(i for i in range(12) if swarm.paced(i)) == 4 + WINDOW
