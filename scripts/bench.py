@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         fleet_lines: list[str] = []
         if args.only in (None, "fleet"):
             sizes = [int(x) for x in args.fleet_sizes.split(",") if x.strip()]
-            # 16 MiB at 2 MiB/s per agent: S/B = 8 s, so N = 200 moves 3.2 GB through this process
+            # 16 MiB at 0.5 MiB/s per agent (S/B = 32 s), the origin at 4 B: N = 200 agents move
+            # 100 MiB/s through this one process, which two shared cores can still carry
             fleet_lines = run_fleet_bench(
-                work / "fleet", sizes, args.reps, 16 * MiB, 2 * MiB, 4 * MiB, log=log
+                work / "fleet", sizes, args.reps, 16 * MiB, MiB // 2, 2 * MiB, origin_only_max=25, log=log
             )
         print(header(args, argv, load_before) + "\n")
         if rows:

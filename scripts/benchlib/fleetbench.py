@@ -200,13 +200,14 @@ def run_case(
     origin = Origin(store, egress)
     start_gate = threading.Barrier(n + 1)
     go = threading.Event()
+    countdown = Countdown(sum(1 for a in agents if not a.corrupt))
     t0 = [0.0]
     threads = []
     for a in agents:
         threads.append(
             threading.Thread(
                 target=_run_agent,
-                args=(a, manifest, digest, origin.url, tracker, lock, start_gate, go, t0, rate),
+                args=(a, manifest, digest, origin.url, tracker, lock, start_gate, go, countdown, t0, rate),
                 daemon=True,
             )
         )
@@ -262,6 +263,7 @@ def _run_agent(
     lock: threading.Lock,
     gate: threading.Barrier,
     go: threading.Event,
+    countdown: Countdown,
     t0: list[float],
     full_rate: float,
 ) -> None:
@@ -269,6 +271,7 @@ def _run_agent(
     cancel = threading.Event()
     session: PeerSession | None = None
     waited = False
+    counted = a.corrupt  # the corrupting agent writes nothing
     try:
         options = WriteOptions(
             workers=6,
@@ -314,7 +317,7 @@ def _run_agent(
         if session is not None:
             session.swarm.announce()  # every agent has joined: the origin shares are final
         if a.corrupt:
-            time.sleep(60)  # it only serves, for about as long as the others write
+            countdown.done.wait(3600)  # it only serves, for as long as the others write
             return
         if a.kill_at is not None:
             timer = threading.Timer(a.kill_at, cancel.set)
@@ -332,24 +335,37 @@ def _run_agent(
             if a.kill_at is not None:
                 session.close()  # killed: its server goes away with it
                 session = None
-            else:
-                _linger(t0, a, manifest, full_rate)
+            else:  # serve on, as a deploy job does until it ends: here until every agent is done
+                countdown.one_done()
+                counted = True
+                countdown.done.wait(3600)
     except Exception as exc:
         a.error = f"{type(exc).__name__}: {exc}"[:300]
         if not waited:
             gate.abort()
     finally:
+        if not counted:
+            countdown.one_done()
         if session is not None:
             session.close()
         target.close()
 
 
-def _linger(t0: list[float], a: SimAgent, manifest: Manifest, rate: float) -> None:
-    """Serve on after the write, as a deploy job does until it ends: here until 3 S/B have passed."""
-    s_over_b = sum(c.stored_len for c in manifest if c.kind is ChunkKind.DATA) / rate
-    left = t0[0] + 3 * s_over_b - time.monotonic()
-    if left > 0:
-        time.sleep(left)
+class Countdown:
+    """Set once every writing agent is done (finished, failed or killed)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if n <= 0:
+            self.done.set()
+
+    def one_done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            if self.left <= 0:
+                self.done.set()
 
 
 # -- the section -------------------------------------------------------------------------------------
@@ -385,7 +401,7 @@ def run_fleet_bench(
     rate: float,
     egress: float,
     disturbed: bool = True,
-    origin_only_max: int = 50,
+    origin_only_max: int = 25,
     log: Callable[[str], None] = print,
 ) -> list[str]:
     store, manifest, digest, sha = make_image(work / "image", image_size)
@@ -502,9 +518,9 @@ if __name__ == "__main__":  # development: python scripts/benchlib/fleetbench.py
             sizes,
             1,
             int(os.environ.get("SIZE_MIB", "16")) * MiB,
-            rate=2 * MiB,
-            egress=4 * MiB,
+            rate=MiB // 2,
+            egress=2 * MiB,
             disturbed=os.environ.get("DISTURBED") == "1",
-            origin_only_max=int(os.environ.get("ORIGIN_MAX", "50")),
+            origin_only_max=int(os.environ.get("ORIGIN_MAX", "25")),
         )
     print("\n".join(out))
