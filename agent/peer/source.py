@@ -2,8 +2,8 @@
 
 For a chunk of the agent's origin share it answers "missing" (the writer goes on to the mirrors
 and the origin) once the swarm holds all but a few of the chunks below it (Swarm.paced); for any
-other it asks a random peer that holds it, waiting up to `patience` seconds for one to appear
-(unless it is alone in the swarm), then answers "missing" too. Peers send the image bytes
+other it asks a random peer that holds it, waiting for one to appear while the swarm makes
+progress (unless it is alone in the swarm), then answers "missing" too. Peers send the image bytes
 (`serves_raw`), which are hashed here before they are returned, so a peer that serves wrong bytes
 is dropped by name while the source stays; the writer hashes them again like any source's. A peer
 that refuses the ticket, fails, or sends slower than `min_rate` is dropped as well.
@@ -31,7 +31,8 @@ SLICE = 256 << 10
 
 @dataclass(frozen=True)
 class PeerOptions:
-    patience: float = 30.0  # seconds to wait for some peer to hold a chunk before the origin
+    patience: float = 30.0  # seconds without a chunk new to the swarm before going to the origin
+    max_wait: float = 600.0  # the longest one chunk waits for peers
     timeout: float = 5.0  # per socket operation
     min_rate: float = 0.0  # bytes/s below which a peer counts as slow and is dropped; 0: never
     download: float = 0.0  # this agent's download cap in bytes/s over all sources; 0: none
@@ -55,12 +56,20 @@ class PeerSource:
         self.bytes_by_peer: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def _waiting(self, deadline: float) -> bool:
+        """Worth waiting on: the swarm still makes progress, within the longest wait."""
+        return (
+            not self.stop.is_set()
+            and time.monotonic() < deadline
+            and not self.swarm.stalled(self.options.patience)
+        )
+
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
-        deadline = time.monotonic() + self.options.patience
+        # wait for the swarm while it makes progress (a chunk new to it at least every `patience`
+        # seconds), at most `max_wait` for one chunk
+        deadline = time.monotonic() + self.options.max_wait
         if self.swarm.mine(chunk.index):
-            while (
-                not self.swarm.paced(chunk.index) and time.monotonic() < deadline and not self.stop.is_set()
-            ):
+            while not self.swarm.paced(chunk.index) and self._waiting(deadline):
                 self.swarm.wait_change(0.1)
             raise FetchError(self.name, f"chunk {chunk.index} is this agent's origin share", missing=True)
         tried: set[str] = set()
@@ -70,7 +79,7 @@ class PeerSource:
                 # another member of the swarm fetches it from the origin: wait for it (a lone agent
                 # goes on at once)
                 alone = self.swarm.of <= 1 and not self.swarm.peers
-                if time.monotonic() >= deadline or self.swarm.mine(chunk.index) or alone:
+                if not self._waiting(deadline) or self.swarm.mine(chunk.index) or alone:
                     raise FetchError(self.name, f"no peer holds chunk {chunk.index}", missing=True)
                 self.swarm.wait_change(0.1)
                 continue

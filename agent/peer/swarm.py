@@ -73,6 +73,7 @@ class Swarm:
         self.interval = 2.0
         self.announces = 0
         self.union = Have(len(manifest))  # what anyone in the swarm holds, as the tracker last said
+        self.progress = time.monotonic()  # when the swarm last got a chunk it did not hold
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -95,9 +96,12 @@ class Swarm:
                 del self.keys[old]
             self.slot, self.of, self.interval = reply.seed_slot, reply.seed_of, reply.interval
             try:
-                self.union = Have.decode(reply.swarm_have, len(self.manifest))
+                union = Have.decode(reply.swarm_have, len(self.manifest))
             except PeerError:
-                self.union = Have(len(self.manifest))
+                union = Have(len(self.manifest))
+            if union.bits & ~self.union.bits:
+                self.progress = time.monotonic()
+            self.union = union
             for info in reply.peers:
                 if info.url in self.dropped:
                     continue
@@ -137,6 +141,11 @@ class Swarm:
             below = self.wanted & ((1 << index) - 1)
             missing = (below & ~(self.union.bits | self.have.bits)).bit_count()
             return missing <= WINDOW
+
+    def stalled(self, patience: float) -> bool:
+        """No chunk new to the swarm for `patience` seconds: waiting on peers no longer pays."""
+        with self.lock:
+            return time.monotonic() - self.progress > patience
 
     def holders(self, index: int) -> list[str]:
         with self.lock:
