@@ -328,6 +328,7 @@ class Announce(Message):
     chunks: ChunkCount  # chunks in the image (the bitmap's length in bits)
     have: Bitmap = ""
     complete: bool = False
+    leaving: bool = False  # the job's sharing ends: the tracker forgets this agent at once
 
 
 @dataclass(frozen=True)

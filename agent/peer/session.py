@@ -94,6 +94,11 @@ class PeerSession:
         if self._thread is not None:
             self._thread.join()
         self.server.close()
+        if self.active:
+            try:
+                self.swarm.announce(leaving=True)  # nobody should wait on this agent any more
+            except Exception as exc:  # the tracker forgets it after its ttl anyway
+                self.log(f"peers: leaving announce failed: {exc}")
         stats = self.server.stats
         fetched = sum(self.source.bytes_by_peer.values())
         self.log(

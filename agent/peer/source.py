@@ -78,8 +78,7 @@ class PeerSource:
             if not holders:
                 # another member of the swarm fetches it from the origin: wait for it (a lone agent
                 # goes on at once)
-                alone = self.swarm.of <= 1 and not self.swarm.peers
-                if not self._waiting(deadline) or self.swarm.mine(chunk.index) or alone:
+                if not self._waiting(deadline) or self.swarm.mine(chunk.index) or self.swarm.alone():
                     raise FetchError(self.name, f"no peer holds chunk {chunk.index}", missing=True)
                 self.swarm.wait_change(0.1)
                 continue

@@ -77,7 +77,7 @@ class Swarm:
 
     # -- the tracker -----------------------------------------------------------------------------------
 
-    def announce(self) -> None:
+    def announce(self, leaving: bool = False) -> None:
         """One announce; raises what the announcer raises (the caller decides how to go on)."""
         with self.lock:
             message = p.Announce(
@@ -87,8 +87,11 @@ class Swarm:
                 len(self.manifest),
                 self.have.encode(),
                 self.have.complete(self.wanted),
+                leaving,
             )
         reply = self.announcer(message)
+        if leaving:
+            return
         with self.lock:
             self.grant = reply.grant
             self.keys[reply.grant.epoch] = bytes.fromhex(reply.grant.key)
@@ -141,6 +144,11 @@ class Swarm:
             below = self.wanted & ((1 << index) - 1)
             missing = (below & ~(self.union.bits | self.have.bits)).bit_count()
             return missing <= WINDOW
+
+    def alone(self) -> bool:
+        """Nobody else in the swarm to wait for (the tracker counts those this agent dropped)."""
+        with self.lock:
+            return not self.peers and self.of - len(self.dropped) <= 1
 
     def stalled(self, patience: float) -> bool:
         """No chunk new to the swarm for `patience` seconds: waiting on peers no longer pays."""

@@ -96,6 +96,10 @@ class Tracker:
         except PeerError as exc:
             raise ProtocolError("have", f"a bitmap of {message.chunks} chunks", str(exc)) from None
         self._expire(now)
+        if message.leaving:
+            if self.where.get(machine_id) == digest:
+                self._forget(machine_id)
+            return AnnounceReply(self.grant(machine_id, digest), interval=self.policy.interval)
         previous = self.where.get(machine_id)
         if previous is not None and previous != digest:
             self._forget(machine_id)

@@ -142,3 +142,14 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     assert status == 200 and body["grant"]["ticket"].startswith(f"t1.{digest}.{machine}.")
     r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
     assert r.status == 400
+
+
+def test_a_leaving_agent_is_forgotten_at_once_and_its_share_passes_on() -> None:
+    t = Tracker()
+    for i in range(3):
+        announce(t, i, (i,))
+    t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, bits(1), leaving=True))
+    assert mid(1) not in t.where
+    a, c = announce(t, 0, (0,)), announce(t, 2, (2,))
+    assert (a.seed_of, c.seed_slot) == (2, 1)
+    assert Have.decode(a.swarm_have, CHUNKS).bits == 0b101, "the union forgets what the leaver held"
