@@ -31,7 +31,7 @@ SLICE = 256 << 10
 
 @dataclass(frozen=True)
 class PeerOptions:
-    patience: float = 30.0  # seconds without a chunk new to the swarm before going to the origin
+    patience: float = 30.0  # seconds without a new chunk (here or in the swarm) before the origin
     max_wait: float = 600.0  # the longest one chunk waits for peers
     timeout: float = 5.0  # per socket operation
     min_rate: float = 0.0  # bytes/s below which a peer counts as slow and is dropped; 0: never
@@ -54,6 +54,7 @@ class PeerSource:
         self.bucket = bucket or TokenBucket(options.download)
         self.stop = threading.Event()
         self.bytes_by_peer: dict[str, int] = {}
+        self.declined: dict[str, int] = {}  # why chunks went to the sources: share, alone, stalled
         self._lock = threading.Lock()
 
     def _waiting(self, deadline: float) -> bool:
@@ -65,8 +66,8 @@ class PeerSource:
         )
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
-        # wait for the swarm while it makes progress (a chunk new to it at least every `patience`
-        # seconds), at most `max_wait` for one chunk
+        # wait for the swarm while it makes progress (a chunk new to it or to this agent at least
+        # every `patience` seconds), at most `max_wait` for one chunk
         deadline = time.monotonic() + self.options.max_wait
         if self.swarm.mine(chunk.index):
             while not self.swarm.paced(chunk.index) and self._waiting(deadline):
@@ -78,8 +79,19 @@ class PeerSource:
             if not holders:
                 # another member of the swarm fetches it from the origin: wait for it (a lone agent
                 # goes on at once)
-                if not self._waiting(deadline) or self.swarm.mine(chunk.index) or self.swarm.alone():
-                    raise FetchError(self.name, f"no peer holds chunk {chunk.index}", missing=True)
+                why = (
+                    "share"
+                    if self.swarm.mine(chunk.index)
+                    else "alone"
+                    if self.swarm.alone()
+                    else ""
+                    if self._waiting(deadline)
+                    else "stalled"
+                )
+                if why:
+                    with self._lock:
+                        self.declined[why] = self.declined.get(why, 0) + 1
+                    raise FetchError(self.name, f"no peer holds chunk {chunk.index} ({why})", missing=True)
                 self.swarm.wait_change(0.1)
                 continue
             url = self.swarm.rng.choice(holders)
@@ -121,15 +133,18 @@ class PeerSource:
             if length != str(chunk.length):
                 raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)
             got = 0
+            waited = 0.0  # in our own download cap: the peer's rate leaves it out
             while got < chunk.length:
                 n = resp.readinto(buf[got : min(chunk.length, got + SLICE)])
                 if not n:
                     break
                 got += n
+                t1 = time.monotonic()
                 if not self.bucket.take(n, self.stop):
                     raise _Failed("interrupted", drop=False)
-            spent = time.monotonic() - t0
-            if self.options.min_rate and got > 0 and got / max(spent, 1e-6) < self.options.min_rate:
+                waited += time.monotonic() - t1
+            spent = max(time.monotonic() - t0 - waited, 1e-6)
+            if self.options.min_rate and got > 0 and got / spent < self.options.min_rate:
                 # the bytes are kept (they are checked like any); the peer is not asked again
                 self.swarm.drop(
                     url, f"slow: {got / spent:.0f} bytes/s, expected >= {self.options.min_rate:.0f}"

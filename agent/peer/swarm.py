@@ -73,7 +73,7 @@ class Swarm:
         self.interval = 2.0
         self.announces = 0
         self.union = Have(len(manifest))  # what anyone in the swarm holds, as the tracker last said
-        self.progress = time.monotonic()  # when the swarm last got a chunk it did not hold
+        self.progress = time.monotonic()  # when this agent or the swarm last got a new chunk
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -128,6 +128,7 @@ class Swarm:
     def on_verified(self, chunk: Chunk) -> None:
         with self.lock:
             self.have.add(chunk.index)
+            self.progress = time.monotonic()
 
     def ticket(self) -> str:
         with self.lock:
@@ -151,7 +152,7 @@ class Swarm:
             return not self.peers and self.of - len(self.dropped) <= 1
 
     def stalled(self, patience: float) -> bool:
-        """No chunk new to the swarm for `patience` seconds: waiting on peers no longer pays."""
+        """No new chunk here nor in the swarm for `patience` seconds: waiting on peers no longer pays."""
         with self.lock:
             return time.monotonic() - self.progress > patience
 

@@ -131,6 +131,7 @@ class SimAgent:
     dropped: list[PeerDropped] = field(default_factory=list)
     bytes_by_peer: dict[str, int] = field(default_factory=dict)
     url: str = ""
+    declined: dict[str, int] = field(default_factory=dict)
 
 
 def _announcer(
@@ -163,6 +164,7 @@ class Result:
     corrupt_met: int = 0  # agents that asked the corrupting peer
     corrupt_dropped: int = 0  # ... and dropped it
     corrupt_bytes_kept: int = 0  # bytes from it that any writer took (must be 0)
+    drops: dict[str, int] = field(default_factory=dict)  # why agents dropped peers, counted
 
 
 def run_case(
@@ -231,7 +233,15 @@ def run_case(
         ):
             bad += 1
         a.path.unlink(missing_ok=True)
-    result = Result(case, origin.sent, times, failed, bad)
+    drops: dict[str, int] = {}
+    for a in agents:
+        for d in a.dropped:
+            why = d.reason.split(":")[0].split(" for ")[0]
+            drops[why] = drops.get(why, 0) + 1
+    for a in agents:
+        for why, count in a.declined.items():
+            drops["to origin: " + why] = drops.get("to origin: " + why, 0) + count
+    result = Result(case, origin.sent, times, failed, bad, drops=drops)
     if case.corrupt:
         bad_url = agents[corrupt].url
         met = [a for a in agents if any(d.url == bad_url for d in a.dropped) or a.bytes_by_peer.get(bad_url)]
@@ -284,7 +294,8 @@ def _run_agent(
             config = PeerConfig(
                 host="127.0.0.1",
                 serve=ServeLimits(uploads=4, rate=a.rate),
-                fetch=PeerOptions(patience=20.0, timeout=5.0, min_rate=full_rate / 4, download=a.rate),
+                # a peer at a tenth of the cap, its upload shared by 4, sends ~B/40: slower than B/10 is slow
+                fetch=PeerOptions(patience=20.0, timeout=10.0, min_rate=full_rate / 10, download=a.rate),
             )
             mid = f"m-{a.index:012x}"
             session = PeerSession(
@@ -332,6 +343,7 @@ def _run_agent(
                 a.error = f"{type(exc).__name__}: {exc}"[:300]
         if session is not None:
             a.bytes_by_peer = dict(session.source.bytes_by_peer)
+            a.declined = dict(session.source.declined)
             if a.kill_at is not None:
                 session.close()  # killed: its server goes away with it
                 session = None
@@ -427,7 +439,8 @@ def run_fleet_bench(
             results.setdefault(case, []).append(r)
             log(
                 f"fleet:   origin {r.origin_bytes / s:.2f} S, p50 {_pct(r.times, 0.5) / s_over_b:.2f} S/B,"
-                f" max {max(r.times, default=float('nan')) / s_over_b:.2f} S/B, failed {len(r.failed)}"
+                f" max {max(r.times, default=float('nan')) / s_over_b:.2f} S/B, failed {len(r.failed)},"
+                f" peers dropped {r.drops or 'none'}"
             )
     return _report(results, s, s_over_b, rate, egress, image_size)
 
