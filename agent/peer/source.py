@@ -93,6 +93,7 @@ class PeerSource:
                         self.declined[why] = self.declined.get(why, 0) + 1
                     raise FetchError(self.name, f"no peer holds chunk {chunk.index} ({why})", missing=True)
                 self.swarm.wait_change(0.1)
+                tried.clear()  # a holder that was busy (503) may have a slot now
                 continue
             url = self.swarm.rng.choice(holders)
             tried.add(url)
