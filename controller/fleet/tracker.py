@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.peer import ticket
+from agent.peer.ticket import Ticket, encode, fleet_key
 from agent.peer.bitmap import Have
 from agent.peer.errors import PeerError
 from agent.protocol import MAX_PEERS, Announce, AnnounceReply, PeerGrant, PeerInfo, ProtocolError
@@ -82,9 +82,9 @@ class Tracker:
     def grant(self, machine_id: str, digest: str) -> PeerGrant:
         now = self.clock()
         epoch = int(now // self.policy.epoch_seconds)
-        key = ticket.fleet_key(self.secret, digest, epoch)
+        key = fleet_key(self.secret, digest, epoch)
         expires = int(now + self.policy.ticket_seconds)
-        text = ticket.encode(ticket.Ticket(digest, machine_id, epoch, expires), key)
+        text = encode(Ticket(digest, machine_id, epoch, expires), key)
         return PeerGrant(epoch, key.hex(), text, float(expires))
 
     def announce(self, machine_id: str, host: str, message: Announce) -> AnnounceReply:
