@@ -24,9 +24,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.peer.ticket import Ticket, encode, fleet_key
 from agent.peer.bitmap import Have
 from agent.peer.errors import PeerError
+from agent.peer.ticket import Ticket, encode, fleet_key
 from agent.protocol import MAX_PEERS, Announce, AnnounceReply, PeerGrant, PeerInfo, ProtocolError
 
 
