@@ -144,6 +144,8 @@ class PeerSource:
                 if not self.bucket.take(n, self.stop):
                     raise _Failed("interrupted", drop=False)
                 waited += time.monotonic() - t1
+            if got != chunk.length:
+                raise _Failed(f"closed after {got} of {chunk.length} bytes", drop=True)
             spent = max(time.monotonic() - t0 - waited, 1e-6)
             if self.options.min_rate and got > 0 and got / spent < self.options.min_rate:
                 # the bytes are kept (they are checked like any); the peer is not asked again
