@@ -201,6 +201,8 @@ class Swarm:
     # -- the fetch order ---------------------------------------------------------------------------------
 
     def order(self, steps: Iterator[Step]) -> Iterator[Step]:
+        with self.lock:
+            self.progress = time.monotonic()  # the write starts now: its patience starts with it
         fetches: list[Step] = []
         for step in steps:
             if step.action is Action.FETCH:
