@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import blake3
@@ -36,7 +37,9 @@ SLICE = 256 << 10
 class ServeLimits:
     uploads: int = 4  # concurrent uploads
     rate: float = 0.0  # bytes/s over all uploads; 0: no cap
-    timeout: float = 10.0  # a receiver that stalls this long is cut off
+    timeout: float = 10.0  # a caller silent this long (headers or reading) is cut off
+    connections: int = 32  # open connections (one thread each); more are closed at once
+    upload_seconds: float = 60.0  # the longest one upload may take (on top of its share of `rate`)
 
 
 @dataclass
@@ -51,6 +54,12 @@ class ServeStats:
 class _Handler(BaseHTTPRequestHandler):
     server: PeerServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        # the timeout covers the request line and headers too: a caller that opens a connection and
+        # says nothing (slowloris) is cut off after limits.timeout instead of holding a thread forever
+        self.timeout = self.server.limits.timeout
+        super().setup()
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # refusals are logged on purpose below; the rest is not worth a line
@@ -95,6 +104,7 @@ class PeerServer(ThreadingHTTPServer):
         self.log = log
         self.clock = clock
         self.slots = threading.BoundedSemaphore(limits.uploads)
+        self.conns = threading.BoundedSemaphore(limits.connections)
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
         self.stop_event = threading.Event()
@@ -104,6 +114,25 @@ class PeerServer(ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a caller that hangs up (it dropped us, or was cancelled) is no error of ours
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # a cap on connections, not only on uploads: each one is a thread and a file descriptor
+        if not self.conns.acquire(blocking=False):
+            with self.stats.lock:
+                self.stats.busy += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.conns.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.conns.release()  # the thread's shutdown_request closed the socket
 
     def start(self) -> PeerServer:
         self._thread = threading.Thread(
@@ -126,7 +155,6 @@ class PeerServer(ThreadingHTTPServer):
         h._reply(status, why + "\n")
 
     def serve_chunk(self, h: _Handler) -> None:
-        h.connection.settimeout(self.limits.timeout)
         match = _PATH.fullmatch(h.path)
         if match is None:
             h._reply(404, "not a peer chunk path\n")
@@ -170,10 +198,26 @@ class PeerServer(ThreadingHTTPServer):
         h.send_header("Content-Length", str(length))
         h.end_headers()
         view = memoryview(data)
+        # a slow reader may not hold an upload slot for long: a deadline for the whole upload, and the
+        # socket's own timeout cut so that no one write outlasts it
+        allowed = self.limits.upload_seconds
+        if self.limits.rate > 0:
+            allowed += length * self.limits.uploads / self.limits.rate  # its share of the cap
+        deadline = time.monotonic() + allowed
         for start in range(0, length, SLICE):
             piece = view[start : start + SLICE]
             if not self.bucket.take(len(piece), self.stop_event):
+                h.close_connection = True
                 return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.log(
+                    f"peer server: upload of chunk {index} to {h.client_address[0]} cut off after "
+                    f"{allowed:.0f} s ({start} of {length} bytes)"
+                )
+                h.close_connection = True
+                return
+            h.connection.settimeout(min(self.limits.timeout, left))
             h.wfile.write(piece)
         with self.stats.lock:
             self.stats.served_bytes += length

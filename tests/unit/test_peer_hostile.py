@@ -1,0 +1,167 @@
+"""Hostile callers and hostile peers against the peer server and the peer source, on 127.0.0.1.
+
+Each case is one the security review reproduced: a caller that opens connections and says nothing,
+a ticket holder that reads an upload slowly, a peer that trickles bytes, a peer that claims every
+chunk and answers 404. Each must cost the agent seconds, not a thread forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.image.manifest import ChunkKind, Manifest
+from agent.peer import ticket
+from agent.peer.bitmap import Have
+from agent.peer.server import PeerServer, ServeLimits
+from agent.peer.source import PeerOptions, PeerSource
+from agent.peer.swarm import Swarm
+from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
+from agent.writer.errors import FetchError
+from tests.images import MiB, random_image
+from tests.stores import import_store
+
+KEY = b"k" * 32
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, Manifest, str]:
+    src = random_image(tmp_path / "src.img", 4 * MiB, seed=3)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    return src, manifest, digest
+
+
+class SmallBufferServer(PeerServer):
+    """Send buffers of a few KiB, so a caller that does not read blocks the upload at once."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return conn, addr
+
+
+@contextlib.contextmanager
+def running(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[PeerServer]:
+    src, manifest, digest = image
+    swarm = Swarm(
+        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
+    )
+    for chunk in manifest:
+        swarm.have.add(chunk.index)
+    swarm.keys[0] = KEY
+    fd = os.open(src, os.O_RDONLY)
+    srv = SmallBufferServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None).start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+        os.close(fd)
+
+
+@pytest.fixture
+def server(image: tuple[Path, Manifest, str]) -> Iterator[PeerServer]:
+    with running(image, ServeLimits(uploads=1, timeout=0.5, connections=4, upload_seconds=1.0)) as srv:
+        yield srv
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """The server closed the connection within `seconds` (reading whatever it sent before)."""
+    sock.settimeout(seconds)
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            if not sock.recv(65536):
+                return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_silent_connections_are_capped_and_cut_off_after_the_timeout(server: PeerServer) -> None:
+    threads = threading.active_count()
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+    try:
+        for s in socks:
+            s.send(b"GET /v1/peer/")  # a request line that never ends
+        time.sleep(0.2)
+        # beyond the cap of 4 the server closes at once: no thread, no descriptor held
+        assert threading.active_count() - threads <= 4
+        assert sum(closed_within(s, 0.05) for s in socks) >= 8
+        # the 4 it took are cut off after the timeout (0.5 s), well before a second has passed
+        assert all(closed_within(s, 1.5) for s in socks)
+        assert threading.active_count() - threads <= 0 or _settles(threads)
+    finally:
+        for s in socks:
+            s.close()
+    # and the server still serves an honest caller
+    status = _get_status(server, authorised=True)
+    assert status == 200
+
+
+def _settles(threads: int) -> bool:
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        if threading.active_count() <= threads:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _request(server: PeerServer, authorised: bool, rcvbuf: int = 0) -> tuple[socket.socket, bytes]:
+    chunk = next(c for c in server.swarm.manifest if c.kind is ChunkKind.DATA)
+    text = ticket.encode(ticket.Ticket(server.swarm.digest, "m-00000000000b", 0, 10**11), KEY)
+    auth = f"Authorization: Ticket {text}\r\n" if authorised else ""
+    sock = socket.socket()
+    if rcvbuf:  # before connecting: the window is agreed then
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", server.port))
+    request = f"GET /v1/peer/{server.swarm.digest}/{chunk.hex} HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
+    return sock, request.encode()
+
+
+def _get_status(server: PeerServer, authorised: bool) -> int:
+    sock, request = _request(server, authorised)
+    with sock:
+        sock.sendall(request)
+        sock.settimeout(5)
+        head = sock.recv(64)
+    return int(head.split()[1])
+
+
+def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path, Manifest, str]) -> None:
+    # each write finishes within the socket timeout (2 s), so only a deadline for the whole upload
+    # (1 s) stops a reader this slow from holding the slot for the whole chunk
+    limits = ServeLimits(uploads=1, timeout=2.0, upload_seconds=1.0)
+    with running(image, limits) as server, contextlib.ExitStack() as stack:
+        sock, request = _request(server, authorised=True, rcvbuf=65536)
+        stack.enter_context(sock)
+        sock.sendall(request)
+        got, t0 = 0, time.monotonic()
+        sock.settimeout(0.2)
+        while time.monotonic() - t0 < 4:
+            try:
+                n = len(sock.recv(16384))
+            except (TimeoutError, socket.timeout):
+                continue
+            except ConnectionResetError:
+                break
+            if not n:
+                break
+            got += n
+            time.sleep(0.05)  # about 300 KB/s: a 1 MiB chunk would take 3.5 s
+        took = time.monotonic() - t0
+        # cut off after upload_seconds (1 s) plus at most one write, having sent a part of the chunk
+        assert took < 2.6, f"the slow upload lasted {took:.1f} s, expected under 2.6"
+        assert got < MiB
+        assert server.slots.acquire(blocking=False), "the upload slot is still held"
+        server.slots.release()
