@@ -58,7 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         # the timeout covers the request line and headers too: a caller that opens a connection and
         # says nothing (slowloris) is cut off after limits.timeout instead of holding a thread forever
-        self.timeout = self.server.limits.timeout
+        self.request.settimeout(self.server.limits.timeout)
         super().setup()
 
     def log_message(self, format: str, *args: object) -> None:
