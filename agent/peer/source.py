@@ -6,7 +6,9 @@ other it asks a random peer that holds it, waiting for one to appear while the s
 progress (unless it is alone in the swarm), then answers "missing" too. Peers send the image bytes
 (`serves_raw`), which are hashed here before they are returned, so a peer that serves wrong bytes
 is dropped by name while the source stays; the writer hashes them again like any source's. A peer
-that refuses the ticket, fails, or sends slower than `min_rate` is dropped as well.
+that refuses the ticket, fails, or sends slower than `min_rate` (also a deadline for the whole chunk:
+timeout + length / min_rate) is dropped as well, and so is one that claims chunks it then does not
+serve (`strikes` 404s, or only 503s for `patience` seconds).
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ class PeerOptions:
     patience: float = 30.0  # seconds without a new chunk (here or in the swarm) before the origin
     max_wait: float = 600.0  # the longest one chunk waits for peers
     timeout: float = 5.0  # per socket operation
-    min_rate: float = 0.0  # bytes/s below which a peer counts as slow and is dropped; 0: never
+    # bytes/s below which a peer counts as slow and is dropped; it also bounds one chunk's fetch at
+    # timeout + length / min_rate (a peer trickling a byte a second would hold a writer thread forever)
+    min_rate: float = 64 << 10
+    strikes: int = 3  # 404s for chunks a peer claimed (or 503s over `patience`) before it is dropped
     download: float = 0.0  # this agent's download cap in bytes/s over all sources; 0: none
 
 
 class _Failed(Exception):
-    def __init__(self, reason: str, drop: bool) -> None:
+    def __init__(self, reason: str, drop: bool, status: int = 0) -> None:
         super().__init__(reason)
         self.drop = drop
+        self.status = status
 
 
 class PeerSource:
@@ -56,6 +62,10 @@ class PeerSource:
         self.bytes_by_peer: dict[str, int] = {}
         self.declined: dict[str, int] = {}  # why chunks went to the sources: share, alone, stalled
         self._lock = threading.Lock()
+        # a peer that claims chunks and does not serve them (404, or 503 for ever) stalls the others:
+        # its 404s are counted, and how long it has answered only 503
+        self._missing: dict[str, int] = {}
+        self._busy: dict[str, tuple[int, float]] = {}  # url -> (503s in a row, since when)
 
     def _waiting(self, deadline: float) -> bool:
         """Worth waiting on: the swarm still makes progress, within the longest wait."""
@@ -100,11 +110,16 @@ class PeerSource:
             try:
                 n = self._get(url, chunk, buf)
             except _Failed as exc:
+                if self.stop.is_set():
+                    break
                 if exc.drop:
                     self.swarm.drop(url, str(exc))
                 else:
                     self.swarm.learned(url, chunk.index)
+                    self._strike(url, exc.status, chunk)
                 continue
+            with self._lock:
+                self._busy.pop(url, None)
             if n != chunk.length or blake3.blake3(buf[:n]).digest() != chunk.digest:
                 self.swarm.drop(url, f"served bad bytes for {chunk.describe()}")
                 continue
@@ -112,6 +127,25 @@ class PeerSource:
                 self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
             return n
         raise FetchError(self.name, "interrupted")
+
+    def _strike(self, url: str, status: int, chunk: Chunk) -> None:
+        """Count a 404 or 503 against a peer that said it held the chunk; drop it past the limit."""
+        now = time.monotonic()
+        with self._lock:
+            if status == 404:
+                n = self._missing[url] = self._missing.get(url, 0) + 1
+                why = f"answered 404 for {n} chunks it claimed (last {chunk.describe()})"
+                over = n >= self.options.strikes
+            elif status == 503:
+                count, since = self._busy.get(url, (0, now))
+                self._busy[url] = (count + 1, since)
+                # an honest peer is busy now and then; one busy for `patience` serves nobody
+                over = count + 1 >= self.options.strikes and now - since >= self.options.patience
+                why = f"answered only 503 for {now - since:.0f} s ({count + 1} times)"
+            else:
+                return
+        if over:
+            self.swarm.drop(url, why)
 
     def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
         parts = urllib.parse.urlsplit(url)
@@ -127,7 +161,7 @@ class PeerSource:
             if resp.status in (401, 403):
                 raise _Failed(f"refused our ticket: HTTP {resp.status}", drop=True)
             if resp.status in (404, 503):
-                raise _Failed(f"HTTP {resp.status}", drop=False)
+                raise _Failed(f"HTTP {resp.status}", drop=False, status=resp.status)
             if resp.status != 200:
                 raise _Failed(f"HTTP {resp.status}", drop=True)
             length = resp.getheader("Content-Length", "")
@@ -135,15 +169,31 @@ class PeerSource:
                 raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)
             got = 0
             waited = 0.0  # in our own download cap: the peer's rate leaves it out
+            allowed = self.options.timeout + (
+                chunk.length / self.options.min_rate if self.options.min_rate > 0 else 0.0
+            )
             while got < chunk.length:
-                n = resp.readinto(buf[got : min(chunk.length, got + SLICE)])
+                if self.stop.is_set():
+                    raise _Failed("interrupted", drop=False)
+                # read1: what one read of the socket brings (readinto would wait for a whole slice,
+                # and a trickle of a byte a second never times out)
+                data = resp.read1(min(chunk.length - got, SLICE))
+                n = len(data)
                 if not n:
                     break
+                buf[got : got + n] = data
                 got += n
                 t1 = time.monotonic()
                 if not self.bucket.take(n, self.stop):
                     raise _Failed("interrupted", drop=False)
                 waited += time.monotonic() - t1
+                if self.options.min_rate > 0 and t1 - t0 - waited > allowed and got < chunk.length:
+                    # each read returned within the timeout, but the whole chunk crawls
+                    raise _Failed(
+                        f"trickled {got} of {chunk.length} bytes in {t1 - t0 - waited:.0f} s, expected "
+                        f"the chunk within {allowed:.0f} s (at >= {self.options.min_rate:.0f} bytes/s)",
+                        drop=True,
+                    )
             if got != chunk.length:
                 raise _Failed(f"closed after {got} of {chunk.length} bytes", drop=True)
             spent = max(time.monotonic() - t0 - waited, 1e-6)

@@ -20,9 +20,12 @@ import pytest
 
 from agent.image.manifest import ChunkKind, Manifest
 from agent.peer import ticket
+from agent.peer.bitmap import Have
 from agent.peer.server import PeerServer, ServeLimits
+from agent.peer.source import PeerOptions, PeerSource
 from agent.peer.swarm import Swarm
-from agent.protocol import AnnounceReply, PeerGrant
+from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
+from agent.writer.errors import FetchError
 from tests.images import MiB, random_image
 from tests.stores import import_store
 
@@ -162,3 +165,133 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
         assert got < MiB
         assert server.slots.acquire(blocking=False), "the upload slot is still held"
         server.slots.release()
+
+
+class FakePeer:
+    """A 'peer' on 127.0.0.1 that claims every chunk and answers with `behaviour` (one connection
+    at a time): 'trickle' sends the right header then a byte every 0.3 s; '404' and '503' refuse."""
+
+    def __init__(self, behaviour: str, length: int) -> None:
+        self.behaviour, self.length = behaviour, length
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.hits = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                self.hits += 1
+                try:
+                    if self.behaviour == "trickle":
+                        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {self.length}\r\n\r\n".encode())
+                        while not self.done.wait(0.3):
+                            conn.sendall(b"x")
+                    else:
+                        status = {"404": "404 Not Found", "503": "503 Busy"}[self.behaviour]
+                        conn.sendall(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode())
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.listener.close()
+
+
+def swarm_with(peer: FakePeer, manifest: Manifest, digest: str) -> Swarm:
+    full = Have(len(manifest))
+    full.bits = (1 << len(manifest)) - 1
+    reply = AnnounceReply(
+        PeerGrant(0, "00" * 32, "t", 1e11),
+        (PeerInfo("m-00000000000e", peer.url, full.encode(), True),),
+        seed_slot=0,
+        seed_of=2,
+    )
+    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: reply)
+    swarm.announce()
+    return swarm
+
+
+def fetch_in_thread(
+    source: PeerSource, manifest: Manifest, index: int
+) -> tuple[threading.Thread, list[object]]:
+    chunk = manifest.chunk(index)
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(source.fetch_into(chunk, memoryview(bytearray(chunk.length))))
+        except FetchError as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path, Manifest, str]) -> None:
+    _, manifest, digest = image
+    peer = FakePeer("trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        # a 1 MiB chunk at >= 512 KiB/s: the whole chunk within 1 + 2 s, whatever each read does
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=512 << 10, patience=30.0, max_wait=8.0))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(6)
+        assert not thread.is_alive(), "the fetch is still held by a peer sending a byte every 0.3 s"
+        assert peer.url in swarm.dropped and "trickled" in swarm.dropped[peer.url], swarm.dropped
+        assert isinstance(out[0], FetchError) and out[0].missing  # on to the origin
+    finally:
+        peer.close()
+
+
+def test_an_interrupted_source_stops_reading_a_trickle_at_once(image: tuple[Path, Manifest, str]) -> None:
+    _, manifest, digest = image
+    peer = FakePeer("trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=1, patience=30.0))
+        thread, _ = fetch_in_thread(source, manifest, 1)
+        time.sleep(0.5)
+        source.interrupt()
+        thread.join(2)
+        assert not thread.is_alive(), "interrupt() did not stop a read loop"
+        assert peer.url not in swarm.dropped  # being interrupted is no fault of the peer's
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("behaviour", ["404", "503"])
+def test_a_peer_claiming_chunks_it_does_not_serve_is_dropped(
+    image: tuple[Path, Manifest, str], behaviour: str
+) -> None:
+    _, manifest, digest = image
+    peer = FakePeer(behaviour, 0)
+    stop = threading.Event()
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        # the tracker keeps saying the peer holds everything (it announces complete=True)
+        announcer = threading.Thread(
+            target=lambda: [swarm.announce() for _ in iter(lambda: stop.wait(0.05), True)]
+        )
+        announcer.start()
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=1.0))
+        t0 = time.monotonic()
+        for index in (1, 3, 5, 7):
+            if peer.url in swarm.dropped:
+                break
+            thread, _ = fetch_in_thread(source, manifest, index)
+            thread.join(10)
+            assert not thread.is_alive()
+        assert peer.url in swarm.dropped, f"{peer.hits} {behaviour} answers and still asked"
+        assert time.monotonic() - t0 < 8
+        assert peer.hits <= 200  # not a busy loop against it either
+    finally:
+        stop.set()
+        peer.close()
