@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 from agent.peer import ticket
 from agent.peer.bitmap import Have
@@ -153,3 +154,28 @@ def test_a_leaving_agent_is_forgotten_at_once_and_its_share_passes_on() -> None:
     a, c = announce(t, 0, (0,)), announce(t, 2, (2,))
     assert (a.seed_of, c.seed_slot) == (2, 1)
     assert Have.decode(a.swarm_have, CHUNKS).bits == 0b101, "the union forgets what the leaver held"
+
+
+def test_expiring_thousands_at_once_rebuilds_each_swarm_once() -> None:
+    # the holdings' bitmaps are 8 KiB each (65,536 chunks): rebuilding the union per expired holding
+    # made one announce after 3,000 expiries take seconds on the event loop (10,000: over a minute)
+    clock = Clock()
+    t = Tracker(TrackerPolicy(ttl=30.0), clock=clock)
+    n, chunks = 3000, 1 << 16
+    full = Have(chunks)
+    full.bits = (1 << chunks) - 1
+    for i in range(n):
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9, chunks, full.encode()))
+    clock.now += 20
+    survivor = Have(chunks)
+    survivor.add(5)
+    for i in (n, n + 1):  # two agents that stay: the union and the shares are theirs afterwards
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9, chunks, survivor.encode()))
+    clock.now += 15
+    t0 = time.perf_counter()
+    reply = t.announce(mid(n), "127.0.0.1", Announce(f"j-{n:012x}", IMAGE, 9, chunks, survivor.encode()))
+    took = time.perf_counter() - t0
+    assert took < 1.0, f"one announce after {n} expiries took {took:.2f} s, expected under 1 s"
+    assert len(t) == 2 and reply.seed_of == 2
+    assert sorted(h.slot for h in t.swarms[IMAGE].values()) == [0, 1]
+    assert Have.decode(reply.swarm_have, chunks).bits == 1 << 5
