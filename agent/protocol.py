@@ -333,12 +333,19 @@ class Announce(Message):
 
 @dataclass(frozen=True)
 class PeerGrant(Message):
-    """The image's fleet key for one epoch and the agent's own ticket under it (agent.peer.ticket)."""
+    """The image's fleet key for one epoch (and the next: agents hold it before that epoch starts),
+    the issuing controller's key id, and the agent's own ticket under the first (agent.peer.ticket)."""
 
     epoch: Annotated[int, Bound(lo=0, hi=10**12 - 1)]
     key: Annotated[str, Bound(max_len=64, pattern="[0-9a-f]{64}", expected="64 lowercase hex characters")]
     ticket: Annotated[str, Bound(max_len=256)]
     expires: Annotated[float, Bound(lo=0.0, hi=1e12)]
+    kid: Annotated[str, Bound(max_len=8, pattern="[0-9a-f]{8}", expected="8 lowercase hex characters")] = (
+        "00000000"
+    )
+    next_key: Annotated[
+        str, Bound(max_len=64, pattern="([0-9a-f]{64})?", expected="64 lowercase hex characters or none")
+    ] = ""
 
 
 @dataclass(frozen=True)

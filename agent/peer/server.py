@@ -8,6 +8,7 @@ each served chunk and one blake3 (~5 GB/s a core), and memory of one chunk per u
 Uploads are capped in number (more get 503 with Retry-After) and in bytes/s (a token bucket
 shared by all of them), so the agent's own deploy keeps its share of the link and the disk.
 A request without a ticket gets 401, one with a ticket that does not verify 403; both are logged.
+A ticket under a key this agent was not handed yet gets 403 with `X-Sledge-Key: unknown`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import blake3
 
 from agent.peer import ticket
 from agent.peer.bucket import TokenBucket
-from agent.peer.errors import TicketInvalid
+from agent.peer.errors import KeyUnknown, TicketInvalid
 from agent.peer.swarm import Swarm
 
 PEER_PATH = "/v1/peer/"
 _PATH = re.compile(r"/v1/peer/([0-9a-f]{64})/([0-9a-f]{64})")
 SLICE = 256 << 10
+KEY_HEADER = "X-Sledge-Key"  # "unknown": the ticket's key is not (yet) known here
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,11 @@ class PeerServer(ThreadingHTTPServer):
             self._thread.join()
         self.server_close()
 
-    def _refuse(self, h: _Handler, status: int, why: str) -> None:
+    def _refuse(self, h: _Handler, status: int, why: str, extra: dict[str, str] | None = None) -> None:
         with self.stats.lock:
             self.stats.refused += 1
         self.log(f"peer server: refused {h.client_address[0]} ({status}) {h.path[:160]!r}: {why}")
-        h._reply(status, why + "\n")
+        h._reply(status, why + "\n", extra)
 
     def serve_chunk(self, h: _Handler) -> None:
         match = _PATH.fullmatch(h.path)
@@ -168,6 +170,11 @@ class PeerServer(ThreadingHTTPServer):
             with self.swarm.lock:
                 keys = dict(self.swarm.keys)
             ticket.verify(auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock())
+        except KeyUnknown as exc:
+            # not a forgery as far as we know: the caller has a newer key than we do (we announce
+            # next within an interval); it says so, and it asks again later instead of dropping us
+            self._refuse(h, 403, str(exc), {KEY_HEADER: "unknown"})
+            return
         except TicketInvalid as exc:
             self._refuse(h, 403, str(exc))
             return

@@ -23,7 +23,7 @@ import blake3
 
 from agent.image.manifest import Chunk
 from agent.peer.bucket import TokenBucket
-from agent.peer.server import PEER_PATH
+from agent.peer.server import KEY_HEADER, PEER_PATH
 from agent.peer.swarm import Swarm
 from agent.writer.errors import FetchError
 from agent.writer.sources import ChunkSource
@@ -158,6 +158,10 @@ class PeerSource:
                 headers={"Authorization": f"Ticket {self.swarm.ticket()}"},
             )
             resp = conn.getresponse()
+            if resp.status == 403 and resp.getheader(KEY_HEADER, "") == "unknown":
+                # it has not been handed our key yet (a new epoch, a restarted controller): asked
+                # again after its next announce; one that says so for `patience` is dropped as busy
+                raise _Failed("does not know our ticket's key yet", drop=False, status=503)
             if resp.status in (401, 403):
                 raise _Failed(f"refused our ticket: HTTP {resp.status}", drop=True)
             if resp.status in (404, 503):

@@ -20,6 +20,7 @@ from agent import protocol as p
 from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.peer.bitmap import Have
 from agent.peer.errors import PeerError
+from agent.peer.ticket import key_name
 from agent.writer.plan import Action, Step
 
 Announcer = Callable[[p.Announce], p.AnnounceReply]
@@ -28,6 +29,21 @@ SAMPLE = 64  # pending fetches weighed per step
 # holds all but WINDOW of the chunks below i. Without it every share starts at once, the origin's
 # egress is split N ways, and no chunk exists anywhere until all of them do.
 WINDOW = 4
+# Fleet keys kept: this and the next epoch's, and the two before them (peers that announced before
+# an epoch ended or before the controller restarted still sign with those for a while).
+KEYS_KEPT = 4
+
+
+def remember_keys(keys: dict[str, bytes], grant: p.PeerGrant) -> None:
+    """Add the keys a grant hands over (its epoch's and the next one's), newest last, keeping KEYS_KEPT."""
+    named = [(key_name(grant.kid, grant.epoch), grant.key)]
+    if grant.next_key:
+        named.append((key_name(grant.kid, grant.epoch + 1), grant.next_key))
+    for name, key in named:
+        keys.pop(name, None)
+        keys[name] = bytes.fromhex(key)
+    for name in list(keys)[:-KEYS_KEPT]:
+        del keys[name]
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,7 @@ class Swarm:
         self.dropped: dict[str, str] = {}  # url -> why
         self.slot, self.of = 0, 1
         self.grant: p.PeerGrant | None = None
-        self.keys: dict[int, bytes] = {}  # epoch -> fleet key: the last two the controller gave
+        self.keys: dict[str, bytes] = {}  # key name -> fleet key: the last few the controller gave
         self.interval = 2.0
         self.announces = 0
         self.union = Have(len(manifest))  # what anyone in the swarm holds, as the tracker last said
@@ -94,9 +110,7 @@ class Swarm:
             return
         with self.lock:
             self.grant = reply.grant
-            self.keys[reply.grant.epoch] = bytes.fromhex(reply.grant.key)
-            for old in sorted(self.keys)[:-2]:
-                del self.keys[old]
+            remember_keys(self.keys, reply.grant)
             self.slot, self.of, self.interval = reply.seed_slot, reply.seed_of, reply.interval
             try:
                 union = Have.decode(reply.swarm_have, len(self.manifest))

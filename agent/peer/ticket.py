@@ -7,6 +7,12 @@ deploy job for that image. A ticket is (image digest, holder machine id, key epo
 plus the MAC of those under that key; a peer that was handed the same key checks it with no
 call to the controller, in constant time.
 
+Keys are named by a key id and an epoch (`key_name`): the key id is random per controller secret,
+so a restarted controller's keys have new names (a peer says "key unknown", not "MAC does not
+match", and the caller tries again after its next announce instead of dropping the peer). Each
+grant carries the key of its epoch and of the next one, so when an epoch ends every agent already
+holds the key the first new tickets are signed with.
+
 Why not Ed25519: the agent may not import `cryptography` (tests/unit/test_layering.py) and the
 live image is at its size budget, while hmac/hashlib are in the standard library and cost a
 microsecond per check. What a shared key gives away: any agent deploying the image can mint
@@ -21,19 +27,22 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.peer.errors import TicketInvalid
+from agent.peer.errors import KeyUnknown, TicketInvalid
 
-__all__ = ["Ticket", "TicketInvalid", "encode", "fleet_key", "parse", "verify"]
+__all__ = ["KeyUnknown", "Ticket", "TicketInvalid", "encode", "fleet_key", "key_name", "parse", "verify"]
 
-VERSION = "t1"
+VERSION = "t2"
 KEY_LABEL = b"sledge-peer-key"
 MAX_TICKET = 256
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _HOLDER = re.compile(r"[a-z]-[0-9a-f]{12}")
+_KID = re.compile(r"[0-9a-f]{8}")
 _FIELDS = re.compile(
-    r"t1\.([0-9a-f]{64})\.([a-z]-[0-9a-f]{12})\.([0-9]{1,12})\.([0-9]{1,12})\.([A-Za-z0-9_-]{43})"
+    r"t2\.([0-9a-f]{64})\.([a-z]-[0-9a-f]{12})\.([0-9a-f]{8})\.([0-9]{1,12})\.([0-9]{1,12})"
+    r"\.([A-Za-z0-9_-]{43})"
 )
 
 
@@ -43,8 +52,11 @@ class Ticket:
     holder: str  # the machine it was issued to
     epoch: int  # which fleet key signed it
     expires: int  # unix seconds
+    kid: str = "00000000"  # the issuing controller's key id (random per secret)
 
     def __post_init__(self) -> None:
+        if not _KID.fullmatch(self.kid):
+            raise ValueError(f"ticket key id: expected 8 lowercase hex characters, got {self.kid!r}")
         if not _DIGEST.fullmatch(self.digest):
             raise ValueError(f"ticket digest: expected 64 lowercase hex characters, got {self.digest!r}")
         if not _HOLDER.fullmatch(self.holder):
@@ -54,8 +66,17 @@ class Ticket:
                 f"ticket epoch/expires: expected 0 <= n < 10**12, got {self.epoch}/{self.expires}"
             )
 
+    @property
+    def key(self) -> str:
+        return key_name(self.kid, self.epoch)
+
     def signed_part(self) -> str:
-        return f"{VERSION}.{self.digest}.{self.holder}.{self.epoch}.{self.expires}"
+        return f"{VERSION}.{self.digest}.{self.holder}.{self.kid}.{self.epoch}.{self.expires}"
+
+
+def key_name(kid: str, epoch: int) -> str:
+    """How a fleet key is named in a ticket and in an agent's key table."""
+    return f"{kid}.{epoch}"
 
 
 def fleet_key(secret: bytes, digest: str, epoch: int) -> bytes:
@@ -81,18 +102,18 @@ def parse(text: str) -> tuple[Ticket, str]:
         raise TicketInvalid(f"expected at most {MAX_TICKET} characters, got {len(text)}")
     match = _FIELDS.fullmatch(text)
     if match is None:
-        raise TicketInvalid("expected t1.<digest>.<machine id>.<epoch>.<expires>.<mac>")
-    digest, holder, epoch, expires, mac = match.groups()
-    return Ticket(digest, holder, int(epoch), int(expires)), mac
+        raise TicketInvalid("expected t2.<digest>.<machine id>.<key id>.<epoch>.<expires>.<mac>")
+    digest, holder, kid, epoch, expires, mac = match.groups()
+    return Ticket(digest, holder, int(epoch), int(expires), kid), mac
 
 
-def verify(text: str, keys: dict[int, bytes], digest: str, now: float) -> Ticket:
-    """The ticket if `keys` (epoch -> key of this image) signed it for `digest` and it has not
-    expired; TicketInvalid naming the reason otherwise."""
+def verify(text: str, keys: Mapping[str, bytes], digest: str, now: float) -> Ticket:
+    """The ticket if `keys` (key_name -> key of this image) signed it for `digest` and it has not
+    expired; TicketInvalid naming the reason otherwise (KeyUnknown: this peer lacks the key yet)."""
     ticket, mac = parse(text)
-    key = keys.get(ticket.epoch)
+    key = keys.get(ticket.key)
     if key is None:
-        raise TicketInvalid(f"key epoch {ticket.epoch} unknown here (known: {sorted(keys) or 'none'})")
+        raise KeyUnknown(f"key {ticket.key} unknown here (known: {sorted(keys) or 'none'})")
     if not hmac.compare_digest(mac, _mac(key, ticket.signed_part())):
         raise TicketInvalid(f"MAC does not match (holder {ticket.holder})")
     if ticket.digest != digest:

@@ -69,6 +69,8 @@ class Tracker:
     ) -> None:
         self.policy = policy
         self.secret = secret or secrets.token_bytes(32)  # a restart re-keys: agents get new keys
+        # and names them anew, so a peer told of them later says "key unknown", not "forged"
+        self.kid = secrets.token_hex(4)
         self.clock = clock
         self.rng = rng or random.Random()
         self.swarms: dict[str, dict[str, Holding]] = {}  # digest -> machine -> holding, by slot
@@ -81,11 +83,14 @@ class Tracker:
 
     def grant(self, machine_id: str, digest: str) -> PeerGrant:
         now = self.clock()
-        epoch = int(now // self.policy.epoch_seconds)
+        # sign with epoch E until E + 1 is one announce interval old: by then every agent that
+        # announced has E + 1's key (each grant carries the next key ahead of time)
+        epoch = int((now - self.policy.interval) // self.policy.epoch_seconds)
         key = fleet_key(self.secret, digest, epoch)
         expires = int(now + self.policy.ticket_seconds)
-        text = encode(Ticket(digest, machine_id, epoch, expires), key)
-        return PeerGrant(epoch, key.hex(), text, float(expires))
+        text = encode(Ticket(digest, machine_id, epoch, expires, self.kid), key)
+        following = fleet_key(self.secret, digest, epoch + 1)
+        return PeerGrant(epoch, key.hex(), text, float(expires), self.kid, following.hex())
 
     def announce(self, machine_id: str, host: str, message: Announce) -> AnnounceReply:
         """Record what the caller holds (it serves at host:port) and answer with peers and a grant."""

@@ -160,10 +160,11 @@ def test_only_a_ticket_for_the_image_fetches_and_refusals_are_logged(
         assert status == 200 and body == data[chunk.offset : chunk.offset + chunk.length]
         status, _ = _get(port, path, {})
         assert status == 401
-        forged = ticket.encode(ticket.Ticket(digest, "m-00000000000c", 0, 10**11), b"k" * 32)
+        epoch = ticket.parse(valid)[0].epoch  # one whose key the node holds
+        forged = ticket.encode(ticket.Ticket(digest, "m-00000000000c", epoch, 10**11, tracker.kid), b"k" * 32)
         other = ticket.encode(
-            ticket.Ticket("cd" * 32, "m-00000000000b", int(tracker.clock() // 3600), 10**11),
-            ticket.fleet_key(tracker.secret, "cd" * 32, int(tracker.clock() // 3600)),
+            ticket.Ticket("cd" * 32, "m-00000000000b", epoch, 10**11, tracker.kid),
+            ticket.fleet_key(tracker.secret, "cd" * 32, epoch),
         )
         for bad in (forged, other, valid[:-2], valid + "x"):
             status, _ = _get(port, path, {"Authorization": f"Ticket {bad}"})

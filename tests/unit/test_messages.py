@@ -281,7 +281,7 @@ async def test_the_served_api_answers_what_its_routes_declare(
     ]
     announce = {"job_id": job["id"], "manifest_digest": digest, "port": 7070, "chunks": 9, "have": "AQA="}
     peers = await call("POST", "/v1/agent/peers", "/v1/agent/peers", ag, json=announce)
-    assert peers["grant"]["ticket"].startswith("t1." + digest) and peers["seed_of"] == 1
+    assert peers["grant"]["ticket"].startswith("t2." + digest) and peers["seed_of"] == 1
     await call(
         "POST",
         "/v1/agent/inventory",

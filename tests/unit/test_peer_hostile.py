@@ -56,7 +56,7 @@ def running(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[
     )
     for chunk in manifest:
         swarm.have.add(chunk.index)
-    swarm.keys[0] = KEY
+    swarm.keys[ticket.key_name("00000000", 0)] = KEY
     fd = os.open(src, os.O_RDONLY)
     srv = SmallBufferServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None).start()
     try:

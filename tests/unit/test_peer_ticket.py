@@ -6,7 +6,7 @@ import pytest
 
 from agent.peer import ticket
 from agent.peer.bitmap import MAX_CHUNKS, Have
-from agent.peer.errors import PeerError, TicketInvalid
+from agent.peer.errors import KeyUnknown, PeerError, TicketInvalid
 
 SECRET = b"s" * 32
 IMAGE = "ab" * 32
@@ -14,9 +14,16 @@ OTHER = "cd" * 32
 HOLDER = "m-0123456789ab"
 
 
-def issue(digest: str = IMAGE, expires: int = 1000, epoch: int = 7) -> tuple[str, dict[int, bytes]]:
+KID = "0badcafe"
+
+
+def name(epoch: int, kid: str = KID) -> str:
+    return ticket.key_name(kid, epoch)
+
+
+def issue(digest: str = IMAGE, expires: int = 1000, epoch: int = 7) -> tuple[str, dict[str, bytes]]:
     key = ticket.fleet_key(SECRET, digest, epoch)
-    return ticket.encode(ticket.Ticket(digest, HOLDER, epoch, expires), key), {epoch: key}
+    return ticket.encode(ticket.Ticket(digest, HOLDER, epoch, expires, KID), key), {name(epoch): key}
 
 
 def test_a_ticket_verifies_under_its_image_key_until_it_expires() -> None:
@@ -37,10 +44,10 @@ def test_a_ticket_for_another_image_is_refused_even_under_a_key_that_signed_it()
     text, _ = issue(digest=OTHER)
     # a peer serving IMAGE holds IMAGE's key: OTHER's ticket does not match it
     with pytest.raises(TicketInvalid, match="MAC does not match"):
-        ticket.verify(text, {7: ticket.fleet_key(SECRET, IMAGE, 7)}, IMAGE, now=0)
+        ticket.verify(text, {name(7): ticket.fleet_key(SECRET, IMAGE, 7)}, IMAGE, now=0)
     # and under OTHER's own key it is still not a ticket for IMAGE
     with pytest.raises(TicketInvalid, match="issued for image cdcd"):
-        ticket.verify(text, {7: ticket.fleet_key(SECRET, OTHER, 7)}, IMAGE, now=0)
+        ticket.verify(text, {name(7): ticket.fleet_key(SECRET, OTHER, 7)}, IMAGE, now=0)
 
 
 @pytest.mark.parametrize(
@@ -71,10 +78,12 @@ def test_truncated_or_malformed_tickets_are_refused(cut: int) -> None:
 
 def test_a_key_of_another_epoch_or_controller_does_not_verify() -> None:
     text, _ = issue(epoch=7)
-    with pytest.raises(TicketInvalid, match="epoch 7 unknown"):
-        ticket.verify(text, {8: ticket.fleet_key(SECRET, IMAGE, 8)}, IMAGE, now=0)
+    with pytest.raises(KeyUnknown, match=f"key {KID}.7 unknown"):
+        ticket.verify(text, {name(8): ticket.fleet_key(SECRET, IMAGE, 8)}, IMAGE, now=0)
+    with pytest.raises(KeyUnknown, match="unknown"):  # another controller's key of that epoch
+        ticket.verify(text, {name(7, "12345678"): ticket.fleet_key(b"t" * 32, IMAGE, 7)}, IMAGE, now=0)
     with pytest.raises(TicketInvalid, match="MAC does not match"):
-        ticket.verify(text, {7: ticket.fleet_key(b"t" * 32, IMAGE, 7)}, IMAGE, now=0)
+        ticket.verify(text, {name(7): ticket.fleet_key(b"t" * 32, IMAGE, 7)}, IMAGE, now=0)
     assert ticket.fleet_key(SECRET, IMAGE, 7) != ticket.fleet_key(SECRET, IMAGE, 8)
 
 

@@ -8,7 +8,9 @@ import time
 
 from agent.peer import ticket
 from agent.peer.bitmap import Have
-from agent.protocol import Announce
+from agent.peer.errors import KeyUnknown
+from agent.peer.swarm import remember_keys
+from agent.protocol import Announce, PeerGrant
 from controller.fleet.tracker import Tracker, TrackerPolicy, peer_count
 
 IMAGE = "ab" * 32
@@ -101,7 +103,7 @@ def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None
     clock = Clock()
     t = Tracker(clock=clock)
     grant = announce(t, 1).grant
-    keys = {grant.epoch: bytes.fromhex(grant.key)}
+    keys = {ticket.key_name(grant.kid, grant.epoch): bytes.fromhex(grant.key)}
     got = ticket.verify(grant.ticket, keys, IMAGE, now=clock.now)
     assert got.holder == mid(1) and got.expires == grant.expires
     other = announce(t, 2, digest=OTHER).grant
@@ -140,7 +142,7 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     status, body = await announce(other, job, digest)
     assert status == 404, "another machine's job is no job at all"
     status, body = await announce(machine, job, digest)
-    assert status == 200 and body["grant"]["ticket"].startswith(f"t1.{digest}.{machine}.")
+    assert status == 200 and body["grant"]["ticket"].startswith(f"t2.{digest}.{machine}.")
     r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
     assert r.status == 400
 
@@ -179,3 +181,37 @@ def test_expiring_thousands_at_once_rebuilds_each_swarm_once() -> None:
     assert len(t) == 2 and reply.seed_of == 2
     assert sorted(h.slot for h in t.swarms[IMAGE].values()) == [0, 1]
     assert Have.decode(reply.swarm_have, chunks).bits == 1 << 5
+
+
+def agent_keys(*grants: PeerGrant) -> dict[str, bytes]:
+    """An agent's key table after announces that got these grants."""
+    keys: dict[str, bytes] = {}
+    for g in grants:
+        remember_keys(keys, g)
+    return keys
+
+
+def test_tickets_signed_across_an_epoch_boundary_verify_at_peers_that_announced_before_it() -> None:
+    clock = Clock()
+    clock.now = 3600.0 * 1000 - 1.0
+    t = Tracker(TrackerPolicy(interval=2.0), clock=clock)
+    b_keys = agent_keys(announce(t, 2).grant)  # B announced 1 s before the epoch ends
+    for step in (0.5, 1.5, 2.0, 30.0, 3000.0):  # A announces after it, up to most of an epoch later
+        clock.now = 3600.0 * 1000 + step
+        a = announce(t, 1).grant
+        assert ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now).holder == mid(1), step
+
+
+def test_a_restarted_controller_s_tickets_are_key_unknown_not_forged_until_the_next_announce() -> None:
+    clock = Clock()
+    before, after = Tracker(clock=clock), Tracker(clock=clock)  # same epoch, a new secret
+    assert before.kid != after.kid
+    b_keys = agent_keys(announce(before, 2).grant)
+    a = announce(after, 1).grant
+    try:
+        ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now)
+        raise AssertionError("a ticket under a key B was never handed verified")
+    except KeyUnknown as exc:
+        assert after.kid in str(exc)
+    b_keys = agent_keys(announce(before, 2).grant, announce(after, 2).grant)  # B re-announces
+    assert ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now).holder == mid(1)
