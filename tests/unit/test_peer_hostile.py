@@ -194,7 +194,12 @@ class FakePeer:
                         while not self.done.wait(0.3):
                             conn.sendall(b"x")
                     else:
-                        status = {"404": "404 Not Found", "503": "503 Busy"}[self.behaviour]
+                        status = {
+                            "404": "404 Not Found",
+                            "503": "503 Busy",
+                            "403": "403 Forbidden",
+                            "key-unknown": "403 Forbidden\r\nX-Sledge-Key: unknown",
+                        }[self.behaviour]
                         conn.sendall(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode())
                 except OSError:
                     pass
@@ -294,4 +299,24 @@ def test_a_peer_claiming_chunks_it_does_not_serve_is_dropped(
         assert peer.hits <= 200  # not a busy loop against it either
     finally:
         stop.set()
+        peer.close()
+
+
+@pytest.mark.parametrize(("behaviour", "dropped"), [("key-unknown", False), ("403", True)])
+def test_a_peer_lacking_our_key_is_asked_again_later_one_refusing_the_ticket_is_dropped(
+    image: tuple[Path, Manifest, str], behaviour: str, dropped: bool
+) -> None:
+    _, manifest, digest = image
+    peer = FakePeer(behaviour, 0)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=30.0, max_wait=0.5))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(5)
+        assert isinstance(out[0], FetchError) and out[0].missing
+        assert (peer.url in swarm.dropped) is dropped, swarm.dropped
+        if not dropped:
+            swarm.announce()  # its next announce: it is a holder again
+            assert peer.url in swarm.holders(1)
+    finally:
         peer.close()
