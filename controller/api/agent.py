@@ -78,7 +78,7 @@ async def announce(request: web.Request) -> web.StreamResponse:
     message = await read_body(request, p.Announce.from_wire)
     svc = services(request)
     machine_id = machine_of(request)
-    svc.fleet.check_deploying(machine_id, message.job_id, message.manifest_digest)
+    svc.fleet.check_deploying(machine_id, message.job_id, message.manifest_digest, message.chunks)
     reply = svc.tracker.announce(machine_id, peer(request), message)
     return respond(request, reply.to_wire())
 

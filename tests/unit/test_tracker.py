@@ -125,8 +125,8 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     other = await h.enroll("52:54:00:00:00:42")
     await h.client.post("/v1/images", json={"ref": "tiny:1"}, headers=h.op)
 
-    async def announce(who: str, job_id: str, image: str) -> tuple[int, dict]:  # type: ignore[type-arg]
-        body = {"job_id": job_id, "manifest_digest": image, "port": 7000, "chunks": 1, "have": ""}
+    async def announce(who: str, job_id: str, image: str, chunks: int = 1) -> tuple[int, dict]:  # type: ignore[type-arg]
+        body = {"job_id": job_id, "manifest_digest": image, "port": 7000, "chunks": chunks, "have": ""}
         r = await h.client.post("/v1/agent/peers", json=body, headers=h.agent(who))
         return r.status, await r.json()
 
@@ -141,6 +141,9 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     assert status == 409 and f"deploys manifest {digest[:16]}, not {OTHER[:16]}" in body["error"]
     status, body = await announce(other, job, digest)
     assert status == 404, "another machine's job is no job at all"
+    # a bitmap of more chunks than the image has: the tracker would hand it out as a holder of them
+    status, body = await announce(machine, job, digest, chunks=4096)
+    assert status == 400 and "announced a bitmap of 4096 chunks, expected 1" in body["error"], body
     status, body = await announce(machine, job, digest)
     assert status == 200 and body["grant"]["ticket"].startswith(f"t2.{digest}.{machine}.")
     r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
