@@ -53,6 +53,39 @@ class ServeStats:
     busy: int = 0  # 503
 
 
+class RefusalLog:
+    """Refusals are logged (each line is a job event the controller stores), but at most `first`
+    per caller IP a minute; the rest are counted and the count logged when the minute is over, so a
+    caller looping on refused requests cannot flood the controller's event log."""
+
+    def __init__(self, first: int = 5, window: float = 60.0, max_callers: int = 4096) -> None:
+        self.first, self.window, self.max_callers = first, window, max_callers
+        self.lock = threading.Lock()
+        self.seen: dict[str, tuple[float, int]] = {}  # ip -> (its minute's start, refusals in it)
+
+    def note(self, ip: str, what: str, now: float) -> list[str]:
+        """The lines to log for one refusal of `ip` (none once it is past `first` this minute)."""
+        lines = []
+        with self.lock:
+            start, count = self.seen.get(ip, (now, 0))
+            if now - start >= self.window:
+                if count > self.first:
+                    lines.append(
+                        f"peer server: {count - self.first} more refusals of {ip} in "
+                        f"{self.window:.0f} s were not logged"
+                    )
+                start, count = now, 0
+            count += 1
+            if ip not in self.seen and len(self.seen) >= self.max_callers:
+                self.seen.clear()  # bounded memory; a forgotten caller starts a new minute
+            self.seen[ip] = (start, count)
+        if count <= self.first:
+            lines.append(f"peer server: refused {ip} {what}")
+        if count == self.first:
+            lines.append(f"peer server: further refusals of {ip} this minute are counted, not logged")
+        return lines
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: PeerServer
     protocol_version = "HTTP/1.1"
@@ -109,6 +142,7 @@ class PeerServer(ThreadingHTTPServer):
         self.conns = threading.BoundedSemaphore(limits.connections)
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
+        self.refusals = RefusalLog()
         self.stop_event = threading.Event()
         self.port = self.server_address[1]
         swarm.port = self.port
@@ -153,7 +187,9 @@ class PeerServer(ThreadingHTTPServer):
     def _refuse(self, h: _Handler, status: int, why: str, extra: dict[str, str] | None = None) -> None:
         with self.stats.lock:
             self.stats.refused += 1
-        self.log(f"peer server: refused {h.client_address[0]} ({status}) {h.path[:160]!r}: {why}")
+        ip = str(h.client_address[0])
+        for line in self.refusals.note(ip, f"({status}) {h.path[:160]!r}: {why}", time.monotonic()):
+            self.log(line)
         h._reply(status, why + "\n", extra)
 
     def serve_chunk(self, h: _Handler) -> None:

@@ -21,7 +21,7 @@ import pytest
 from agent.image.manifest import ChunkKind, Manifest
 from agent.peer import ticket
 from agent.peer.bitmap import Have
-from agent.peer.server import PeerServer, ServeLimits
+from agent.peer.server import PeerServer, RefusalLog, ServeLimits
 from agent.peer.source import PeerOptions, PeerSource
 from agent.peer.swarm import Swarm
 from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
@@ -320,3 +320,38 @@ def test_a_peer_lacking_our_key_is_asked_again_later_one_refusing_the_ticket_is_
             assert peer.url in swarm.holders(1)
     finally:
         peer.close()
+
+
+def test_refusals_are_logged_at_most_a_few_a_minute_per_caller_then_counted() -> None:
+    log = RefusalLog(first=3, window=60.0)
+    lines = [line for i in range(50) for line in log.note("10.0.0.9", f"(401) #{i}", now=100.0 + i / 10)]
+    assert [line for line in lines if "refused 10.0.0.9" in line] == [
+        f"peer server: refused 10.0.0.9 (401) #{i}" for i in range(3)
+    ]
+    assert len(lines) == 4 and "counted, not logged" in lines[3]
+    assert log.note("10.0.0.8", "(403) other", now=101.0) == ["peer server: refused 10.0.0.8 (403) other"]
+    later = log.note("10.0.0.9", "(401) next minute", now=161.0)
+    assert later == [
+        "peer server: 47 more refusals of 10.0.0.9 in 60 s were not logged",
+        "peer server: refused 10.0.0.9 (401) next minute",
+    ]
+
+
+def test_a_caller_looping_on_refused_requests_makes_a_few_log_lines(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    src, manifest, digest = image
+    lines: list[str] = []
+    fd = os.open(src, os.O_RDONLY)
+    swarm = Swarm(
+        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
+    )
+    server = PeerServer(swarm, fd, "127.0.0.1", 0, log=lines.append).start()
+    try:
+        for _ in range(40):
+            assert _get_status(server, authorised=False) == 401
+        assert server.stats.refused == 40
+        assert len(lines) <= 6, lines
+    finally:
+        server.close()
+        os.close(fd)
