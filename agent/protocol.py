@@ -346,6 +346,7 @@ class PeerGrant(Message):
     next_key: Annotated[
         str, Bound(max_len=64, pattern="([0-9a-f]{64})?", expected="64 lowercase hex characters or none")
     ] = ""
+    now: Annotated[float, Bound(lo=0.0, hi=1e12)] = 0.0  # the controller's clock (0: not said)
 
 
 @dataclass(frozen=True)

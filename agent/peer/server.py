@@ -205,7 +205,8 @@ class PeerServer(ThreadingHTTPServer):
         try:
             with self.swarm.lock:
                 keys = dict(self.swarm.keys)
-            ticket.verify(auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock())
+                offset = self.swarm.offset
+            ticket.verify(auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock() + offset)
         except KeyUnknown as exc:
             # not a forgery as far as we know: the caller has a newer key than we do (we announce
             # next within an interval); it says so, and it asks again later instead of dropping us

@@ -85,6 +85,7 @@ class Swarm:
         self.dropped: dict[str, str] = {}  # url -> why
         self.slot, self.of = 0, 1
         self.grant: p.PeerGrant | None = None
+        self.offset = 0.0  # the controller's clock minus ours, learned at each announce
         self.keys: dict[str, bytes] = {}  # key name -> fleet key: the last few the controller gave
         self.interval = 2.0
         self.announces = 0
@@ -111,6 +112,9 @@ class Swarm:
         with self.lock:
             self.grant = reply.grant
             remember_keys(self.keys, reply.grant)
+            if reply.grant.now > 0:
+                # tickets expire by the controller's clock: a live image's clock may be far off
+                self.offset = reply.grant.now - self.clock()
             self.slot, self.of, self.interval = reply.seed_slot, reply.seed_of, reply.interval
             try:
                 union = Have.decode(reply.swarm_have, len(self.manifest))

@@ -90,7 +90,7 @@ class Tracker:
         expires = int(now + self.policy.ticket_seconds)
         text = encode(Ticket(digest, machine_id, epoch, expires, self.kid), key)
         following = fleet_key(self.secret, digest, epoch + 1)
-        return PeerGrant(epoch, key.hex(), text, float(expires), self.kid, following.hex())
+        return PeerGrant(epoch, key.hex(), text, float(expires), self.kid, following.hex(), now)
 
     def announce(self, machine_id: str, host: str, message: Announce) -> AnnounceReply:
         """Record what the caller holds (it serves at host:port) and answer with peers and a grant."""

@@ -117,9 +117,11 @@ def _settles(threads: int) -> bool:
     return False
 
 
-def _request(server: PeerServer, authorised: bool, rcvbuf: int = 0) -> tuple[socket.socket, bytes]:
+def _request(
+    server: PeerServer, authorised: bool, rcvbuf: int = 0, text: str = ""
+) -> tuple[socket.socket, bytes]:
     chunk = next(c for c in server.swarm.manifest if c.kind is ChunkKind.DATA)
-    text = ticket.encode(ticket.Ticket(server.swarm.digest, "m-00000000000b", 0, 10**11), KEY)
+    text = text or ticket.encode(ticket.Ticket(server.swarm.digest, "m-00000000000b", 0, 10**11), KEY)
     auth = f"Authorization: Ticket {text}\r\n" if authorised else ""
     sock = socket.socket()
     if rcvbuf:  # before connecting: the window is agreed then
@@ -129,8 +131,8 @@ def _request(server: PeerServer, authorised: bool, rcvbuf: int = 0) -> tuple[soc
     return sock, request.encode()
 
 
-def _get_status(server: PeerServer, authorised: bool) -> int:
-    sock, request = _request(server, authorised)
+def _get_status(server: PeerServer, authorised: bool, text: str = "") -> int:
+    sock, request = _request(server, authorised, text=text)
     with sock:
         sock.sendall(request)
         sock.settimeout(5)
@@ -352,6 +354,32 @@ def test_a_caller_looping_on_refused_requests_makes_a_few_log_lines(
             assert _get_status(server, authorised=False) == 401
         assert server.stats.refused == 40
         assert len(lines) <= 6, lines
+    finally:
+        server.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("skew", [7200.0, -7200.0])
+def test_tickets_expire_by_the_controller_s_clock_not_the_agent_s(
+    image: tuple[Path, Manifest, str], skew: float
+) -> None:
+    # a live image's clock may be hours off (no RTC, no NTP): each announce teaches the offset
+    src, manifest, digest = image
+
+    def agent_clock() -> float:
+        return time.time() + skew
+
+    grant = PeerGrant(0, KEY.hex(), "t", 0.0, now=time.time())
+    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: AnnounceReply(grant), clock=agent_clock)
+    swarm.announce()
+    for chunk in manifest:
+        swarm.have.add(chunk.index)
+    fd = os.open(src, os.O_RDONLY)
+    server = PeerServer(swarm, fd, "127.0.0.1", 0, log=lambda _: None, clock=agent_clock).start()
+    try:
+        for expires, status in ((time.time() + 600, 200), (time.time() - 60, 403)):
+            text = ticket.encode(ticket.Ticket(digest, "m-00000000000b", 0, int(expires)), KEY)
+            assert _get_status(server, authorised=True, text=text) == status, (skew, expires)
     finally:
         server.close()
         os.close(fd)
