@@ -32,6 +32,9 @@ from agent.peer.swarm import Swarm
 PEER_PATH = "/v1/peer/"
 _PATH = re.compile(r"/v1/peer/([0-9a-f]{64})/([0-9a-f]{64})")
 SLICE = 256 << 10
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
 KEY_HEADER = "X-Sledge-Key"  # "unknown": the ticket's key is not (yet) known here
 
 
@@ -156,6 +159,11 @@ class PeerServer(ThreadingHTTPServer):
         if not self.conns.acquire(blocking=False):
             with self.stats.lock:
                 self.stats.busy += 1
+            try:  # a few bytes into an empty send buffer: never blocks the accepting thread
+                request.setblocking(False)
+                request.send(_FULL)
+            except OSError:
+                pass
             self.shutdown_request(request)
             return
         try:

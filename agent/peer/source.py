@@ -157,7 +157,12 @@ class PeerSource:
                 f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
                 headers={"Authorization": f"Ticket {self.swarm.ticket()}"},
             )
-            resp = conn.getresponse()
+            try:
+                resp = conn.getresponse()
+            except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
+                # closed before any answer: what a peer whose connections are all taken does (see
+                # PeerServer.process_request); busy, then, and dropped only if it stays so
+                raise _Failed(f"closed before answering: {exc}", drop=False, status=503) from None
             if resp.status == 403 and resp.getheader(KEY_HEADER, "") == "unknown":
                 # it has not been handed our key yet (a new epoch, a restarted controller): asked
                 # again after its next announce; one that says so for `patience` is dropped as busy

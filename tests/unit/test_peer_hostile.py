@@ -211,12 +211,13 @@ class FakePeer:
         self.listener.close()
 
 
-def swarm_with(peer: FakePeer, manifest: Manifest, digest: str) -> Swarm:
+def swarm_with(peer: FakePeer | str, manifest: Manifest, digest: str) -> Swarm:
+    url = peer if isinstance(peer, str) else peer.url
     full = Have(len(manifest))
     full.bits = (1 << len(manifest)) - 1
     reply = AnnounceReply(
         PeerGrant(0, "00" * 32, "t", 1e11),
-        (PeerInfo("m-00000000000e", peer.url, full.encode(), True),),
+        (PeerInfo("m-00000000000e", url, full.encode(), True),),
         seed_slot=0,
         seed_of=2,
     )
@@ -383,3 +384,23 @@ def test_tickets_expire_by_the_controller_s_clock_not_the_agent_s(
     finally:
         server.close()
         os.close(fd)
+
+
+def test_a_peer_with_every_connection_taken_is_busy_not_dropped(
+    server: PeerServer, image: tuple[Path, Manifest, str]
+) -> None:
+    _, manifest, digest = image
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]  # the cap
+    try:
+        time.sleep(0.1)
+        url = f"http://127.0.0.1:{server.port}"
+        swarm = swarm_with(url, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=30.0, max_wait=0.2))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(5)
+        assert isinstance(out[0], FetchError) and out[0].missing
+        assert url not in swarm.dropped, swarm.dropped
+        assert server.stats.busy >= 1
+    finally:
+        for s in socks:
+            s.close()
