@@ -150,7 +150,7 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
         sock.sendall(request)
         got, t0 = 0, time.monotonic()
         sock.settimeout(0.2)
-        while time.monotonic() - t0 < 4:
+        while time.monotonic() - t0 < 7:
             try:
                 n = len(sock.recv(16384))
             except TimeoutError:
@@ -160,10 +160,10 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
             if not n:
                 break
             got += n
-            time.sleep(0.05)  # about 300 KB/s: a 1 MiB chunk would take 3.5 s
+            time.sleep(0.08)  # about 200 KB/s: a 1 MiB chunk would take over 5 s
         took = time.monotonic() - t0
         # cut off after upload_seconds (1 s) plus at most one write, having sent a part of the chunk
-        assert took < 2.6, f"the slow upload lasted {took:.1f} s, expected under 2.6"
+        assert took < 3.5, f"the slow upload lasted {took:.1f} s, expected under 3.5"
         assert got < MiB
         assert server.slots.acquire(blocking=False), "the upload slot is still held"
         server.slots.release()
