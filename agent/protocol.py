@@ -308,3 +308,63 @@ class HeartbeatReply(Message):
     """cancel: jobs of this machine the agent must stop (cancelled by an operator, or lease lost)."""
 
     cancel: Annotated[tuple[str, ...], Bound(max_len=64, item_len=2048)] = ()
+
+
+# -- peers: the deploy job's announce to the tracker (docs/peers.md) ---------------------------------
+
+PEERS_PATH = "/v1/agent/peers"
+MAX_PEERS = 10
+Bitmap = Annotated[str, Bound(max_len=11000, pattern="[A-Za-z0-9+/=]*", expected="base64")]
+ChunkCount = Annotated[int, Bound(lo=0, hi=1 << 16)]
+
+
+@dataclass(frozen=True)
+class Announce(Message):
+    """A deploying agent says which chunks of its job's image it holds and where it serves them."""
+
+    job_id: Id
+    manifest_digest: Digest
+    port: Annotated[int, Bound(lo=1, hi=65535)]
+    chunks: ChunkCount  # chunks in the image (the bitmap's length in bits)
+    have: Bitmap = ""
+    complete: bool = False
+    leaving: bool = False  # the job's sharing ends: the tracker forgets this agent at once
+
+
+@dataclass(frozen=True)
+class PeerGrant(Message):
+    """The image's fleet key for one epoch (and the next: agents hold it before that epoch starts),
+    the issuing controller's key id, and the agent's own ticket under the first (agent.peer.ticket)."""
+
+    epoch: Annotated[int, Bound(lo=0, hi=10**12 - 1)]
+    key: Annotated[str, Bound(max_len=64, pattern="[0-9a-f]{64}", expected="64 lowercase hex characters")]
+    ticket: Annotated[str, Bound(max_len=256)]
+    expires: Annotated[float, Bound(lo=0.0, hi=1e12)]
+    kid: Annotated[str, Bound(max_len=8, pattern="[0-9a-f]{8}", expected="8 lowercase hex characters")] = (
+        "00000000"
+    )
+    next_key: Annotated[
+        str, Bound(max_len=64, pattern="([0-9a-f]{64})?", expected="64 lowercase hex characters or none")
+    ] = ""
+    now: Annotated[float, Bound(lo=0.0, hi=1e12)] = 0.0  # the controller's clock (0: not said)
+
+
+@dataclass(frozen=True)
+class PeerInfo(Message):
+    machine_id: Id
+    url: Annotated[str, Bound(max_len=128)]
+    have: Bitmap = ""
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class AnnounceReply(Message):
+    """Peers that hold chunks the agent lacks (completed first), the origin share the agent seeds
+    (chunk i is its to fetch from the sources when i % seed_of == seed_slot), and when to ask again."""
+
+    grant: PeerGrant
+    peers: Annotated[tuple[PeerInfo, ...], Bound(max_len=MAX_PEERS)] = ()
+    seed_slot: Annotated[int, Bound(lo=0, hi=10**6)] = 0
+    seed_of: Annotated[int, Bound(lo=1, hi=10**6)] = 1
+    interval: Seconds = 2.0
+    swarm_have: Bitmap = ""  # every chunk someone in the swarm holds: paces the origin shares

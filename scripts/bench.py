@@ -5,7 +5,9 @@ casync make. Section B (issue 4): `sledge-agent write` to a loop device from ngi
 against curl | dd, bmaptool copy and casync extract, as ratios to the line rate. Section C (issue 7):
 the live image. Section D (issue 5): `sledge serve` under N simulated agents on 127.0.0.1.
 Section E (issue 20): `sledge-agent write` from each common static web server (scripts/webservers.py),
-as ratios to nginx.
+as ratios to nginx. Section F (issue 13): a compressible image at the limit
+(benchlib/speedbench.py). Section G (issue 15): a simulated fleet of N agents sharing chunks
+(benchlib/fleetbench.py).
 Everything stays on this machine and is removed on exit, Ctrl-C included.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from benchlib.bootbench import run_boot_bench
+from benchlib.fleetbench import run_fleet_bench
 from benchlib.importbench import run_import_bench
 from benchlib.loadbench import LoadConfig, run_load_bench
 from benchlib.proc import BenchError, kill_all, log, run
@@ -55,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
     p.add_argument(
-        "--only", choices=["import", "write", "boot", "load", "servers", "speed"], help="run one section"
+        "--only",
+        choices=["import", "write", "boot", "load", "servers", "speed", "fleet"],
+        help="run one section",
     )
     p.add_argument(
         "--compressible-image",
@@ -83,6 +88,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=60.0,
         help="section D: seconds of steady load after enrolment (default 60)",
+    )
+    p.add_argument(
+        "--fleet-sizes",
+        default="25,50,100,200",
+        help="section G: simulated fleet sizes, comma-separated (default 25,50,100,200)",
     )
     p.add_argument(
         "--tmpdir",
@@ -201,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             load_cfg = LoadConfig(agents=args.agents, seconds=args.load_seconds)
             load_lines, load_targets = run_load_bench(work / "load", load_cfg)
             targets += load_targets
+        fleet_lines: list[str] = []
+        if args.only in (None, "fleet"):
+            sizes = [int(x) for x in args.fleet_sizes.split(",") if x.strip()]
+            # 16 MiB at 0.5 MiB/s per agent (S/B = 32 s), the origin at 4 B: N = 200 agents move
+            # 100 MiB/s through this one process, which two shared cores can still carry
+            fleet_lines = run_fleet_bench(
+                work / "fleet", sizes, args.reps, 16 * MiB, MiB // 2, 2 * MiB, origin_only_max=25, log=log
+            )
         print(header(args, argv, load_before) + "\n")
         if rows:
             print(table(rows))
@@ -208,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n**C. the live image (issue 7)**\n\n" + "\n".join(boot_lines))
         if load_lines:
             print("\n**D. controller load (issue 5)**\n\n" + "\n".join(load_lines))
+        if fleet_lines:
+            print(
+                "\n**F. a simulated fleet: peers, tracker, origin (issue 15)**\n\n" + "\n".join(fleet_lines)
+            )
         if targets:
             print("\n" + targets_table(targets))
         return 0

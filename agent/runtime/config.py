@@ -36,6 +36,13 @@ class AgentConfig:
     shell: bool = False
     power: bool = False  # really reboot / power off (set in the live image)
     console_status: bool = False  # draw the status on every console (set in the live image)
+    # sharing chunks with peers while deploying (docs/peers.md): off by default, since it opens a port
+    peers: bool = False
+    peer_host: str = "0.0.0.0"  # the address the peer server listens on
+    peer_port: int = 0  # 0: any free port (the tracker learns it)
+    peer_uploads: int = 4  # concurrent uploads
+    peer_upload_rate: float = 0.0  # bytes/s over all uploads; 0: no cap
+    peer_linger: float = 0.0  # seconds to keep serving after the write (the job ends then)
 
     def validate(self) -> AgentConfig:
         if self.controller:
@@ -44,6 +51,11 @@ class AgentConfig:
                 raise ConfigError(f"controller {self.controller!r}: expected an http:// or https:// URL")
         if self.ca and not Path(self.ca).is_file():
             raise ConfigError(f"ca {self.ca!r}: expected a PEM file")
+        if not 0 <= self.peer_port <= 65535 or self.peer_uploads < 1:
+            raise ConfigError(
+                "peer_port/peer_uploads: expected 0..65535 and >= 1, "
+                f"got {self.peer_port}/{self.peer_uploads}"
+            )
         for name in ("heartbeat", "poll_wait", "max_backoff"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: expected a positive number of seconds, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from agent import protocol as p
 from agent.hardware.model import Inventory
-from agent.runtime.transport import Conflict, TransportError, Unauthorized
+from agent.runtime.transport import Conflict, Rejected, TransportError, Unauthorized
 
 
 @dataclass
@@ -111,3 +111,9 @@ class FakeTransport:
         with self.lock:
             self.enrollment_tokens.add(token)
         return f"#!ipxe\nkernel http://c/boot/vmlinuz sledge.controller=http://c sledge.token={token}\nboot\n"
+
+    def announce(self, token: str, message: p.Announce) -> p.AnnounceReply:
+        """No tracker here: a deploy with peers enabled falls back to its sources alone."""
+        self._enter("announce")
+        self._auth(token)
+        raise Rejected("the fake transport has no tracker")

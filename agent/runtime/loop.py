@@ -222,6 +222,7 @@ class Agent:
             emit,
             cancel,
             self._post_inventory,
+            lambda message: self.transport.announce(self.token, message),
         )
         emit(p.EventKind.STAGE, f"{assignment.kind.value} started (attempt {assignment.attempt})", None, None)
         try:

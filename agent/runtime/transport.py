@@ -54,6 +54,8 @@ class Transport(Protocol):
 
     def boot_script(self, mac: str) -> str: ...
 
+    def announce(self, token: str, message: p.Announce) -> p.AnnounceReply: ...
+
 
 class HttpTransport:
     """JSON over HTTP(S) with http.client; a fresh connection per call keeps failure handling simple."""
@@ -122,6 +124,10 @@ class HttpTransport:
 
     def post_inventory(self, token: str, inventory: Inventory) -> None:
         self._call("POST", p.INVENTORY_PATH, token, inventory.to_wire())
+
+    def announce(self, token: str, message: p.Announce) -> p.AnnounceReply:
+        _, payload = self._call("POST", p.PEERS_PATH, token, message.to_wire())
+        return _parse(p.AnnounceReply.from_wire, self._json(payload, "peers"), "peers")
 
     def boot_script(self, mac: str) -> str:
         _, payload = self._call("GET", f"{p.BOOT_SCRIPT_PATH}?mac={urllib.parse.quote(mac)}")

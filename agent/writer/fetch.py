@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.image.chunk import ChunkInvalid, Decoder
+from agent.image.chunk import ChunkInvalid, Decoder, verify_raw
 from agent.image.manifest import Chunk
 from agent.writer.errors import Cancelled, ChunkUnavailable, FetchError
 from agent.writer.events import SourceEvent, SourceFailed, SourceHealthChanged
@@ -224,15 +224,22 @@ class SourceSet:
     def _attempt(
         self, source: ChunkSource, chunk: Chunk, stored: memoryview, raw: memoryview, timing: dict[str, float]
     ) -> memoryview:
+        # a peer (agent.peer) sends the image bytes it read back from its disk, not the stored form
+        raw_form = getattr(source, "serves_raw", False)
+        expected = chunk.length if raw_form else chunk.stored_len
         t0 = time.perf_counter()
         n = source.fetch_into(chunk, stored)
         t1 = time.perf_counter()
         timing["fetch"] = timing.get("fetch", 0.0) + t1 - t0
-        if n != chunk.stored_len:
-            raise FetchError(source.name, f"expected {chunk.stored_len} bytes, got {n}", bad_bytes=True)
+        if n != expected:
+            raise FetchError(source.name, f"expected {expected} bytes, got {n}", bad_bytes=True)
         try:
-            # decompressed (if zstd) straight into `raw`, verified there: nothing is copied
-            view = self.decoder.decode_into(chunk, stored[:n], raw)
+            if raw_form:  # a peer's image bytes, verified as they are
+                view = stored[: chunk.length]
+                verify_raw(chunk, view)
+            else:
+                # decompressed (if zstd) straight into `raw`, verified there: nothing is copied
+                view = self.decoder.decode_into(chunk, stored[:n], raw)
         except ChunkInvalid as exc:
             raise FetchError(source.name, exc.reason, bad_bytes=True) from None
         finally:

@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -46,6 +46,10 @@ class WriteOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5
+    # hooks for peer sharing (agent.peer.swarm): the fetch order, and each chunk once it is on the
+    # target verified (written, or found in place)
+    order: Callable[[Iterator[Step]], Iterator[Step]] | None = None
+    on_verified: Callable[[Chunk], None] | None = None
 
 
 def thread_counts(options: WriteOptions, cores: int) -> tuple[int, int]:
@@ -111,6 +115,8 @@ class Writer:
         steps = iter_plan(self.manifest, target, PlanOptions(self.options.inplace, self.options.zero_mode))
         if self.options.inplace and not self.target.fresh:
             self._undo = self._image_tables()
+        if self.options.order is not None:
+            steps = self.options.order(steps)
         self._phase("write")
         with self._interrupt_on_cancel():
             self._run_threads(steps, self._work)
@@ -286,6 +292,8 @@ class Writer:
                         self.counters.add(done=chunk.length, fetched_chunks=1, written=chunk.length)
                     else:
                         self.counters.add(done=chunk.length, restored=1, written=chunk.length)
+                    if self.options.on_verified is not None:
+                        self.options.on_verified(chunk)
             except BaseException as exc:
                 self._fail(exc)
             finally:
@@ -305,6 +313,8 @@ class Writer:
             action = after_check(chunk, matches)
             if action is Action.SKIP:
                 self.counters.add(done=chunk.length, inplace=1)
+                if self.options.on_verified is not None and chunk.kind is ChunkKind.DATA:
+                    self.options.on_verified(chunk)
                 return None
             if action is Action.FETCH and self._restored(chunk, raw, timing):
                 return self._hand_over(chunk, raw[: chunk.length], False, timing)

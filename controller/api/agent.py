@@ -73,6 +73,16 @@ async def finish(request: web.Request) -> web.StreamResponse:
     return respond(request, JobStateReply(job.id, job.state).to_wire())
 
 
+async def announce(request: web.Request) -> web.StreamResponse:
+    """A deploying agent's tracker announce: what it holds; peers, its origin share and a ticket back."""
+    message = await read_body(request, p.Announce.from_wire)
+    svc = services(request)
+    machine_id = machine_of(request)
+    svc.fleet.check_deploying(machine_id, message.job_id, message.manifest_digest, message.chunks)
+    reply = svc.tracker.announce(machine_id, peer(request), message)
+    return respond(request, reply.to_wire())
+
+
 ROUTES = (
     Route(
         "POST",
@@ -109,6 +119,15 @@ ROUTES = (
         auth="agent",
         response="Assignment",
         params=("wait",),
+    ),
+    Route(
+        "POST",
+        p.PEERS_PATH,
+        announce,
+        "Announce the chunks a deploy job holds; get peers, an origin share and a peer ticket",
+        auth="agent",
+        request="Announce",
+        response="AnnounceReply",
     ),
     Route(
         "POST",

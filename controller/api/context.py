@@ -15,6 +15,7 @@ from controller.config import Config
 from controller.fleet.agents import Fleet
 from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
+from controller.fleet.tracker import Tracker
 from controller.metrics import Metrics
 from controller.power.service import Power
 
@@ -63,6 +64,7 @@ class Services:
     power: Power
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     presign: Callable[[str], str] | None = None  # store path -> presigned bucket URL (--s3-store)
+    tracker: Tracker = field(default_factory=Tracker)  # in memory: which agent holds which chunks
 
 
 SERVICES = web.AppKey("services", Services)

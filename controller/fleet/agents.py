@@ -22,10 +22,11 @@ from agent.protocol import (
     FinishRequest,
     Heartbeat,
     HeartbeatReply,
+    JobKind,
     identity,
 )
 from controller import auth, jobs
-from controller.fleet.errors import Conflict, Denied, NotFound
+from controller.fleet.errors import Conflict, Denied, Invalid, NotFound
 from controller.jobs import JobState
 from controller.state.model import EventRecord, InventoryRecord, Job, Machine, Source
 from controller.state.store import Store, Tx
@@ -156,6 +157,25 @@ class Fleet:
             status = jobs.renew(job.id, job.status, job.status.attempts, now, self.policy.lease_seconds)
             tx.put_job(replace(job, status=status, updated_at=now))
             return HeartbeatReply()
+
+    def check_deploying(self, machine_id: str, job_id: str, digest: str, chunks: int | None = None) -> None:
+        """Only an agent running a deploy job of an image may take part in sharing its chunks, and
+        its bitmap must be one of that image's chunk count (a peer claiming chunks the image does not
+        have would be handed to others as a holder of them)."""
+        with self.store.transaction() as tx:
+            job = self._own_job(tx, machine_id, job_id)
+            image = tx.image(job.params.image_name, job.params.image_version)
+        if job.kind is not JobKind.DEPLOY or job.state is not JobState.RUNNING:
+            raise Conflict(f"job {job_id}: expected a running deploy job, got a {job.state} {job.kind} job")
+        if job.params.manifest_digest != digest:
+            raise Conflict(
+                f"job {job_id}: deploys manifest {job.params.manifest_digest[:16]}, not {digest[:16]}"
+            )
+        if chunks is not None and image is not None and image.digest == digest and chunks != image.chunks:
+            raise Invalid(
+                f"job {job_id}: announced a bitmap of {chunks} chunks, expected {image.chunks} "
+                f"(image {image.ref})"
+            )
 
     def claim(self, machine_id: str) -> Assignment | None:
         """The machine's running job (handed again, e.g. to a restarted agent) or its oldest queued one."""

@@ -81,6 +81,10 @@ CONTROLLER_MAY_USE = (
     "agent.endpoint",
     "agent.progress",
     "agent.errors",
+    # the peer ticket and have-bitmap formats (the tracker issues and reads them), not the peer runtime
+    "agent.peer.ticket",
+    "agent.peer.bitmap",
+    "agent.peer.errors",
 )
 
 

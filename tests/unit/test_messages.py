@@ -276,6 +276,12 @@ async def test_the_served_api_answers_what_its_routes_declare(
     await call(
         "POST", "/v1/agent/heartbeat", "/v1/agent/heartbeat", ag, json={"job_id": job["id"], "status": "x"}
     )
+    digest = (await call("GET", "/v1/jobs/{job_id}", f"/v1/jobs/{job['id']}", op))["params"][
+        "manifest_digest"
+    ]
+    announce = {"job_id": job["id"], "manifest_digest": digest, "port": 7070, "chunks": 1, "have": "AQ=="}
+    peers = await call("POST", "/v1/agent/peers", "/v1/agent/peers", ag, json=announce)
+    assert peers["grant"]["ticket"].startswith("t2." + digest) and peers["seed_of"] == 1
     await call(
         "POST",
         "/v1/agent/inventory",

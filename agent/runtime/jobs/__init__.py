@@ -78,6 +78,7 @@ class JobContext:
     emit: Emit
     cancel: threading.Event
     post_inventory: Callable[[Inventory], None]
+    announce: Callable[[p.Announce], p.AnnounceReply] | None = None  # the tracker (peer sharing)
 
     def stage(self, message: str) -> None:
         self.emit(p.EventKind.STAGE, message, None, None)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from agent import protocol as p
 from agent.disk.errors import DiskError
 from agent.hardware.errors import HardwareError
 from agent.image.errors import ImageError
+from agent.peer.server import ServeLimits
+from agent.peer.session import PeerConfig, PeerSession
+from agent.peer.source import PeerSource
 from agent.progress import human_bytes
 from agent.runtime.backoff import Backoff
 from agent.runtime.jobs import JobContext, Outcome, choose_disk, failed
@@ -56,11 +60,42 @@ def _listener(ctx: JobContext, interval: float = 1.0):  # type: ignore[no-untype
                     event.image_size,
                 )
         elif isinstance(event, SourceFailed):
+            if event.source == PeerSource.name and not event.dropped:
+                return  # "not from peers" just means the next source: the session reports dropped peers
             ctx.warn(f"chunk {event.chunk_index} from {event.source}: {event.error}")
         elif isinstance(event, SourceHealthChanged):
             ctx.warn(f"source {event.source} {event.state}: {event.reason}")
 
     return listen
+
+
+def _peers(
+    ctx: JobContext, loaded: LoadedManifest, fd: int
+) -> contextlib.AbstractContextManager[PeerSession | None]:
+    """Sharing chunks with the fleet while this deploy runs (sledge.peers=1), else nothing."""
+    config = ctx.config
+    if not config.peers or ctx.announce is None:
+        return contextlib.nullcontext()
+    peer_config = PeerConfig(
+        host=config.peer_host,
+        port=config.peer_port,
+        serve=ServeLimits(uploads=config.peer_uploads, rate=config.peer_upload_rate),
+        linger=config.peer_linger,
+    )
+    try:
+        return PeerSession(
+            loaded.manifest,
+            loaded.digest,
+            ctx.assignment.job_id,
+            ctx.announce,
+            fd,
+            peer_config,
+            ctx.log,
+            lambda dropped: ctx.warn(f"peer {dropped.url} dropped: {dropped.reason}"),
+        )
+    except OSError as exc:  # sharing is an optimisation: the deploy goes on without it
+        ctx.warn(f"peers: cannot listen on {config.peer_host}:{config.peer_port}: {exc.strerror or exc}")
+        return contextlib.nullcontext()
 
 
 def deploy(ctx: JobContext) -> Outcome:
@@ -81,8 +116,11 @@ def deploy(ctx: JobContext) -> Outcome:
         target = ctx.disks.open_write(disk.path, manifest.image_size)
         try:
             options = WriteOptions(workers=ctx.config.workers, retry=PATIENT)
-            writer = Writer(manifest, loaded.digest, sources, target, options, _listener(ctx), ctx.cancel)
-            report = writer.run()
+            with _peers(ctx, loaded, target.buffered_fd) as peers:
+                chosen = peers.sources(sources) if peers else sources
+                options = peers.options(options) if peers else options
+                writer = Writer(manifest, loaded.digest, chosen, target, options, _listener(ctx), ctx.cancel)
+                report = writer.run()
         finally:
             target.close()
     except (WriteError, ImageError, OSError) as exc:

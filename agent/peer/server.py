@@ -1,0 +1,276 @@
+"""The peer server: serves the chunks this agent verified, to callers with a ticket for the image.
+
+GET /v1/peer/<manifest digest>/<chunk blake3> with `Authorization: Ticket <ticket>`. The path is
+matched whole against hex patterns and looked up in the swarm's bitmap: no part of a request
+reaches the filesystem. The bytes are read back from the target at the chunk's offset and hashed
+again before they go out (a disk that changed under us serves nothing wrong): one extra read of
+each served chunk and one blake3 (~5 GB/s a core), and memory of one chunk per upload slot.
+Uploads are capped in number (more get 503 with Retry-After) and in bytes/s (a token bucket
+shared by all of them), so the agent's own deploy keeps its share of the link and the disk.
+A request without a ticket gets 401, one with a ticket that does not verify 403; both are logged.
+A ticket under a key this agent was not handed yet gets 403 with `X-Sledge-Key: unknown`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import blake3
+
+from agent.peer import ticket
+from agent.peer.bucket import TokenBucket
+from agent.peer.errors import KeyUnknown, TicketInvalid
+from agent.peer.swarm import Swarm
+
+PEER_PATH = "/v1/peer/"
+_PATH = re.compile(r"/v1/peer/([0-9a-f]{64})/([0-9a-f]{64})")
+SLICE = 256 << 10
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+KEY_HEADER = "X-Sledge-Key"  # "unknown": the ticket's key is not (yet) known here
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    uploads: int = 4  # concurrent uploads
+    rate: float = 0.0  # bytes/s over all uploads; 0: no cap
+    timeout: float = 10.0  # a caller silent this long (headers or reading) is cut off
+    connections: int = 32  # open connections (one thread each); more are closed at once
+    upload_seconds: float = 60.0  # the longest one upload may take (on top of its share of `rate`)
+
+
+@dataclass
+class ServeStats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    served_bytes: int = 0
+    served_chunks: int = 0
+    refused: int = 0  # 401/403
+    busy: int = 0  # 503
+
+
+class RefusalLog:
+    """Refusals are logged (each line is a job event the controller stores), but at most `first`
+    per caller IP a minute; the rest are counted and the count logged when the minute is over, so a
+    caller looping on refused requests cannot flood the controller's event log."""
+
+    def __init__(self, first: int = 5, window: float = 60.0, max_callers: int = 4096) -> None:
+        self.first, self.window, self.max_callers = first, window, max_callers
+        self.lock = threading.Lock()
+        self.seen: dict[str, tuple[float, int]] = {}  # ip -> (its minute's start, refusals in it)
+
+    def note(self, ip: str, what: str, now: float) -> list[str]:
+        """The lines to log for one refusal of `ip` (none once it is past `first` this minute)."""
+        lines = []
+        with self.lock:
+            start, count = self.seen.get(ip, (now, 0))
+            if now - start >= self.window:
+                if count > self.first:
+                    lines.append(
+                        f"peer server: {count - self.first} more refusals of {ip} in "
+                        f"{self.window:.0f} s were not logged"
+                    )
+                start, count = now, 0
+            count += 1
+            if ip not in self.seen and len(self.seen) >= self.max_callers:
+                self.seen.clear()  # bounded memory; a forgotten caller starts a new minute
+            self.seen[ip] = (start, count)
+        if count <= self.first:
+            lines.append(f"peer server: refused {ip} {what}")
+        if count == self.first:
+            lines.append(f"peer server: further refusals of {ip} this minute are counted, not logged")
+        return lines
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PeerServer
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        # the timeout covers the request line and headers too: a caller that opens a connection and
+        # says nothing (slowloris) is cut off after limits.timeout instead of holding a thread forever
+        self.request.settimeout(self.server.limits.timeout)
+        super().setup()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # refusals are logged on purpose below; the rest is not worth a line
+
+    def _reply(self, status: int, text: str, extra: dict[str, str] | None = None) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.server.serve_chunk(self)
+
+    def do_POST(self) -> None:
+        self._reply(405, "only GET\n")
+
+    do_PUT = do_DELETE = do_HEAD = do_POST
+
+
+class PeerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        fd: int,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        limits: ServeLimits = ServeLimits(),
+        log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__((host, port), _Handler)
+        self.swarm = swarm
+        self.fd = fd
+        self.limits = limits
+        self.log = log
+        self.clock = clock
+        self.slots = threading.BoundedSemaphore(limits.uploads)
+        self.conns = threading.BoundedSemaphore(limits.connections)
+        self.bucket = TokenBucket(limits.rate)
+        self.stats = ServeStats()
+        self.refusals = RefusalLog()
+        self.stop_event = threading.Event()
+        self.port = self.server_address[1]
+        swarm.port = self.port
+        self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a caller that hangs up (it dropped us, or was cancelled) is no error of ours
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # a cap on connections, not only on uploads: each one is a thread and a file descriptor
+        if not self.conns.acquire(blocking=False):
+            with self.stats.lock:
+                self.stats.busy += 1
+            try:  # a few bytes into an empty send buffer: never blocks the accepting thread
+                request.setblocking(False)
+                request.send(_FULL)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.conns.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.conns.release()  # the thread's shutdown_request closed the socket
+
+    def start(self) -> PeerServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(0.2,), name="peer-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        self.server_close()
+
+    def _refuse(self, h: _Handler, status: int, why: str, extra: dict[str, str] | None = None) -> None:
+        with self.stats.lock:
+            self.stats.refused += 1
+        ip = str(h.client_address[0])
+        for line in self.refusals.note(ip, f"({status}) {h.path[:160]!r}: {why}", time.monotonic()):
+            self.log(line)
+        h._reply(status, why + "\n", extra)
+
+    def serve_chunk(self, h: _Handler) -> None:
+        match = _PATH.fullmatch(h.path)
+        if match is None:
+            h._reply(404, "not a peer chunk path\n")
+            return
+        digest, chunk_hex = match.groups()
+        auth = h.headers.get("Authorization", "")
+        if not auth.startswith("Ticket "):
+            self._refuse(h, 401, "expected 'Authorization: Ticket <ticket>' from the controller")
+            return
+        try:
+            with self.swarm.lock:
+                keys = dict(self.swarm.keys)
+                offset = self.swarm.offset
+            ticket.verify(auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock() + offset)
+        except KeyUnknown as exc:
+            # not a forgery as far as we know: the caller has a newer key than we do (we announce
+            # next within an interval); it says so, and it asks again later instead of dropping us
+            self._refuse(h, 403, str(exc), {KEY_HEADER: "unknown"})
+            return
+        except TicketInvalid as exc:
+            self._refuse(h, 403, str(exc))
+            return
+        chunk = self.swarm.lookup(digest, chunk_hex)
+        if chunk is None:
+            h._reply(404, "not held here\n")
+            return
+        if not self.slots.acquire(blocking=False):
+            with self.stats.lock:
+                self.stats.busy += 1
+            h._reply(503, "upload slots full\n", {"Retry-After": "1"})
+            return
+        try:
+            self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
+        finally:
+            self.slots.release()
+
+    def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> None:
+        data = bytearray(length)
+        got = os.preadv(self.fd, [data], offset)
+        if got != length or blake3.blake3(data).digest() != digest:
+            self.swarm.forget(index)
+            self.log(f"peer server: chunk {index} reads back wrong from the target; no longer offered")
+            h._reply(404, "not held here\n")
+            return
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
+        view = memoryview(data)
+        # a slow reader may not hold an upload slot for long: a deadline for the whole upload, and the
+        # socket's own timeout cut so that no one write outlasts it
+        allowed = self.limits.upload_seconds
+        if self.limits.rate > 0:
+            allowed += length * self.limits.uploads / self.limits.rate  # its share of the cap
+        deadline = time.monotonic() + allowed
+        for start in range(0, length, SLICE):
+            piece = view[start : start + SLICE]
+            if not self.bucket.take(len(piece), self.stop_event):
+                h.close_connection = True
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.log(
+                    f"peer server: upload of chunk {index} to {h.client_address[0]} cut off after "
+                    f"{allowed:.0f} s ({start} of {length} bytes)"
+                )
+                h.close_connection = True
+                return
+            h.connection.settimeout(min(self.limits.timeout, left))
+            h.wfile.write(piece)
+        with self.stats.lock:
+            self.stats.served_bytes += length
+            self.stats.served_chunks += 1

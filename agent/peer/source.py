@@ -1,0 +1,250 @@
+"""The peer source: a ChunkSource (agent.writer.sources) that fetches from the agent's peers.
+
+For a chunk of the agent's origin share it answers "missing" (the writer goes on to the mirrors
+and the origin) once the swarm holds all but a few of the chunks below it (Swarm.paced); for any
+other it asks a random peer that holds it, waiting for one to appear while the swarm makes
+progress (unless it is alone in the swarm), then answers "missing" too. Peers send the image bytes
+(`serves_raw`), which are hashed here before they are returned, so a peer that serves wrong bytes
+is dropped by name while the source stays; the writer hashes them again like any source's. A peer
+that refuses the ticket, fails, or sends slower than `min_rate` (also a deadline for the whole chunk:
+timeout + length / min_rate) is dropped as well, and so is one that claims chunks it then does not
+serve (`strikes` 404s, or only 503s for `patience` seconds).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import blake3
+
+from agent.image.manifest import Chunk
+from agent.peer.bucket import TokenBucket
+from agent.peer.server import KEY_HEADER, PEER_PATH
+from agent.peer.swarm import Swarm
+from agent.writer.errors import FetchError
+from agent.writer.sources import ChunkSource
+
+SLICE = 256 << 10
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    patience: float = 30.0  # seconds without a new chunk (here or in the swarm) before the origin
+    max_wait: float = 600.0  # the longest one chunk waits for peers
+    timeout: float = 5.0  # per socket operation
+    # bytes/s below which a peer counts as slow and is dropped; it also bounds one chunk's fetch at
+    # timeout + length / min_rate (a peer trickling a byte a second would hold a writer thread forever)
+    min_rate: float = 64 << 10
+    strikes: int = 3  # 404s for chunks a peer claimed (or 503s over `patience`) before it is dropped
+    download: float = 0.0  # this agent's download cap in bytes/s over all sources; 0: none
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, drop: bool, status: int = 0) -> None:
+        super().__init__(reason)
+        self.drop = drop
+        self.status = status
+
+
+class PeerSource:
+    name = "peers"
+    serves_raw = True
+
+    def __init__(self, swarm: Swarm, options: PeerOptions, bucket: TokenBucket | None = None) -> None:
+        self.swarm = swarm
+        self.options = options
+        self.bucket = bucket or TokenBucket(options.download)
+        self.stop = threading.Event()
+        self.bytes_by_peer: dict[str, int] = {}
+        self.declined: dict[str, int] = {}  # why chunks went to the sources: share, alone, stalled
+        self._lock = threading.Lock()
+        # a peer that claims chunks and does not serve them (404, or 503 for ever) stalls the others:
+        # its 404s are counted, and how long it has answered only 503
+        self._missing: dict[str, int] = {}
+        self._busy: dict[str, tuple[int, float]] = {}  # url -> (503s in a row, since when)
+
+    def _waiting(self, deadline: float) -> bool:
+        """Worth waiting on: the swarm still makes progress, within the longest wait."""
+        return (
+            not self.stop.is_set()
+            and time.monotonic() < deadline
+            and not self.swarm.stalled(self.options.patience)
+        )
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        # wait for the swarm while it makes progress (a chunk new to it or to this agent at least
+        # every `patience` seconds), at most `max_wait` for one chunk
+        deadline = time.monotonic() + self.options.max_wait
+        if self.swarm.mine(chunk.index):
+            while not self.swarm.paced(chunk.index) and self._waiting(deadline):
+                self.swarm.wait_change(0.1)
+            raise FetchError(self.name, f"chunk {chunk.index} is this agent's origin share", missing=True)
+        tried: set[str] = set()
+        while not self.stop.is_set():
+            holders = [u for u in self.swarm.holders(chunk.index) if u not in tried]
+            if not holders:
+                # another member of the swarm fetches it from the origin: wait for it (a lone agent
+                # goes on at once)
+                why = (
+                    "share"
+                    if self.swarm.mine(chunk.index)
+                    else "alone"
+                    if self.swarm.alone()
+                    else ""
+                    if self._waiting(deadline)
+                    else "stalled"
+                )
+                if why:
+                    with self._lock:
+                        self.declined[why] = self.declined.get(why, 0) + 1
+                    raise FetchError(self.name, f"no peer holds chunk {chunk.index} ({why})", missing=True)
+                self.swarm.wait_change(0.1)
+                tried.clear()  # a holder that was busy (503) may have a slot now
+                continue
+            url = self.swarm.rng.choice(holders)
+            tried.add(url)
+            try:
+                n = self._get(url, chunk, buf)
+            except _Failed as exc:
+                if self.stop.is_set():
+                    break
+                if exc.drop:
+                    self.swarm.drop(url, str(exc))
+                else:
+                    self.swarm.learned(url, chunk.index)
+                    self._strike(url, exc.status, chunk)
+                continue
+            with self._lock:
+                self._busy.pop(url, None)
+            if n != chunk.length or blake3.blake3(buf[:n]).digest() != chunk.digest:
+                self.swarm.drop(url, f"served bad bytes for {chunk.describe()}")
+                continue
+            with self._lock:
+                self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
+            return n
+        raise FetchError(self.name, "interrupted")
+
+    def _strike(self, url: str, status: int, chunk: Chunk) -> None:
+        """Count a 404 or 503 against a peer that said it held the chunk; drop it past the limit."""
+        now = time.monotonic()
+        with self._lock:
+            if status == 404:
+                n = self._missing[url] = self._missing.get(url, 0) + 1
+                why = f"answered 404 for {n} chunks it claimed (last {chunk.describe()})"
+                over = n >= self.options.strikes
+            elif status == 503:
+                count, since = self._busy.get(url, (0, now))
+                self._busy[url] = (count + 1, since)
+                # an honest peer is busy now and then; one busy for `patience` serves nobody
+                over = count + 1 >= self.options.strikes and now - since >= self.options.patience
+                why = f"answered only 503 for {now - since:.0f} s ({count + 1} times)"
+            else:
+                return
+        if over:
+            self.swarm.drop(url, why)
+
+    def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.timeout)
+        t0 = time.monotonic()
+        try:
+            conn.request(
+                "GET",
+                f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
+                headers={"Authorization": f"Ticket {self.swarm.ticket()}"},
+            )
+            try:
+                resp = conn.getresponse()
+            except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
+                # closed before any answer: what a peer whose connections are all taken does (see
+                # PeerServer.process_request); busy, then, and dropped only if it stays so
+                raise _Failed(f"closed before answering: {exc}", drop=False, status=503) from None
+            if resp.status == 403 and resp.getheader(KEY_HEADER, "") == "unknown":
+                # it has not been handed our key yet (a new epoch, a restarted controller): asked
+                # again after its next announce; one that says so for `patience` is dropped as busy
+                raise _Failed("does not know our ticket's key yet", drop=False, status=503)
+            if resp.status in (401, 403):
+                raise _Failed(f"refused our ticket: HTTP {resp.status}", drop=True)
+            if resp.status in (404, 503):
+                raise _Failed(f"HTTP {resp.status}", drop=False, status=resp.status)
+            if resp.status != 200:
+                raise _Failed(f"HTTP {resp.status}", drop=True)
+            length = resp.getheader("Content-Length", "")
+            if length != str(chunk.length):
+                raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)
+            got = 0
+            waited = 0.0  # in our own download cap: the peer's rate leaves it out
+            allowed = self.options.timeout + (
+                chunk.length / self.options.min_rate if self.options.min_rate > 0 else 0.0
+            )
+            while got < chunk.length:
+                if self.stop.is_set():
+                    raise _Failed("interrupted", drop=False)
+                # read1: what one read of the socket brings (readinto would wait for a whole slice,
+                # and a trickle of a byte a second never times out)
+                data = resp.read1(min(chunk.length - got, SLICE))
+                n = len(data)
+                if not n:
+                    break
+                buf[got : got + n] = data
+                got += n
+                t1 = time.monotonic()
+                if not self.bucket.take(n, self.stop):
+                    raise _Failed("interrupted", drop=False)
+                waited += time.monotonic() - t1
+                if self.options.min_rate > 0 and t1 - t0 - waited > allowed and got < chunk.length:
+                    # each read returned within the timeout, but the whole chunk crawls
+                    raise _Failed(
+                        f"trickled {got} of {chunk.length} bytes in {t1 - t0 - waited:.0f} s, expected "
+                        f"the chunk within {allowed:.0f} s (at >= {self.options.min_rate:.0f} bytes/s)",
+                        drop=True,
+                    )
+            if got != chunk.length:
+                raise _Failed(f"closed after {got} of {chunk.length} bytes", drop=True)
+            spent = max(time.monotonic() - t0 - waited, 1e-6)
+            if self.options.min_rate and got > 0 and got / spent < self.options.min_rate:
+                # the bytes are kept (they are checked like any); the peer is not asked again
+                self.swarm.drop(
+                    url, f"slow: {got / spent:.0f} bytes/s, expected >= {self.options.min_rate:.0f}"
+                )
+            return got
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Failed(f"{type(exc).__name__}: {exc}", drop=True) from None
+        finally:
+            conn.close()
+
+    def get(self, relative: str, limit: int) -> bytes:
+        raise FetchError(self.name, "peers serve chunks only", missing=True)
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+class CappedSource:
+    """A source under this agent's download cap (the token bucket the peer source uses too)."""
+
+    def __init__(self, source: ChunkSource, bucket: TokenBucket) -> None:
+        self.source = source
+        self.bucket = bucket
+        self.name = source.name
+
+    def fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
+        n = self.source.fetch_into(chunk, buf)
+        self.bucket.take(n)
+        return n
+
+    def get(self, relative: str, limit: int) -> bytes:
+        return self.source.get(relative, limit)
+
+    def interrupt(self) -> None:
+        self.source.interrupt()
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,182 @@
+"""The tracker: which deploying agent holds which chunks of which image, and who should ask whom.
+
+Kept in memory only (a restart forgets it; agents re-announce within one interval) and bounded:
+at most `max_agents` holdings (10,000 by default) of at most 8 KiB of bitmap each, the least
+recently seen evicted first, and a holding not renewed within `ttl` seconds forgotten. Every
+announce is answered with:
+- the image's fleet key for the current epoch and a fresh ticket for the caller (agent.peer.ticket),
+- a few peers that hold chunks the caller lacks: completed ones first, random among equals,
+  about ln N of them and at most 10,
+- the caller's origin share: chunk i is the caller's to fetch from the sources when
+  i % seed_of == seed_slot, so that the origin serves about one copy and peers the rest;
+- which chunks anyone in the swarm holds (swarm_have), by which agents pace their origin shares.
+Whether the caller may announce at all (a running deploy job for that image) is the fleet's
+check, done before (Fleet.check_deploying).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.peer.bitmap import Have
+from agent.peer.errors import PeerError
+from agent.peer.ticket import Ticket, encode, fleet_key
+from agent.protocol import MAX_PEERS, Announce, AnnounceReply, PeerGrant, PeerInfo, ProtocolError
+
+
+@dataclass(frozen=True)
+class TrackerPolicy:
+    max_agents: int = 10_000
+    ttl: float = 30.0  # seconds a holding lives without an announce
+    interval: float = 2.0  # seconds between an agent's announces
+    epoch_seconds: float = 3600.0  # a fleet key's lifetime
+    ticket_seconds: float = 600.0
+    probes: int = 64  # holdings looked at per answer: the cost of an answer stays flat in N
+
+
+@dataclass
+class Holding:
+    machine_id: str
+    url: str
+    have: Have
+    complete: bool
+    seen: float
+    slot: int
+
+
+def peer_count(n: int) -> int:
+    """About ln N peers for a swarm of N, at least 4, at most MAX_PEERS."""
+    return max(4, min(MAX_PEERS, math.ceil(2 * math.log(max(n, 1)))))
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Tracker:
+    def __init__(
+        self,
+        policy: TrackerPolicy = TrackerPolicy(),
+        secret: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy
+        self.secret = secret or secrets.token_bytes(32)  # a restart re-keys: agents get new keys
+        # and names them anew, so a peer told of them later says "key unknown", not "forged"
+        self.kid = secrets.token_hex(4)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.swarms: dict[str, dict[str, Holding]] = {}  # digest -> machine -> holding, by slot
+        self.where: dict[str, str] = {}  # machine -> the digest it announced last
+        self.lru: OrderedDict[str, None] = OrderedDict()  # machines, least recently seen first
+        self.union: dict[str, int] = {}  # digest -> OR of its holdings' bitmaps
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def grant(self, machine_id: str, digest: str) -> PeerGrant:
+        now = self.clock()
+        # sign with epoch E until E + 1 is one announce interval old: by then every agent that
+        # announced has E + 1's key (each grant carries the next key ahead of time)
+        epoch = int((now - self.policy.interval) // self.policy.epoch_seconds)
+        key = fleet_key(self.secret, digest, epoch)
+        expires = int(now + self.policy.ticket_seconds)
+        text = encode(Ticket(digest, machine_id, epoch, expires, self.kid), key)
+        following = fleet_key(self.secret, digest, epoch + 1)
+        return PeerGrant(epoch, key.hex(), text, float(expires), self.kid, following.hex(), now)
+
+    def announce(self, machine_id: str, host: str, message: Announce) -> AnnounceReply:
+        """Record what the caller holds (it serves at host:port) and answer with peers and a grant."""
+        now = self.clock()
+        digest = message.manifest_digest
+        try:
+            have = Have.decode(message.have, message.chunks)
+        except PeerError as exc:
+            raise ProtocolError("have", f"a bitmap of {message.chunks} chunks", str(exc)) from None
+        self._expire(now)
+        if message.leaving:
+            if self.where.get(machine_id) == digest:
+                self._forget(machine_id)
+            return AnnounceReply(self.grant(machine_id, digest), interval=self.policy.interval)
+        previous = self.where.get(machine_id)
+        if previous is not None and previous != digest:
+            self._forget(machine_id)
+        swarm = self.swarms.setdefault(digest, {})
+        holding = swarm.get(machine_id)
+        if holding is None:
+            while len(self.where) >= self.policy.max_agents:
+                self._forget(next(iter(self.lru)))
+            holding = Holding(machine_id, "", have, False, now, len(swarm))
+            swarm[machine_id] = holding
+            self.where[machine_id] = digest
+        holding.url = url_of(host, message.port)
+        holding.have, holding.complete, holding.seen = have, message.complete, now
+        self.lru[machine_id] = None
+        self.lru.move_to_end(machine_id)
+        self.union[digest] = self.union.get(digest, 0) | have.bits
+        peers = self._peers(swarm, holding)
+        return AnnounceReply(
+            self.grant(machine_id, digest),
+            tuple(PeerInfo(h.machine_id, h.url, h.have.encode(), h.complete) for h in peers),
+            seed_slot=holding.slot,
+            seed_of=len(swarm),
+            interval=self.policy.interval,
+            swarm_have=Have(have.count, self.union[digest]).encode(),
+        )
+
+    def _peers(self, swarm: dict[str, Holding], me: Holding) -> list[Holding]:
+        members = list(swarm.values())
+        probes = self.rng.sample(members, min(len(members), self.policy.probes))
+        lacking = ~me.have.bits
+        useful = [
+            h for h in probes if h is not me and h.have.count == me.have.count and h.have.bits & lacking
+        ]
+        self.rng.shuffle(useful)
+        useful.sort(key=lambda h: not h.complete)  # stable: completed first, random among equals
+        return useful[: peer_count(len(swarm))]
+
+    def _forget(self, machine_id: str, rebuild: bool = True) -> str | None:
+        """Drop one holding; the swarm it left (its slots and union are rebuilt unless told not to)."""
+        digest = self.where.pop(machine_id, None)
+        self.lru.pop(machine_id, None)
+        if digest is None:
+            return None
+        swarm = self.swarms.get(digest, {})
+        swarm.pop(machine_id, None)
+        if rebuild:
+            self._rebuild(digest)
+        return digest
+
+    def _rebuild(self, digest: str) -> None:
+        """Shares close up over the gaps; the union is OR-ed again (one pass over the swarm)."""
+        swarm = self.swarms.get(digest)
+        if not swarm:
+            self.swarms.pop(digest, None)
+            self.union.pop(digest, None)
+            return
+        union = 0
+        for slot, h in enumerate(swarm.values()):
+            h.slot = slot
+            union |= h.have.bits
+        self.union[digest] = union
+
+    def _expire(self, now: float) -> None:
+        # every expired holding first, then each swarm it left rebuilt once: expiring k agents of a
+        # swarm of N costs O(k + N), not O(k * N) (10,000 at once blocked the event loop for seconds)
+        touched: set[str] = set()
+        while self.lru:
+            oldest = next(iter(self.lru))
+            digest = self.where[oldest]
+            if now - self.swarms[digest][oldest].seen <= self.policy.ttl:
+                break
+            self._forget(oldest, rebuild=False)
+            touched.add(digest)
+        for digest in touched:
+            self._rebuild(digest)

@@ -1,0 +1,274 @@
+"""Agents share verified chunks on 127.0.0.1: real peer servers, the real tracker, a real origin.
+
+Each agent is the writer's pipeline with a PeerSession (agent.peer.session) writing a sparse
+file; the tracker is the controller's (controller.fleet.tracker), called in-process; the origin is
+tests.chunkserver, which counts the bytes it serves.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.image.manifest import ChunkKind, Manifest
+from agent.peer import ticket
+from agent.peer.server import PeerServer
+from agent.peer.session import PeerConfig, PeerSession
+from agent.peer.source import PeerOptions
+from agent.peer.swarm import PeerDropped, Swarm
+from agent.protocol import Announce, AnnounceReply
+from agent.writer.device import open_target
+from agent.writer.events import WriteReport
+from agent.writer.fetch import RetryPolicy
+from agent.writer.pipeline import WriteOptions, Writer
+from agent.writer.sources import HttpSource
+from controller.fleet.tracker import Tracker, TrackerPolicy
+from tests.chunkserver import serve
+from tests.images import MiB, random_image
+from tests.stores import import_store
+
+OPTIONS = WriteOptions(workers=3, retry=RetryPolicy(retries=3, backoff=0.05, max_bad=3))
+CONFIG = PeerConfig(host="127.0.0.1", fetch=PeerOptions(patience=5.0, timeout=2.0))
+
+
+def announcer(tracker: Tracker, machine_id: str) -> Callable[[Announce], AnnounceReply]:
+    lock = threading.Lock()  # the controller answers one request at a time per process here
+
+    def call(message: Announce) -> AnnounceReply:
+        with lock:
+            return tracker.announce(machine_id, "127.0.0.1", message)
+
+    return call
+
+
+def stored_bytes(manifest: Manifest) -> int:
+    return sum(c.stored_len for c in manifest if c.kind is ChunkKind.DATA)
+
+
+class Node:
+    """One simulated agent: its target, its peer session, its write."""
+
+    def __init__(
+        self, name: int, tmp_path: Path, manifest: Manifest, digest: str, tracker: Tracker, config: PeerConfig
+    ) -> None:
+        self.machine_id = f"m-{name:012x}"
+        self.path = tmp_path / f"target-{name}.img"
+        self.manifest, self.digest = manifest, digest
+        self.target = open_target(str(self.path), manifest.image_size)
+        self.dropped: list[PeerDropped] = []
+        self.logs: list[str] = []
+        self.session = PeerSession(
+            manifest,
+            digest,
+            f"j-{name:012x}",
+            announcer(tracker, self.machine_id),
+            self.target.buffered_fd,
+            config,
+            self.logs.append,
+            self.dropped.append,
+        )
+        self.report: WriteReport | None = None
+        self.error: BaseException | None = None
+
+    def write(self, origin: str) -> None:
+        try:
+            sources = self.session.sources([HttpSource(origin)])
+            writer = Writer(self.manifest, self.digest, sources, self.target, self.session.options(OPTIONS))
+            self.report = writer.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self.session.close()
+        self.target.close()
+
+
+def run_fleet(nodes: list[Node], origin: str) -> None:
+    for node in nodes:
+        node.session.__enter__()
+    for node in nodes:  # every agent has joined: shares are final before anyone fetches
+        node.session.swarm.announce()
+    threads = [threading.Thread(target=n.write, args=(origin,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for node in nodes:
+        assert node.error is None, f"{node.machine_id}: {node.error!r}"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[Path, Manifest, str, bytes]:
+    src = random_image(tmp_path / "src.img", 12 * MiB, seed=15)
+    root, manifest, digest = import_store(tmp_path / "store", src)
+    return root, manifest, digest, src.read_bytes()
+
+
+def test_three_agents_share_chunks_and_the_origin_serves_about_one_copy(
+    tmp_path: Path, store: tuple[Path, Manifest, str, bytes]
+) -> None:
+    root, manifest, digest, data = store
+    tracker = Tracker(TrackerPolicy(interval=0.2))
+    nodes = [Node(i, tmp_path, manifest, digest, tracker, CONFIG) for i in range(3)]
+    try:
+        with serve(root) as origin:
+            origin.delay = 0.05  # an origin slower than loopback peers, as a rack's uplink is
+            run_fleet(nodes, origin.url)
+            sent = origin.bytes_sent
+    finally:
+        for node in nodes:
+            node.close()
+    for node in nodes:
+        assert node.path.read_bytes() == data, node.machine_id
+        assert node.dropped == [], node.dropped
+    one_copy = stored_bytes(manifest)
+    assert sent <= 1.2 * one_copy, f"origin served {sent} bytes, expected about one copy ({one_copy})"
+    from_peers = [n.report.bytes_by_source.get("peers", 0) for n in nodes if n.report]
+    assert sum(from_peers) >= 2 * one_copy - (sent - one_copy) - 1, from_peers
+    served = sum(n.session.server.stats.served_bytes for n in nodes)
+    assert served == sum(from_peers), "every byte a peer fetched was served by a peer server"
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_only_a_ticket_for_the_image_fetches_and_refusals_are_logged(
+    tmp_path: Path, store: tuple[Path, Manifest, str, bytes]
+) -> None:
+    root, manifest, digest, data = store
+    tracker = Tracker(TrackerPolicy(interval=0.2))
+    node = Node(1, tmp_path, manifest, digest, tracker, CONFIG)
+    try:
+        with serve(root) as origin:
+            run_fleet([node], origin.url)
+        port = node.session.server.port
+        chunk = next(c for c in manifest if c.kind is ChunkKind.DATA)
+        path = f"/v1/peer/{digest}/{chunk.hex}"
+        valid = tracker.announce("m-00000000000b", "127.0.0.1", _announce(manifest, digest)).grant.ticket
+        status, body = _get(port, path, {"Authorization": f"Ticket {valid}"})
+        assert status == 200 and body == data[chunk.offset : chunk.offset + chunk.length]
+        status, _ = _get(port, path, {})
+        assert status == 401
+        epoch = ticket.parse(valid)[0].epoch  # one whose key the node holds
+        forged = ticket.encode(ticket.Ticket(digest, "m-00000000000c", epoch, 10**11, tracker.kid), b"k" * 32)
+        other = ticket.encode(
+            ticket.Ticket("cd" * 32, "m-00000000000b", epoch, 10**11, tracker.kid),
+            ticket.fleet_key(tracker.secret, "cd" * 32, epoch),
+        )
+        for bad in (forged, other, valid[:-2], valid + "x"):
+            status, _ = _get(port, path, {"Authorization": f"Ticket {bad}"})
+            assert status == 403, bad
+        for hostile in (
+            "/v1/peer/../../etc/passwd",
+            f"/v1/peer/{digest}/../{chunk.hex}",
+            "/etc/passwd",
+            path + "?x",
+        ):
+            status, body = _get(port, hostile, {"Authorization": f"Ticket {valid}"})
+            assert status == 404 and b"root:" not in body, hostile
+        assert node.session.server.stats.refused == 5
+        refusals = [line for line in node.logs if "refused 127.0.0.1" in line]
+        assert len(refusals) == 5 and "(401)" in refusals[0] and "expected 'Authorization" in refusals[0]
+        assert all("(403)" in line and "peer ticket refused" in line for line in refusals[1:]), refusals
+    finally:
+        node.close()
+
+
+def _announce(manifest: Manifest, digest: str) -> Announce:
+    return Announce("j-00000000000b", digest, 9, len(manifest))
+
+
+class CorruptingServer(PeerServer):
+    """A peer that flips a byte of everything it sends (after its own check passed)."""
+
+    def _send(self, h, index, offset, length, digest):  # type: ignore[no-untyped-def]
+        import os
+
+        real = os.pread
+        data = bytearray(os.pread(self.fd, length, offset))
+        data[length // 2] ^= 0x01
+        h.send_response(200)
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
+        h.wfile.write(bytes(data))
+        with self.stats.lock:
+            self.stats.served_bytes += length
+        del real
+
+
+def test_a_corrupting_peer_is_dropped_by_name_and_none_of_its_bytes_reach_the_target(
+    tmp_path: Path, store: tuple[Path, Manifest, str, bytes]
+) -> None:
+    root, manifest, digest, data = store
+    tracker = Tracker(TrackerPolicy(interval=0.2))
+    # the corrupting agent holds the whole image (written honestly before), and says so
+    bad = Node(9, tmp_path, manifest, digest, tracker, CONFIG)
+    bad.path.write_bytes(data)
+    bad.session.server.server_close()
+    bad.session.server = CorruptingServer(bad.session.swarm, bad.target.buffered_fd, "127.0.0.1")
+    for chunk in manifest:
+        if chunk.kind is ChunkKind.DATA:
+            bad.session.swarm.on_verified(chunk)
+    impatient = PeerConfig(host="127.0.0.1", fetch=PeerOptions(patience=0.5, timeout=2.0))
+    good = Node(1, tmp_path, manifest, digest, tracker, impatient)
+    try:
+        bad.session.__enter__()
+        with serve(root) as origin:
+            run_fleet([good], origin.url)
+            sent = origin.bytes_sent
+    finally:
+        good.close()
+        bad.close()
+    bad_url = f"http://127.0.0.1:{bad.session.server.port}"
+    assert good.path.read_bytes() == data
+    assert [d.url for d in good.dropped] == [bad_url], good.dropped
+    assert "served bad bytes for chunk" in good.dropped[0].reason
+    assert bad.session.server.stats.served_bytes > 0, "the corrupting peer was asked"
+    assert good.report is not None and good.report.bytes_by_source.get("peers", 0) == 0
+    assert sent == stored_bytes(manifest), "what the bad peer could not give came from the origin"
+
+
+def test_swarm_order_puts_the_origin_share_first() -> None:
+    """A pure check of the fetch order the writer is given (no sockets)."""
+    from agent.writer.plan import Action, Step
+    from tests.unit.test_tracker import IMAGE
+
+    chunks = 8
+    manifest = _fake_manifest(chunks)
+    swarm = Swarm(manifest, IMAGE, "j-000000000001", lambda m: (_ for _ in ()).throw(RuntimeError()))
+    swarm.slot, swarm.of = 1, 4
+    steps = [Step(c, Action.FETCH) for c in manifest]
+    order = [s.chunk.index for s in swarm.order(iter(steps))]
+    assert sorted(order[:2]) == [1, 5] and sorted(order) == list(range(chunks))
+
+
+def _fake_manifest(n: int) -> Manifest:
+    from agent.image.manifest import ChunkEntry, Encoding, Metadata
+
+    entries = [ChunkEntry(bytes([i]) * 32, ChunkKind.DATA, Encoding.RAW, MiB) for i in range(n)]
+    return Manifest.build(n * MiB, MiB, Metadata("x", "1"), entries)
+
+
+def test_origin_shares_are_paced_by_what_the_swarm_holds() -> None:
+    from agent.peer.bitmap import Have
+    from agent.peer.swarm import WINDOW
+    from tests.unit.test_tracker import IMAGE
+
+    manifest = _fake_manifest(12)
+    swarm = Swarm(manifest, IMAGE, "j-000000000001", lambda m: (_ for _ in ()).throw(RuntimeError()))
+    assert [i for i in range(12) if swarm.paced(i)] == list(range(WINDOW + 1))
+    swarm.union = Have(12, 0b111)  # the swarm holds chunks 0-2
+    assert [i for i in range(12) if swarm.paced(i)] == list(range(3 + WINDOW + 1))
+    swarm.on_verified(manifest.chunk(3))  # and this agent chunk 3
+    assert max(i for i in range(12) if swarm.paced(i)) == 4 + WINDOW

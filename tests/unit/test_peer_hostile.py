@@ -1,0 +1,406 @@
+"""Hostile callers and hostile peers against the peer server and the peer source, on 127.0.0.1.
+
+Each case is one the security review reproduced: a caller that opens connections and says nothing,
+a ticket holder that reads an upload slowly, a peer that trickles bytes, a peer that claims every
+chunk and answers 404. Each must cost the agent seconds, not a thread forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.image.manifest import ChunkKind, Manifest
+from agent.peer import ticket
+from agent.peer.bitmap import Have
+from agent.peer.server import PeerServer, RefusalLog, ServeLimits
+from agent.peer.source import PeerOptions, PeerSource
+from agent.peer.swarm import Swarm
+from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
+from agent.writer.errors import FetchError
+from tests.images import MiB, random_image
+from tests.stores import import_store
+
+KEY = b"k" * 32
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, Manifest, str]:
+    src = random_image(tmp_path / "src.img", 4 * MiB, seed=3)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    return src, manifest, digest
+
+
+class SmallBufferServer(PeerServer):
+    """Send buffers of a few KiB, so a caller that does not read blocks the upload at once."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return conn, addr
+
+
+@contextlib.contextmanager
+def running(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[PeerServer]:
+    src, manifest, digest = image
+    swarm = Swarm(
+        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
+    )
+    for chunk in manifest:
+        swarm.have.add(chunk.index)
+    swarm.keys[ticket.key_name("00000000", 0)] = KEY
+    fd = os.open(src, os.O_RDONLY)
+    srv = SmallBufferServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None).start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+        os.close(fd)
+
+
+@pytest.fixture
+def server(image: tuple[Path, Manifest, str]) -> Iterator[PeerServer]:
+    with running(image, ServeLimits(uploads=1, timeout=0.5, connections=4, upload_seconds=1.0)) as srv:
+        yield srv
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """The server closed the connection within `seconds` (reading whatever it sent before)."""
+    sock.settimeout(seconds)
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            if not sock.recv(65536):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_silent_connections_are_capped_and_cut_off_after_the_timeout(server: PeerServer) -> None:
+    threads = threading.active_count()
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+    try:
+        for s in socks:
+            s.send(b"GET /v1/peer/")  # a request line that never ends
+        time.sleep(0.2)
+        # beyond the cap of 4 the server closes at once: no thread, no descriptor held
+        assert threading.active_count() - threads <= 4
+        assert sum(closed_within(s, 0.05) for s in socks) >= 8
+        # the 4 it took are cut off after the timeout (0.5 s), well before a second has passed
+        assert all(closed_within(s, 1.5) for s in socks)
+        assert threading.active_count() - threads <= 0 or _settles(threads)
+    finally:
+        for s in socks:
+            s.close()
+    # and the server still serves an honest caller
+    status = _get_status(server, authorised=True)
+    assert status == 200
+
+
+def _settles(threads: int) -> bool:
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        if threading.active_count() <= threads:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _request(
+    server: PeerServer, authorised: bool, rcvbuf: int = 0, text: str = ""
+) -> tuple[socket.socket, bytes]:
+    chunk = next(c for c in server.swarm.manifest if c.kind is ChunkKind.DATA)
+    text = text or ticket.encode(ticket.Ticket(server.swarm.digest, "m-00000000000b", 0, 10**11), KEY)
+    auth = f"Authorization: Ticket {text}\r\n" if authorised else ""
+    sock = socket.socket()
+    if rcvbuf:  # before connecting: the window is agreed then
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", server.port))
+    request = f"GET /v1/peer/{server.swarm.digest}/{chunk.hex} HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
+    return sock, request.encode()
+
+
+def _get_status(server: PeerServer, authorised: bool, text: str = "") -> int:
+    sock, request = _request(server, authorised, text=text)
+    with sock:
+        sock.sendall(request)
+        sock.settimeout(5)
+        head = sock.recv(64)
+    return int(head.split()[1])
+
+
+def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path, Manifest, str]) -> None:
+    # each write finishes within the socket timeout (2 s), so only a deadline for the whole upload
+    # (1 s) stops a reader this slow from holding the slot for the whole chunk
+    limits = ServeLimits(uploads=1, timeout=2.0, upload_seconds=1.0)
+    with running(image, limits) as server, contextlib.ExitStack() as stack:
+        sock, request = _request(server, authorised=True, rcvbuf=65536)
+        stack.enter_context(sock)
+        sock.sendall(request)
+        got, t0 = 0, time.monotonic()
+        sock.settimeout(0.2)
+        while time.monotonic() - t0 < 7:
+            try:
+                n = len(sock.recv(16384))
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                break
+            if not n:
+                break
+            got += n
+            time.sleep(0.08)  # about 200 KB/s: a 1 MiB chunk would take over 5 s
+        took = time.monotonic() - t0
+        # cut off after upload_seconds (1 s) plus at most one write, having sent a part of the chunk
+        assert took < 3.5, f"the slow upload lasted {took:.1f} s, expected under 3.5"
+        assert got < MiB
+        assert server.slots.acquire(blocking=False), "the upload slot is still held"
+        server.slots.release()
+
+
+class FakePeer:
+    """A 'peer' on 127.0.0.1 that claims every chunk and answers with `behaviour` (one connection
+    at a time): 'trickle' sends the right header then a byte every 0.3 s; '404' and '503' refuse."""
+
+    def __init__(self, behaviour: str, length: int) -> None:
+        self.behaviour, self.length = behaviour, length
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.hits = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                self.hits += 1
+                try:
+                    if self.behaviour == "trickle":
+                        conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {self.length}\r\n\r\n".encode())
+                        while not self.done.wait(0.3):
+                            conn.sendall(b"x")
+                    else:
+                        status = {
+                            "404": "404 Not Found",
+                            "503": "503 Busy",
+                            "403": "403 Forbidden",
+                            "key-unknown": "403 Forbidden\r\nX-Sledge-Key: unknown",
+                        }[self.behaviour]
+                        conn.sendall(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode())
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.listener.close()
+
+
+def swarm_with(peer: FakePeer | str, manifest: Manifest, digest: str) -> Swarm:
+    url = peer if isinstance(peer, str) else peer.url
+    full = Have(len(manifest))
+    full.bits = (1 << len(manifest)) - 1
+    reply = AnnounceReply(
+        PeerGrant(0, "00" * 32, "t", 1e11),
+        (PeerInfo("m-00000000000e", url, full.encode(), True),),
+        seed_slot=0,
+        seed_of=2,
+    )
+    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: reply)
+    swarm.announce()
+    return swarm
+
+
+def fetch_in_thread(
+    source: PeerSource, manifest: Manifest, index: int
+) -> tuple[threading.Thread, list[object]]:
+    chunk = manifest.chunk(index)
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(source.fetch_into(chunk, memoryview(bytearray(chunk.length))))
+        except FetchError as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path, Manifest, str]) -> None:
+    _, manifest, digest = image
+    peer = FakePeer("trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        # a 1 MiB chunk at >= 512 KiB/s: the whole chunk within 1 + 2 s, whatever each read does
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=512 << 10, patience=30.0, max_wait=8.0))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(6)
+        assert not thread.is_alive(), "the fetch is still held by a peer sending a byte every 0.3 s"
+        assert peer.url in swarm.dropped and "trickled" in swarm.dropped[peer.url], swarm.dropped
+        assert isinstance(out[0], FetchError) and out[0].missing  # on to the origin
+    finally:
+        peer.close()
+
+
+def test_an_interrupted_source_stops_reading_a_trickle_at_once(image: tuple[Path, Manifest, str]) -> None:
+    _, manifest, digest = image
+    peer = FakePeer("trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=1, patience=30.0))
+        thread, _ = fetch_in_thread(source, manifest, 1)
+        time.sleep(0.5)
+        source.interrupt()
+        thread.join(2)
+        assert not thread.is_alive(), "interrupt() did not stop a read loop"
+        assert peer.url not in swarm.dropped  # being interrupted is no fault of the peer's
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("behaviour", ["404", "503"])
+def test_a_peer_claiming_chunks_it_does_not_serve_is_dropped(
+    image: tuple[Path, Manifest, str], behaviour: str
+) -> None:
+    _, manifest, digest = image
+    peer = FakePeer(behaviour, 0)
+    stop = threading.Event()
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        # the tracker keeps saying the peer holds everything (it announces complete=True)
+        announcer = threading.Thread(
+            target=lambda: [swarm.announce() for _ in iter(lambda: stop.wait(0.05), True)]
+        )
+        announcer.start()
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=1.0))
+        t0 = time.monotonic()
+        for index in (1, 3, 5, 7):
+            if peer.url in swarm.dropped:
+                break
+            thread, _ = fetch_in_thread(source, manifest, index)
+            thread.join(10)
+            assert not thread.is_alive()
+        assert peer.url in swarm.dropped, f"{peer.hits} {behaviour} answers and still asked"
+        assert time.monotonic() - t0 < 8
+        assert peer.hits <= 200  # not a busy loop against it either
+    finally:
+        stop.set()
+        peer.close()
+
+
+@pytest.mark.parametrize(("behaviour", "dropped"), [("key-unknown", False), ("403", True)])
+def test_a_peer_lacking_our_key_is_asked_again_later_one_refusing_the_ticket_is_dropped(
+    image: tuple[Path, Manifest, str], behaviour: str, dropped: bool
+) -> None:
+    _, manifest, digest = image
+    peer = FakePeer(behaviour, 0)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=30.0, max_wait=0.5))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(5)
+        assert isinstance(out[0], FetchError) and out[0].missing
+        assert (peer.url in swarm.dropped) is dropped, swarm.dropped
+        if not dropped:
+            swarm.announce()  # its next announce: it is a holder again
+            assert peer.url in swarm.holders(1)
+    finally:
+        peer.close()
+
+
+def test_refusals_are_logged_at_most_a_few_a_minute_per_caller_then_counted() -> None:
+    log = RefusalLog(first=3, window=60.0)
+    lines = [line for i in range(50) for line in log.note("10.0.0.9", f"(401) #{i}", now=100.0 + i / 10)]
+    assert [line for line in lines if "refused 10.0.0.9" in line] == [
+        f"peer server: refused 10.0.0.9 (401) #{i}" for i in range(3)
+    ]
+    assert len(lines) == 4 and "counted, not logged" in lines[3]
+    assert log.note("10.0.0.8", "(403) other", now=101.0) == ["peer server: refused 10.0.0.8 (403) other"]
+    later = log.note("10.0.0.9", "(401) next minute", now=161.0)
+    assert later == [
+        "peer server: 47 more refusals of 10.0.0.9 in 60 s were not logged",
+        "peer server: refused 10.0.0.9 (401) next minute",
+    ]
+
+
+def test_a_caller_looping_on_refused_requests_makes_a_few_log_lines(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    src, manifest, digest = image
+    lines: list[str] = []
+    fd = os.open(src, os.O_RDONLY)
+    swarm = Swarm(
+        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
+    )
+    server = PeerServer(swarm, fd, "127.0.0.1", 0, log=lines.append).start()
+    try:
+        for _ in range(40):
+            assert _get_status(server, authorised=False) == 401
+        assert server.stats.refused == 40
+        assert len(lines) <= 6, lines
+    finally:
+        server.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("skew", [7200.0, -7200.0])
+def test_tickets_expire_by_the_controller_s_clock_not_the_agent_s(
+    image: tuple[Path, Manifest, str], skew: float
+) -> None:
+    # a live image's clock may be hours off (no RTC, no NTP): each announce teaches the offset
+    src, manifest, digest = image
+
+    def agent_clock() -> float:
+        return time.time() + skew
+
+    grant = PeerGrant(0, KEY.hex(), "t", 0.0, now=time.time())
+    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: AnnounceReply(grant), clock=agent_clock)
+    swarm.announce()
+    for chunk in manifest:
+        swarm.have.add(chunk.index)
+    fd = os.open(src, os.O_RDONLY)
+    server = PeerServer(swarm, fd, "127.0.0.1", 0, log=lambda _: None, clock=agent_clock).start()
+    try:
+        for expires, status in ((time.time() + 600, 200), (time.time() - 60, 403)):
+            text = ticket.encode(ticket.Ticket(digest, "m-00000000000b", 0, int(expires)), KEY)
+            assert _get_status(server, authorised=True, text=text) == status, (skew, expires)
+    finally:
+        server.close()
+        os.close(fd)
+
+
+def test_a_peer_with_every_connection_taken_is_busy_not_dropped(
+    server: PeerServer, image: tuple[Path, Manifest, str]
+) -> None:
+    _, manifest, digest = image
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]  # the cap
+    try:
+        time.sleep(0.1)
+        url = f"http://127.0.0.1:{server.port}"
+        swarm = swarm_with(url, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=30.0, max_wait=0.2))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(5)
+        assert isinstance(out[0], FetchError) and out[0].missing
+        assert url not in swarm.dropped, swarm.dropped
+        assert server.stats.busy >= 1
+    finally:
+        for s in socks:
+            s.close()

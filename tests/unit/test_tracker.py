@@ -1,0 +1,220 @@
+"""The tracker (controller.fleet.tracker): peer choice, origin shares, grants, bounded state."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from agent.peer import ticket
+from agent.peer.bitmap import Have
+from agent.peer.errors import KeyUnknown
+from agent.peer.swarm import remember_keys
+from agent.protocol import Announce, PeerGrant
+from controller.fleet.tracker import Tracker, TrackerPolicy, peer_count
+
+IMAGE = "ab" * 32
+OTHER = "cd" * 32
+CHUNKS = 16
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def mid(i: int) -> str:
+    return f"m-{i:012x}"
+
+
+def bits(*held: int, n: int = CHUNKS) -> str:
+    have = Have(n)
+    for i in held:
+        have.add(i)
+    return have.encode()
+
+
+def announce(t: Tracker, i: int, held: tuple[int, ...] = (), digest: str = IMAGE, complete: bool = False):  # type: ignore[no-untyped-def]
+    message = Announce(f"j-{i:012x}", digest, 7000 + i, CHUNKS, bits(*held), complete)
+    return t.announce(mid(i), "127.0.0.1", message)
+
+
+def test_peers_hold_what_the_caller_lacks_completed_first() -> None:
+    t = Tracker(rng=random.Random(1))
+    announce(t, 1, tuple(range(CHUNKS)), complete=True)
+    announce(t, 2, (0, 1))
+    announce(t, 3, (5,))
+    announce(t, 4, ())  # holds nothing: useless to anyone
+    reply = announce(t, 5, (0, 1))
+    ids = [p.machine_id for p in reply.peers]
+    assert ids[0] == mid(1), "the completed peer comes first"
+    assert set(ids) == {mid(1), mid(3)}, "peer 2 holds nothing peer 5 lacks, peer 4 nothing at all"
+    assert reply.peers[0].url == "http://127.0.0.1:7001" and reply.peers[0].complete
+
+
+def test_about_ln_n_peers_at_most_ten_and_shares_cover_every_chunk_once() -> None:
+    t = Tracker(rng=random.Random(2))
+    for i in range(200):
+        announce(t, i, (i % CHUNKS,))
+    reply = announce(t, 999, ())
+    assert len(reply.peers) == peer_count(201) == 10
+    assert peer_count(25) == math.ceil(2 * math.log(25)) == 7
+    shares = [announce(t, i, (i % CHUNKS,)) for i in range(200)]
+    owners = {c: [i for i, r in enumerate(shares) if c % r.seed_of == r.seed_slot] for c in range(CHUNKS)}
+    assert all(len(v) == 1 for v in owners.values()), owners
+
+
+def test_shares_close_up_when_an_agent_goes_silent() -> None:
+    clock = Clock()
+    t = Tracker(TrackerPolicy(ttl=10.0), clock=clock)
+    for i in range(3):
+        announce(t, i)
+    clock.now += 6
+    announce(t, 0)
+    announce(t, 2)
+    clock.now += 6  # agent 1 last seen 12 s ago
+    a, c = announce(t, 0), announce(t, 2)
+    assert (a.seed_slot, a.seed_of, c.seed_slot, c.seed_of) == (0, 2, 1, 2)
+    assert len(t) == 2
+
+
+def test_state_is_bounded_least_recently_seen_first() -> None:
+    clock = Clock()
+    t = Tracker(TrackerPolicy(max_agents=100), clock=clock)
+    for i in range(250):
+        clock.now += 0.01
+        announce(t, i, (1,), digest=IMAGE if i % 2 else OTHER)
+    assert len(t) == 100
+    assert sum(len(s) for s in t.swarms.values()) == 100
+    assert set(t.where) == {mid(i) for i in range(150, 250)}
+
+
+def test_an_agent_moving_to_another_image_leaves_the_first_swarm() -> None:
+    t = Tracker()
+    announce(t, 1, (1,), digest=IMAGE)
+    announce(t, 1, (1,), digest=OTHER)
+    assert IMAGE not in t.swarms and list(t.swarms[OTHER]) == [mid(1)]
+
+
+def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None:
+    clock = Clock()
+    t = Tracker(clock=clock)
+    grant = announce(t, 1).grant
+    keys = {ticket.key_name(grant.kid, grant.epoch): bytes.fromhex(grant.key)}
+    got = ticket.verify(grant.ticket, keys, IMAGE, now=clock.now)
+    assert got.holder == mid(1) and got.expires == grant.expires
+    other = announce(t, 2, digest=OTHER).grant
+    assert other.key != grant.key, "a key admits to one image only"
+    clock.now += 601
+    try:
+        ticket.verify(grant.ticket, keys, IMAGE, now=clock.now)
+        raise AssertionError("an expired ticket verified")
+    except ticket.TicketInvalid:
+        pass
+
+
+async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.test_controller_kit import add_image, start
+
+    h = await start(aiohttp_client, tmp_path)
+    digest = add_image(h.config.store_dir, "tiny", "1")
+    machine = await h.enroll("52:54:00:00:00:41")
+    other = await h.enroll("52:54:00:00:00:42")
+    await h.client.post("/v1/images", json={"ref": "tiny:1"}, headers=h.op)
+
+    async def announce(who: str, job_id: str, image: str, chunks: int = 1) -> tuple[int, dict]:  # type: ignore[type-arg]
+        body = {"job_id": job_id, "manifest_digest": image, "port": 7000, "chunks": chunks, "have": ""}
+        r = await h.client.post("/v1/agent/peers", json=body, headers=h.agent(who))
+        return r.status, await r.json()
+
+    r = await h.client.post(
+        "/v1/jobs", json={"machine": machine, "kind": "deploy", "image": "tiny"}, headers=h.op
+    )
+    job = (await r.json())["id"]
+    status, body = await announce(machine, job, digest)
+    assert status == 409 and "expected a running deploy job, got a queued deploy job" in body["error"]
+    await h.client.get("/v1/agent/jobs/next?wait=0", headers=h.agent(machine))
+    status, body = await announce(machine, job, OTHER)
+    assert status == 409 and f"deploys manifest {digest[:16]}, not {OTHER[:16]}" in body["error"]
+    status, body = await announce(other, job, digest)
+    assert status == 404, "another machine's job is no job at all"
+    # a bitmap of more chunks than the image has: the tracker would hand it out as a holder of them
+    status, body = await announce(machine, job, digest, chunks=4096)
+    assert status == 400 and "announced a bitmap of 4096 chunks, expected 1" in body["error"], body
+    status, body = await announce(machine, job, digest)
+    assert status == 200 and body["grant"]["ticket"].startswith(f"t2.{digest}.{machine}.")
+    r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
+    assert r.status == 400
+
+
+def test_a_leaving_agent_is_forgotten_at_once_and_its_share_passes_on() -> None:
+    t = Tracker()
+    for i in range(3):
+        announce(t, i, (i,))
+    t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, bits(1), leaving=True))
+    assert mid(1) not in t.where
+    a, c = announce(t, 0, (0,)), announce(t, 2, (2,))
+    assert (a.seed_of, c.seed_slot) == (2, 1)
+    assert Have.decode(a.swarm_have, CHUNKS).bits == 0b101, "the union forgets what the leaver held"
+
+
+def test_expiring_thousands_at_once_rebuilds_each_swarm_once() -> None:
+    # the holdings' bitmaps are 8 KiB each (65,536 chunks): rebuilding the union per expired holding
+    # made one announce after 3,000 expiries take seconds on the event loop (10,000: over a minute)
+    clock = Clock()
+    t = Tracker(TrackerPolicy(ttl=30.0), clock=clock)
+    n, chunks = 3000, 1 << 16
+    full = Have(chunks)
+    full.bits = (1 << chunks) - 1
+    for i in range(n):
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9, chunks, full.encode()))
+    clock.now += 20
+    survivor = Have(chunks)
+    survivor.add(5)
+    for i in (n, n + 1):  # two agents that stay: the union and the shares are theirs afterwards
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9, chunks, survivor.encode()))
+    clock.now += 15
+    t0 = time.perf_counter()
+    reply = t.announce(mid(n), "127.0.0.1", Announce(f"j-{n:012x}", IMAGE, 9, chunks, survivor.encode()))
+    took = time.perf_counter() - t0
+    assert took < 1.0, f"one announce after {n} expiries took {took:.2f} s, expected under 1 s"
+    assert len(t) == 2 and reply.seed_of == 2
+    assert sorted(h.slot for h in t.swarms[IMAGE].values()) == [0, 1]
+    assert Have.decode(reply.swarm_have, chunks).bits == 1 << 5
+
+
+def agent_keys(*grants: PeerGrant) -> dict[str, bytes]:
+    """An agent's key table after announces that got these grants."""
+    keys: dict[str, bytes] = {}
+    for g in grants:
+        remember_keys(keys, g)
+    return keys
+
+
+def test_tickets_signed_across_an_epoch_boundary_verify_at_peers_that_announced_before_it() -> None:
+    clock = Clock()
+    clock.now = 3600.0 * 1000 - 1.0
+    t = Tracker(TrackerPolicy(interval=2.0), clock=clock)
+    b_keys = agent_keys(announce(t, 2).grant)  # B announced 1 s before the epoch ends
+    for step in (0.5, 1.5, 2.0, 30.0, 3000.0):  # A announces after it, up to most of an epoch later
+        clock.now = 3600.0 * 1000 + step
+        a = announce(t, 1).grant
+        assert ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now).holder == mid(1), step
+
+
+def test_a_restarted_controller_s_tickets_are_key_unknown_not_forged_until_the_next_announce() -> None:
+    clock = Clock()
+    before, after = Tracker(clock=clock), Tracker(clock=clock)  # same epoch, a new secret
+    assert before.kid != after.kid
+    b_keys = agent_keys(announce(before, 2).grant)
+    a = announce(after, 1).grant
+    try:
+        ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now)
+        raise AssertionError("a ticket under a key B was never handed verified")
+    except KeyUnknown as exc:
+        assert after.kid in str(exc)
+    b_keys = agent_keys(announce(before, 2).grant, announce(after, 2).grant)  # B re-announces
+    assert ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now).holder == mid(1)
