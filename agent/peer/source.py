@@ -53,6 +53,7 @@ class _Failed(Exception):
 class PeerSource:
     name = "peers"
     serves_raw = True
+    pool = True  # keeps each peer's health itself: the writer's source health asks it first, always
 
     def __init__(self, swarm: Swarm, options: PeerOptions, bucket: TokenBucket | None = None) -> None:
         self.swarm = swarm

@@ -122,7 +122,7 @@ class SourceSet:
     def add(self, source: ChunkSource) -> None:
         with self._cond:
             self._sources.setdefault(source.name, source)
-            self.health.add(source.name)
+            self.health.add(source.name, pool=getattr(source, "pool", False))
             self._cond.notify_all()
 
     def remove(self, name: str) -> ChunkSource | None:

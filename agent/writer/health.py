@@ -107,6 +107,10 @@ class Record:
     proven: bool = False  # has served a chunk in this job
     reason: str = ""  # the last failure
     dropped: bool = False
+    # a pool of sources that keeps their health itself (the agent's peers, agent.peer): asked
+    # first by every thread, never held back or cut short; a chunk it cannot serve goes to the
+    # next source without counting against it (it drops a bad peer itself, not the pool)
+    pool: bool = False
 
     def state(self, policy: HealthPolicy) -> State:
         if self.dropped:
@@ -148,8 +152,8 @@ class Health:
     policy: HealthPolicy
     records: dict[str, Record] = field(default_factory=dict)  # in the configured order
 
-    def add(self, name: str) -> None:
-        self.records.setdefault(name, Record(name))
+    def add(self, name: str, pool: bool = False) -> None:
+        self.records.setdefault(name, Record(name, pool=pool))
 
     def remove(self, name: str) -> None:
         self.records.pop(name, None)
@@ -176,6 +180,13 @@ class Health:
         if not candidates:
             return None
         fastest = max((r.rate for r in self if not r.dropped and not r.failures and r.rate), default=0.0)
+        pools = [r for r in candidates if r.pool and r.name not in avoid]
+        if pools:
+            pools[0].in_flight += 1
+            return Attempt(pools[0].name, now, False, None)
+        candidates = [r for r in candidates if not r.pool]
+        if not candidates:
+            return None
         probes: list[Record] = []
         primaries: list[Record] = []
         backups: list[Record] = []
@@ -214,7 +225,7 @@ class Health:
 
     def _budget(self, r: Record, size: int) -> float | None:
         """How long a try of `r` may take: bounded only while another source can serve instead."""
-        others = [o for o in self if o is not r and not o.dropped]
+        others = [o for o in self if o is not r and not o.dropped and not o.pool]
         rates = [o.rate for o in others if o.proven and not o.failures and o.rate]
         if rates:
             return max(self.policy.probe_floor, self.policy.probe_factor * size / max(rates))
@@ -236,7 +247,7 @@ class Health:
         if r is None:  # removed while the request was in flight
             return None
         r.in_flight = max(0, r.in_flight - 1)
-        if outcome is Outcome.CANCELLED or outcome is Outcome.MISSING:
+        if r.pool or outcome is Outcome.CANCELLED or outcome is Outcome.MISSING:
             return None
         if outcome is Outcome.OK:
             seconds = now - attempt.started

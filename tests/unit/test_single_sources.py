@@ -76,6 +76,7 @@ def agent_paths() -> dict[str, str]:
         p.NEXT_JOB_PATH: "GET",
         p.job_events_path("{job_id}"): "POST",
         p.job_finish_path("{job_id}"): "POST",
+        p.PEERS_PATH: "POST",
     }
 
 

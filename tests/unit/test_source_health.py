@@ -264,3 +264,18 @@ def test_tries_under_suspicion_are_bounded_only_while_another_source_can_serve()
     h.end(small, Outcome.FAILED, 3.0, reason="down")  # now nobody is healthy to fall back on
     again = take(h, 3.0)
     assert again.probe and again.budget is None
+
+
+def test_a_pool_of_peers_is_asked_first_by_every_thread_and_never_counted() -> None:
+    h = Health(POLICY)
+    h.add("peers", pool=True)
+    h.add("origin")
+    slots = [take(h, 0.0) for _ in range(4)]  # unproven, yet every thread asks the pool
+    assert [s.name for s in slots] == ["peers"] * 4 and all(s.budget is None for s in slots)
+    for s in slots:  # no peer had these chunks (or the pool dropped a peer): nothing is held against it
+        h.end(s, Outcome.FAILED, 1.0, reason="no peer has it")
+    assert h.state("peers") is State.HEALTHY and h.records["peers"].failures == 0
+    assert take(h, 1.0, tried=("peers",)).name == "origin"  # the chunk goes on to the next source
+    assert take(h, 1.0).name == "peers"  # the next chunk asks the pool first again
+    # the origin's first try is not cut short because of the pool: the pool may not serve it
+    assert h._budget(h.records["origin"], MiB) is None
