@@ -171,6 +171,16 @@ class Controller:
             raise RuntimeError(f"job {job_id}: HTTP {status}: {body}")
         return dict(body)
 
+    def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
+        """The job once it has ended (succeeded, failed or cancelled); AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)['state']} after {timeout} s")
+
     def bytes_served(self) -> int:
         """Chunk and manifest bytes the controller has sent (from /metrics)."""
         _, text = self.call("GET", "/metrics", token=None)

@@ -149,13 +149,7 @@ class Rack:
         return str(job["id"])
 
     def wait_job(self, job_id: str, timeout: float = BOOT) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.controller.job(job_id)
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} still {self.controller.job(job_id)['state']} after {timeout} s")
+        return self.controller.wait_job(job_id, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +51,7 @@ class Lab:
         return str(job["id"])
 
     def wait_job(self, job_id: str, timeout: float = BOOT) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.controller.job(job_id)
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} still {self.controller.job(job_id)['state']} after {timeout} s")
+        return self.controller.wait_job(job_id, timeout)
 
     def chunks(self, ref: str) -> dict[str, int]:
         out = subprocess.run(
