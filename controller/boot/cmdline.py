@@ -9,6 +9,8 @@ replace its fresh enrollment token.
 
 from __future__ import annotations
 
+import re
+
 WORD = r"[A-Za-z0-9_.,:=/+@%-]+"
 PATTERN = rf"(?:{WORD}(?: {WORD})*)?"
 EXPECTED = "kernel arguments: words of A-Z a-z 0-9 _ . , : = / + @ % - separated by single spaces"
@@ -23,4 +25,16 @@ def reserved_key(args: str) -> str | None:
         # /init upper-cases sledge.* keys into the environment: sledge.TOKEN= is sledge.token=
         if word.split("=", 1)[0].lower() in reserved:
             return word
+    return None
+
+
+def problem(args: str) -> str | None:
+    """Why `args` may not go on an agent's kernel command line, or None when it may."""
+    if len(args) > MAX_LEN:
+        return f"at most {MAX_LEN} characters, got {len(args)}"
+    if re.fullmatch(PATTERN, args) is None:
+        return f"expected {EXPECTED}, got {args!r}"
+    word = reserved_key(args)
+    if word is not None:
+        return f"expected arguments the controller does not set itself, got {word!r}"
     return None

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
+from controller.boot import cmdline
 from controller.boot.leases import DnsmasqLeases
 from controller.boot.prepare import BootNetwork, default_url, prepare
 from controller.boot.settings import DhcpOptions, parse_efi, parse_lease_time, parse_mode, parse_range
@@ -56,6 +57,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--kernel-args",
+        type=kernel_args,
         default=Config.kernel_args,
         help="more agent kernel arguments, e.g. sledge.ca=... to pin the CA (default: %(default)s)",
     )
@@ -156,6 +158,15 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         power_poll_seconds=args.power_poll,
         boot_deadline=args.boot_deadline,
     )
+
+
+def kernel_args(value: str) -> str:
+    """--kernel-args: the same rule as a machine's own (controller/boot/cmdline.py): the words
+    go into every boot script, so nothing iPXE would expand and no second script line."""
+    problem = cmdline.problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def raise_open_file_limit() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.boot.cmdline import reserved_key
+from controller.boot.cmdline import problem, reserved_key
 from controller.config import Config
 from tests.unit.test_controller_kit import AioClient, start
 
@@ -86,3 +86,26 @@ def test_reserved_keys_are_found_by_their_key_only() -> None:
     assert reserved_key("sledge.token") == "sledge.token"
     assert reserved_key("sledge.tokens=1 xinitrd=1 sledge.shell=1") is None
     assert reserved_key("") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("console=ttyS0 ${net0/mac}", "expected kernel arguments"),  # iPXE would expand it
+        ("quiet\nchain http://elsewhere/x.ipxe", "expected kernel arguments"),  # a second script line
+        ("quiet  loglevel=3", "expected kernel arguments"),
+        ("sledge.TOKEN=abc", "the controller does not set itself, got 'sledge.TOKEN=abc'"),
+        ("x" * 513, "at most 512 characters, got 513"),
+    ],
+)
+def test_sledge_serve_refuses_controller_wide_args_by_the_same_rule(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from controller.cli import build_parser
+    from controller.cli.serve import kernel_args
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--kernel-args", value])
+    assert exit_.value.code == 2
+    assert "--kernel-args" in capsys.readouterr().err and says in (problem(value) or "")
+    assert kernel_args(Config.kernel_args) == Config.kernel_args  # the default passes
