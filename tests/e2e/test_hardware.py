@@ -85,9 +85,10 @@ def machine_argv(vm: Vm, work: Path) -> list[str]:
         image = work / f"{serial.lower()}.img"
         with open(image, "wb") as f:
             f.truncate(disk_size(serial))
-        argv += ["-drive", f"file={image},if=none,id=d{n},format=raw,cache=unsafe"]
+        # ids of our own: the Vm's boot disk is d0
+        argv += ["-drive", f"file={image},if=none,id=hw{n},format=raw,cache=unsafe"]
         *controllers, disk = devices
-        for device in [*controllers, f"{disk},drive=d{n},serial={serial}"]:
+        for device in [*controllers, f"{disk},drive=hw{n},serial={serial}"]:
             argv += ["-device", device]
     return argv
 
