@@ -226,19 +226,10 @@ class Vm:
             fwd += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
         board = ["-boot", "order=nc"]
         if firmware == "uefi":
-            vars_copy = workdir / "OVMF_VARS.fd"
-            if not vars_copy.exists():
-                shutil.copyfile(OVMF_VARS, vars_copy)
             # The boot order through bootindex (OVMF ignores -boot order): network, then disk.
             # No PXE/HTTP boot of OVMF's own: the NIC's iPXE ROM is the network entry, and after
             # iPXE's `exit` OVMF would otherwise try each of those first (minutes under TCG).
-            board = [
-                "-machine", "q35",
-                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-                "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
-                "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no",
-            ]  # fmt: skip
+            board = ovmf_board(workdir, {"IPv4PXESupport": "no", "IPv6PXESupport": "no"})
         elif firmware != "bios":
             raise ValueError(f"firmware {firmware!r}: expected bios or uefi")
         nic_index, disk_index = (",bootindex=1", ",bootindex=2") if firmware == "uefi" else ("", "")
@@ -331,6 +322,23 @@ class Vm:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         self._log.close()
+
+
+def ovmf_board(workdir: Path, knobs: dict[str, str]) -> list[str]:
+    """QEMU arguments of a UEFI machine: q35, OVMF's code read-only and a fresh copy of its
+    variables per machine (kept across reboots in `workdir`), and OVMF's fw_cfg `knobs`
+    (opt/org.tianocore/NAME=VALUE)."""
+    vars_copy = workdir / "OVMF_VARS.fd"
+    if not vars_copy.exists():
+        shutil.copyfile(OVMF_VARS, vars_copy)
+    argv = [
+        "-machine", "q35",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+    ]  # fmt: skip
+    for name, value in knobs.items():
+        argv += ["-fw_cfg", f"name=opt/org.tianocore/{name},string={value}"]
+    return argv
 
 
 def build_live_image() -> tuple[Path, Path]:

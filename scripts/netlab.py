@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import VENV_BIN, Controller, Vm
+from lab import VENV_BIN, Controller, Vm, ovmf_board
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -219,17 +218,9 @@ class NetVm(Vm):
         board: list[str] = []
         if firmware == "uefi":
             nic += ",romfile="
-            vars_copy = workdir / "OVMF_VARS.fd"
-            if not vars_copy.exists():
-                shutil.copyfile(OVMF_VARS, vars_copy)
-            board = [
-                "-machine", "q35",
-                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-                # IPv6 PXE off, as an operator sets it in a server's firmware setup: after iPXE
-                # exits the firmware would otherwise try it (~1 min) before the disk (docs/boot.md)
-                "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
-            ]  # fmt: skip
+            # IPv6 PXE off, as an operator sets it in a server's firmware setup: after iPXE
+            # exits the firmware would otherwise try it (~1 min) before the disk (docs/boot.md)
+            board = ovmf_board(workdir, {"IPv6PXESupport": "n"})
         elif firmware != "bios":
             raise ValueError(f"firmware {firmware!r}: expected bios or uefi")
         self.argv = [
