@@ -265,7 +265,7 @@ class SpeedBench:
                 self.cpu_of(key, label).add(t, self.size)
 
     def _count(self, row: Row, t: Timed, image: Path, *, gpt_fixed: bool = False) -> None:
-        """gpt_fixed: sledge moves a GPT image's backup to the (larger) loop device's end; peers copy bytes."""
+        """gpt_fixed: sledge moves a GPT image's backup to the bigger loop device's end; peers copy bytes."""
         if not t.ok:
             row.failures.append(f"rep {self.rep}: {t.error()}")
             return
