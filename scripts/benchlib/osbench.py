@@ -127,8 +127,8 @@ def redeploys(work: Path, v1_raw: Path, device_size: int) -> list[Row]:
         ]
         for label, digest, expected in steps:
             before = served(serve.base)
-            argv = write_argv(f"{serve.base}/store/manifests/{digest}", f"{serve.base}/store/", loop.device,
-                              inplace=True)  # fmt: skip
+            store_url = f"{serve.base}/v1/store"
+            argv = write_argv(f"{store_url}/manifests/{digest}", f"{store_url}/", loop.device, inplace=True)
             t = timed(argv)
             row = Row(f"  {label}")
             if not t.ok:
@@ -190,17 +190,16 @@ def run_os_bench(work: Path, reps: int, image: Path | None, boot: bool) -> tuple
     loop_size = -(-(bench.size + bench.size // 4) // MiB) * MiB
     with Nginx(bench.www, work / "nginx") as web, LoopDevice(work / "loop.bin", loop_size) as loop:
         bench.run_all(web, loop.device)
-    speed = {r.label: r for r in bench.table_rows()}
+    bench.table_rows()  # annotates the rows (ratios to zstd -d, chunk counts)
+    picked = [bench.rows.get(k) for k in ("fio", "curl", f"zstd-{LEVEL}", f"sledge-{LEVEL}", "bmaptool")]
+    picked.append(bench.rows.get("curl-zstd-dd"))
     size = Row(
         f"O. the OS image ({qcow2.name}): disk {human(bench.size)}, data {human(st.data)} "
         f"({st.data:,} B), stored {human(st.stored)} ({st.stored:,} B) at zstd {LEVEL}; "
         f"{kinds['data']} data + {kinds['zero']} zero chunks"
     )
     size.heading = True
-    rows = [size]
-    keep = ("line rate", "  fio", "  curl of the raw", "  `zstd -d", "sledge fresh (`--no-inplace`), compr")
-    keep += ("`bmaptool copy`", "`curl | zstd")
-    rows += [r for label, r in speed.items() if label.startswith(keep)]
+    rows = [size, bench.line, *(r for r in picked if r is not None)]
     targets = [t for t in bench.targets() if t.label.startswith("compressible")]
     rows += redeploys(work / "redeploy", bench.raw, loop_size)
     if boot:
