@@ -87,6 +87,11 @@ def main() -> int:
     parser.add_argument(
         "--os", action="store_true", help="deploy the Debian 12 cloud image and log in over SSH (issue 13)"
     )
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="with --os: print where the guest's boot went (systemd-analyze, cloud-init analyze)",
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed for each boot")
     args = parser.parse_args()
     firmware = "bios" if args.bios else "uefi"
@@ -171,6 +176,9 @@ def main() -> int:
             print(f"  {BOLD}power-on to SSH login: {login:.0f} s{RESET} (op@{host.address})")
             print(ssh(key, host, "cloud-init status --long --wait", timeout=args.timeout), end="")
             print(ssh(key, host, "hostname; id; cat /etc/sledge-test; sudo -n id -u; df -h /"), end="")
+            if args.analyze:
+                where = "systemd-analyze; systemd-analyze blame | head -15; sudo cloud-init analyze show"
+                print(ssh(key, host, where, timeout=args.timeout), end="")
             say(f"done in {time.monotonic() - START:.0f} s ({firmware}, Debian 12)")
             return 0
         vm.wait_for(MARKER, args.timeout, since=mark)
