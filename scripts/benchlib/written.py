@@ -103,7 +103,7 @@ def _compare(
                 first = offset + next(
                     (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), len(got)
                 )
-                return False, f"{device} differs from {image} (GPT edits allowed for) at byte {first}"
+                return False, f"{device} differs from {image} (GPT edits allowed for) at byte offset {first}"
         for at, data in tail:
             dev.seek(at)
             if dev.read(len(data)) != data:
