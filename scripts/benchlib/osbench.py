@@ -33,6 +33,7 @@ LEVEL = 3
 BOOT_TARGET = 240.0  # seconds, power-on to SSH login (issue 13 item 6)
 V2_FILES = 16 * MiB
 LOGIN = re.compile(r"power-on to SSH login: (\d+) s")
+DONE = re.compile(r"done in (\d+) s")
 
 
 def os_image(given: Path | None) -> Path:
@@ -107,11 +108,14 @@ class Serve:
             self.proc.wait(30)
 
 
-def redeploys(work: Path, v1_raw: Path, device_size: int) -> list[Row]:
+def redeploys(work: Path, qcow2: Path, device_size: int) -> list[Row]:
     data = work / "serve"
     store = data / "store"
     store.mkdir(parents=True)
-    v2_raw = work / "v2.img"
+    # the image at its own size (section F pads it to whole 4 MiB chunks for fio and the peers,
+    # which would put its backup GPT short of its end: not an image an operator imports)
+    v1_raw, v2_raw = work / "v1.img", work / "v2.img"
+    run(["qemu-img", "convert", "-O", "raw", str(qcow2), str(v1_raw)])
     make_v2(v1_raw, v2_raw, work)
     v1 = import_image(v1_raw, "debian", "1", store).digest
     v2 = import_image(v2_raw, "debian", "2", store).digest
@@ -139,7 +143,8 @@ def redeploys(work: Path, v1_raw: Path, device_size: int) -> list[Row]:
                 row.ratio_value = moved / expected if expected else None
                 row.notes = [
                     f"served {moved:,} B; changed chunks' stored bytes {expected:,} B; "
-                    f"{report.get('fetched', '?')} chunks fetched"
+                    f"{report['chunks_fetched']} of {report['chunks_total']} chunks fetched, "
+                    f"{report['chunks_inplace']} in place, {report['chunks_restored']} rebuilt from the disk"
                 ]
             rows.append(row)
     return rows
@@ -152,6 +157,7 @@ def boots(reps: int) -> tuple[list[Row], list[Target]]:
     targets: list[Target] = []
     for firmware in ("bios", "uefi"):
         seconds: list[float] = []
+        whole: list[float] = []  # the demo from its start (images cached) to its end
         failures: list[str] = []
         for rep in range(1, reps + 1):
             log(f"O: scripts/demo --os ({firmware}), {rep}/{reps}")
@@ -160,12 +166,16 @@ def boots(reps: int) -> tuple[list[Row], list[Target]]:
             found = LOGIN.search(t.stdout)
             if t.ok and found:
                 seconds.append(float(found.group(1)))
+                done = DONE.search(t.stdout)
+                whole.append(float(done.group(1)) if done else float("nan"))
             else:
                 failures.append(f"rep {rep}: {t.error() if not t.ok else 'no login time in its output'}")
         row = Row(f"  {firmware.upper()}: power-on to SSH login")
         row.failures = failures
         if seconds:
-            row.notes = [f"median {median(seconds):.0f} s (runs {' '.join(f'{s:.0f}' for s in seconds)})"]
+            runs = " ".join(f"{s:.0f}" for s in seconds)
+            demo = " ".join(f"{s:.0f}" for s in whole)
+            row.notes = [f"median {median(seconds):.0f} s (runs {runs}); the whole demo {demo} s"]
         rows.append(row)
         got = median(seconds)
         targets.append(
@@ -201,7 +211,7 @@ def run_os_bench(work: Path, reps: int, image: Path | None, boot: bool) -> tuple
     size.heading = True
     rows = [size, bench.line, *(r for r in picked if r is not None)]
     targets = [t for t in bench.targets() if t.label.startswith("compressible")]
-    rows += redeploys(work / "redeploy", bench.raw, loop_size)
+    rows += redeploys(work / "redeploy", qcow2, loop_size)
     if boot:
         boot_rows, boot_targets = boots(reps)
         rows += boot_rows
