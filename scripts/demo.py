@@ -186,7 +186,7 @@ def main() -> int:
         print(controller.sledge("machines").stdout, end="")
         say(f"done in {time.monotonic() - START:.0f} s ({firmware})")
         return 0
-    except (TimeoutError, RuntimeError, subprocess.CalledProcessError) as exc:
+    except (TimeoutError, RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         print(f"(work directory: {work}; console log: {work / 'vm' / 'console.log'})", file=sys.stderr)
         args.keep = True

@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from lab import Controller, Vm
@@ -140,7 +141,13 @@ def leased_addresses(lease_file: Path, mac: str) -> list[str]:
         text = lease_file.read_text(errors="replace")
     except FileNotFoundError:
         return []
-    found = [f[2] for f in map(str.split, text.splitlines()) if len(f) >= 3 and f[1].lower() == mac.lower()]
+    found = []
+    for fields in map(str.split, text.splitlines()):
+        if len(fields) >= 3 and fields[1].lower() == mac.lower():
+            try:
+                found.append(str(IPv4Address(fields[2])))  # only an address ever reaches ssh's argv
+            except ValueError:
+                continue
     return list(dict.fromkeys(reversed(found)))
 
 
