@@ -167,7 +167,8 @@ def header(args: argparse.Namespace, argv: list[str], load_before: tuple[float, 
         lines += [
             f"repetitions: {args.reps}; MB/s = image bytes (10^6) per wall-clock second of the command;",
             f"caches dropped before every timed command; server side: {mode};",
-            "every write is checked with `cmp -n SIZE IMAGE DEVICE` (caches dropped) before it counts.",
+            "every write is checked against the image (caches dropped) before it counts: `cmp -n SIZE`, or",
+            "for sledge on a GPT image the same with its backup GPT move allowed for (benchlib/written.py).",
         ]
     lines.append(
         f"load average (1/5/15 min) at start {_load(load_before)}, at end {_load(os.getloadavg())}"
