@@ -6,8 +6,9 @@ against curl | dd, bmaptool copy and casync extract, as ratios to the line rate.
 the live image. Section D (issue 5): `sledge serve` under N simulated agents on 127.0.0.1.
 Section E (issue 20): `sledge-agent write` from each common static web server (scripts/webservers.py),
 as ratios to nginx. Section F (issue 13): a compressible image at the limit
-(benchlib/speedbench.py). Section G (issue 15): a simulated fleet of N agents sharing chunks
-(benchlib/fleetbench.py).
+(benchlib/speedbench.py). Section O (issue 13): the Debian 12 OS image: sizes, deploy against
+peers, redeploy bytes, power-on to SSH login (benchlib/osbench.py). Section G (issue 15): a
+simulated fleet of N agents sharing chunks (benchlib/fleetbench.py).
 Everything stays on this machine and is removed on exit, Ctrl-C included.
 """
 
@@ -28,6 +29,7 @@ from benchlib.bootbench import run_boot_bench
 from benchlib.fleetbench import run_fleet_bench
 from benchlib.importbench import run_import_bench
 from benchlib.loadbench import LoadConfig, run_load_bench
+from benchlib.osbench import run_os_bench
 from benchlib.proc import BenchError, kill_all, log, run
 from benchlib.report import Row, Target, table, targets_table
 from benchlib.serverbench import run_server_bench
@@ -59,13 +61,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small images (256 MiB), for development")
     p.add_argument(
         "--only",
-        choices=["import", "write", "boot", "load", "servers", "speed", "fleet"],
+        choices=["import", "write", "boot", "load", "servers", "speed", "fleet", "os"],
         help="run one section",
     )
     p.add_argument(
         "--compressible-image",
         type=Path,
         help="section F's image (raw or qcow2; default: one built from this machine's /usr files)",
+    )
+    p.add_argument(
+        "--os-image",
+        type=Path,
+        help="section O's OS image (default: scripts/build-os-image's, built or taken from its cache)",
+    )
+    p.add_argument(
+        "--no-os-boot",
+        action="store_true",
+        help="section O without its power-on-to-SSH boots (QEMU under TCG, minutes each)",
     )
     p.add_argument(
         "--speed-size", type=parse_size, help="section F's built image size (default 2G; quick 256M)"
@@ -155,7 +167,8 @@ def header(args: argparse.Namespace, argv: list[str], load_before: tuple[float, 
         lines += [
             f"repetitions: {args.reps}; MB/s = image bytes (10^6) per wall-clock second of the command;",
             f"caches dropped before every timed command; server side: {mode};",
-            "every write is checked with `cmp -n SIZE IMAGE DEVICE` (caches dropped) before it counts.",
+            "every write is checked against the image (caches dropped) before it counts: `cmp -n SIZE`, or",
+            "for sledge on a GPT image the same with its backup GPT move allowed for (benchlib/written.py).",
         ]
     lines.append(
         f"load average (1/5/15 min) at start {_load(load_before)}, at end {_load(os.getloadavg())}"
@@ -202,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows += speed_rows
             targets += speed_targets
+        if args.only in (None, "os"):
+            os_rows, os_targets = run_os_bench(work / "os", args.reps, args.os_image, not args.no_os_boot)
+            rows += os_rows
+            targets += os_targets
         boot_lines: list[str] = []
         if args.only in (None, "boot"):
             boot_lines, boot_targets = run_boot_bench(work / "boot", args.reps)

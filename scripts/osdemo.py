@@ -1,8 +1,9 @@
 """A real OS deployed by sledge and logged into (issue 13): the pieces the e2e test and the demo share.
 
-`os_demo()` is the demo's ending for scripts/demo (`--os`): the Debian 12 cloud image
-(scripts/build-os-image), deployed to a QEMU machine with user-data carrying an SSH key made here,
-booted from its disk, then cloud-init's result and an SSH login, printed.
+scripts/demo --os (scripts/demo.py) deploys the Debian 12 cloud image (scripts/build-os-image) on its
+provisioning network with user-data carrying an SSH key made here, then finds the address the
+machine's own DHCP client leased and logs in from inside the namespace (`ip netns exec`). The e2e
+test logs in through a port QEMU forwards to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
-from lab import Controller, Vm, build_live_image, build_os_image, free_port
+from lab import Controller, Vm
 
 SSH_OPTIONS = [
     "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o", "StrictHostKeyChecking=no",
@@ -46,10 +48,37 @@ def user_data(key: Path, hostname: str, marker: str) -> str:
     return "#cloud-config\n" + json.dumps(config)
 
 
-def ssh(key: Path, port: int, command: str, timeout: float = 120, tries: int = 3) -> str:
-    """Run command as `op` on the machine whose port 22 is forwarded to 127.0.0.1:port. A TCG guest
-    on a loaded host can miss the banner exchange: ssh's own failures (exit 255) are tried again."""
-    argv = ["ssh", "-i", str(key), "-p", str(port), *SSH_OPTIONS, "op@127.0.0.1", command]
+@dataclass(frozen=True)
+class Host:
+    """Where the machine's port 22 answers: an address and port, reached from inside netns if set."""
+
+    address: str = "127.0.0.1"
+    port: int = 22
+    netns: str | None = None
+
+    def argv(self, key: Path, command: str) -> list[str]:
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return [
+            *inside,
+            "ssh",
+            "-i",
+            str(key),
+            "-p",
+            str(self.port),
+            *SSH_OPTIONS,
+            f"op@{self.address}",
+            command,
+        ]
+
+
+def _host(target: int | Host) -> Host:
+    return target if isinstance(target, Host) else Host(port=target)
+
+
+def ssh(key: Path, target: int | Host, command: str, timeout: float = 120, tries: int = 3) -> str:
+    """Run command as `op` on the machine (an int: its port 22 forwarded to 127.0.0.1:target). A TCG
+    guest on a loaded host can miss the banner exchange: ssh's own failures (exit 255) are tried again."""
+    argv = _host(target).argv(key, command)
     for attempt in range(tries):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 255 or attempt == tries - 1:
@@ -60,12 +89,12 @@ def ssh(key: Path, port: int, command: str, timeout: float = 120, tries: int = 3
     return out.stdout
 
 
-def wait_for_login(key: Path, port: int, vm: Vm, timeout: float) -> float:
+def wait_for_login(key: Path, target: int | Host, vm: Vm, timeout: float) -> float:
     """Seconds until an SSH login as the user cloud-init created works."""
     started = time.monotonic()
     while True:
         try:
-            ssh(key, port, "true", timeout=60, tries=1)
+            ssh(key, target, "true", timeout=60, tries=1)
             return time.monotonic() - started
         except (AssertionError, subprocess.TimeoutExpired):
             if time.monotonic() - started > timeout:
@@ -105,31 +134,40 @@ def deploy(
     return dict(job)
 
 
-def os_demo(work: Path, say: Callable[[str], None] = print, firmware: str = "bios") -> None:
-    """The whole story on a fresh controller in work/: import, deploy, boot, cloud-init, SSH."""
-    work.mkdir(parents=True, exist_ok=True)
-    kernel, initrd = build_live_image()
-    image = build_os_image()
-    key = make_key(work / "id_ed25519")
-    controller = Controller(work / "data")
-    controller.install_boot_files(kernel, initrd)
-    controller.start()
-    vm: Vm | None = None
+def leased_addresses(lease_file: Path, mac: str) -> list[str]:
+    """IPv4 addresses dnsmasq's lease file holds for mac, latest line first. A machine holds more
+    than one: the live image's DHCP client and the installed OS's present different client ids."""
     try:
-        say(f"importing {image.name}: {controller.import_image(image, 'debian', '12')}")
-        mac, port = "52:54:00:13:d0:01", free_port()
-        (work / "vm").mkdir(exist_ok=True)
-        vm = Vm(work / "vm", controller.port, mac, firmware=firmware, ssh_port=port)
-        powered = time.monotonic()
-        job = deploy(controller, vm, mac, "debian:12", user_data(key, "sledge-demo", "hello"), 480)
-        say(f"deploy {job['id']}: {job['state']}")
-        if job["state"] != "succeeded":
-            raise AssertionError(f"deploy failed: {job}")
-        wait_for_login(key, port, vm, 600)
-        say(f"power-on to SSH login: {time.monotonic() - powered:.0f} s")
-        say(ssh(key, port, "cloud-init status --long --wait", timeout=600).strip())
-        say(ssh(key, port, "hostname; id; cat /etc/sledge-test; df -h /").strip())
-    finally:
-        if vm is not None:
-            vm.stop()
-        controller.stop()
+        text = lease_file.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    for fields in map(str.split, text.splitlines()):
+        if len(fields) >= 3 and fields[1].lower() == mac.lower():
+            try:
+                found.append(str(IPv4Address(fields[2])))  # only an address ever reaches ssh's argv
+            except ValueError:
+                continue
+    return list(dict.fromkeys(reversed(found)))
+
+
+def find_login(key: Path, lease_file: Path, mac: str, netns: str, vm: Vm, timeout: float) -> Host:
+    """The machine's address on the provisioning network once an SSH login as `op` works there:
+    each address leased to its MAC is tried (an old lease's address does not answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for address in leased_addresses(lease_file, mac):
+            host = Host(address, 22, netns)
+            try:
+                ssh(key, host, "true", timeout=60, tries=1)
+                return host
+            except (AssertionError, subprocess.TimeoutExpired):
+                pass
+        if time.monotonic() > deadline:
+            tail = "\n".join(vm.lines[-30:])
+            raise TimeoutError(
+                f"no SSH login on {mac}'s leased addresses within {timeout} s; console:\n{tail}"
+            )
+        if vm.proc is None or vm.proc.poll() is not None:
+            raise RuntimeError("QEMU exited before an SSH login worked")
+        time.sleep(3)

@@ -23,7 +23,8 @@ from benchlib.proc import BenchError, Timed, log, run, timed, timed_pipeline
 from benchlib.report import Row, Target, heading, median
 from benchlib.services import LoopDevice, Nginx
 from benchlib.sledge import chunk_files, chunk_table, tool, write_argv, write_report
-from benchlib.system import MB, GiB, MiB, discard, drop_caches, human, same_prefix, warm, warm_programs
+from benchlib.system import MB, GiB, MiB, discard, drop_caches, human, warm, warm_programs
+from benchlib.written import check_written
 
 CORPUS = [Path("/usr/lib"), Path("/usr/share"), Path("/usr/bin")]
 HASH = (
@@ -243,7 +244,7 @@ class SpeedBench:
         )
         discard(self.device)
         t = self._timed([argv], [st.store / "manifests" / st.digest, *st.files])
-        self._count(row, t, image)
+        self._count(row, t, image, gpt_fixed=True)
         if t.ok:
             self.cpu_of(f"sledge-{level}", f"sledge, {what}").add(t, self.size)
             busy = write_report(t)["busy"]
@@ -263,11 +264,12 @@ class SpeedBench:
             if t.ok:
                 self.cpu_of(key, label).add(t, self.size)
 
-    def _count(self, row: Row, t: Timed, image: Path) -> None:
+    def _count(self, row: Row, t: Timed, image: Path, *, gpt_fixed: bool = False) -> None:
+        """gpt_fixed: sledge moves a GPT image's backup to the bigger loop device's end; peers copy bytes."""
         if not t.ok:
             row.failures.append(f"rep {self.rep}: {t.error()}")
             return
-        ok, why = same_prefix(image, self.device, self.size)
+        ok, why = check_written(image, self.device, self.size, gpt_fixed=gpt_fixed)
         if not ok:
             row.failures.append(f"rep {self.rep}: cmp: {why or 'differs'}")
             return
