@@ -19,6 +19,7 @@ The simulated case at the same N (fleetbench.run_case) runs in the same call, fo
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -40,6 +41,7 @@ from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
 from benchlib.fleetbench import Case, make_image, run_case
+from benchlib.proc import BenchError
 
 MiB = 1 << 20
 PREFIX = "sledge-fr"
@@ -51,7 +53,7 @@ AGENT_SCRIPT = Path(__file__).with_name("fleetagent.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-class FleetRealError(Exception):
+class FleetRealError(BenchError):
     """The real fleet could not be set up or run."""
 
 
@@ -98,51 +100,71 @@ def tbf(ns: str, dev: str, rate: float) -> None:
        "rate", f"{bits}bit", "burst", str(burst), "latency", "200ms")  # fmt: skip
 
 
-def port_counters(hub: str) -> dict[str, tuple[int, int]]:
-    """The hub's ports: name -> (tx_bytes, rx_bytes) as the bridge side sees them."""
-    out: dict[str, tuple[int, int]] = {}
-    for link in json.loads(sh("ip", "-n", hub, "-s", "-j", "link", "show")):
-        stats = link.get("stats64") or link.get("stats") or {}
-        out[link["ifname"]] = (int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"]))
-    return out
+# Runs inside the hub namespace (its /sys shows the hub's ports): the time and every port's
+# counters, one line per sample, stamped where they are read so a busy machine cannot skew a window.
+_SAMPLE = """
+import os, sys, time
+while True:
+    t = time.monotonic()
+    row = [repr(t)]
+    for dev in os.listdir("/sys/class/net"):
+        try:
+            s = "/sys/class/net/" + dev + "/statistics/"
+            tx, rx = (open(s + name).read().strip() for name in ("tx_bytes", "rx_bytes"))
+            row.append(dev + "=" + tx + "," + rx)
+        except OSError:
+            pass
+    print(" ".join(row), flush=True)
+    time.sleep(float(sys.argv[1]))
+"""
 
 
 class Sampler:
-    """Samples the hub's port counters in a thread, for each port's top rate over `window` seconds."""
+    """The hub's port counters every `every` s, for each port's top rate over a window.
 
-    def __init__(self, hub: str, every: float = 0.25) -> None:
-        self.hub = hub
-        self.every = every
+    tx on a hub port is what went towards its host (an agent's download), rx what came from it."""
+
+    def __init__(self, lan: Lan, every: float = 0.25) -> None:
         self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
+            ["ip", "netns", "exec", lan.ns, sys.executable, "-c", _SAMPLE, str(every)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        )  # fmt: skip
+        lan.procs.append(self.proc)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self._read, daemon=True)
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            with contextlib.suppress(FleetRealError, ValueError, KeyError):  # one lost sample
-                self.samples.append((time.monotonic(), port_counters(self.hub)))
-            self.stop.wait(self.every)
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            words = line.split()
+            with contextlib.suppress(ValueError, IndexError):
+                counters = {}
+                for word in words[1:]:
+                    dev, _, pair = word.partition("=")
+                    tx, rx = pair.split(",")
+                    counters[dev] = (int(tx), int(rx))
+                self.samples.append((float(words[0]), counters))
 
     def __enter__(self) -> Sampler:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.thread.join(10)
 
     def top_rate(self, port: str, window: float = 2.0, rx: bool = False) -> float:
-        """The most bytes/s the port moved over any `window` seconds (tx: towards its host)."""
+        """The most bytes/s the port moved over any `window` seconds (or more, to the next sample)."""
         k = 1 if rx else 0
+        times = [t for t, _ in self.samples]
         best = 0.0
-        j = 0
-        for i, (t, counters) in enumerate(self.samples):
-            while j < i and t - self.samples[j][0] > window:
-                j += 1
-            while j > 0 and t - self.samples[j][0] < window:
-                j -= 1
+        for t, counters in self.samples:
+            j = bisect.bisect_right(times, t - window) - 1  # the last sample at least `window` before
+            if j < 0:
+                continue
             t0, c0 = self.samples[j]
-            if t - t0 >= window * 0.9 and port in counters and port in c0:
+            if port in counters and port in c0:
                 best = max(best, (counters[port][k] - c0[port][k]) / (t - t0))
         return best
 
@@ -160,6 +182,7 @@ class RealAgent:
     log: Path = Path()
     job: str = ""
     seconds: float | None = None
+    started: float | None = None  # the job's first event, from the common start
     fetched_peers: int = 0
     served_peers: int = 0
     dropped: int = 0
@@ -226,6 +249,21 @@ class Origin:
         return int(match.group(1))
 
 
+def agent_env(linger: float, rate: float) -> dict[str, str]:
+    """The agents' settings, as SLEDGE_* variables (the kernel command line's sledge.* words)."""
+    return {
+        "SLEDGE_PEERS": "1",
+        "SLEDGE_PEER_LINGER": str(linger),
+        # as many fetching threads as each simulated agent has (fleetbench: workers=6); the
+        # product's default here is max(4, cores + 2) = 4, and at 4 uploads per peer, each a
+        # quarter of B, fewer threads than that leave an agent's link part idle
+        "SLEDGE_WORKERS": "6",
+        # each simulated peer server paces its uploads with the product's own cap at B (ServeLimits);
+        # tc caps the link at the same payload rate, so the two agree on who sends when
+        "SLEDGE_PEER_UPLOAD_RATE": str(int(rate)),
+    }
+
+
 def _digest_of(path: str, size: int) -> str:
     sh("blockdev", "--flushbufs", path, check=False)
     h = hashlib.sha256()
@@ -242,6 +280,8 @@ def _digest_of(path: str, size: int) -> str:
 
 def _job_figures(a: RealAgent, detail: dict[str, Any], t0: float, image_size: int) -> None:
     for e in detail.get("events", []):
+        if a.started is None and e.get("seq") is not None:
+            a.started = float(e["at"]) - t0
         if a.seconds is None and e.get("total") == image_size and e.get("done") == image_size:
             a.seconds = float(e["at"]) - t0
         m = re.search(r"peers: fetched (\d+) bytes from \d+ peers; served (\d+) bytes", e.get("message", ""))
@@ -297,7 +337,7 @@ def run_real_case(
                 f.truncate(disk_size)
             a.disk = sh("losetup", "-f", "--show", "--direct-io=on", str(a.backing)).strip()
             a.log = work / f"agent{a.index}.log"
-            env = {**os.environ, "SLEDGE_PEERS": "1", "SLEDGE_PEER_LINGER": str(linger)}
+            env = {**os.environ, **agent_env(linger, rate)}
             with open(a.log, "wb") as out:
                 a.proc = subprocess.Popen(
                     ["ip", "netns", "exec", a.ns, sys.executable, str(AGENT_SCRIPT),
@@ -308,7 +348,7 @@ def run_real_case(
             lan.procs.append(a.proc)
         _wait_registered(origin, agents, log)
         before = origin.served()
-        with Sampler(lan.ns) as sampler:
+        with Sampler(lan) as sampler:
             t0 = time.time()
             _create_jobs(origin, agents)
             _wait_jobs(origin, agents, timeout=10 * s_over_b + 120)
