@@ -8,7 +8,8 @@ Section E (issue 20): `sledge-agent write` from each common static web server (s
 as ratios to nginx. Section F (issue 13): a compressible image at the limit
 (benchlib/speedbench.py). Section O (issue 13): the Debian 12 OS image: sizes, deploy against
 peers, redeploy bytes, power-on to SSH login (benchlib/osbench.py). Section G (issue 15): a
-simulated fleet of N agents sharing chunks (benchlib/fleetbench.py).
+simulated fleet of N agents sharing chunks (benchlib/fleetbench.py), and its real case: agents in
+network namespaces with tc caps writing to loop devices (benchlib/fleetreal.py).
 Everything stays on this machine and is removed on exit, Ctrl-C included.
 """
 
@@ -27,6 +28,7 @@ from types import FrameType
 
 from benchlib.bootbench import run_boot_bench
 from benchlib.fleetbench import run_fleet_bench
+from benchlib.fleetreal import run_real_bench
 from benchlib.importbench import run_import_bench
 from benchlib.loadbench import LoadConfig, run_load_bench
 from benchlib.osbench import run_os_bench
@@ -105,6 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fleet-sizes",
         default="25,50,100,200",
         help="section G: simulated fleet sizes, comma-separated (default 25,50,100,200)",
+    )
+    p.add_argument(
+        "--fleet-real",
+        type=int,
+        default=10,
+        help="section G: agents of the real case (network namespaces, tc caps, loop devices); 0: skip",
     )
     p.add_argument(
         "--tmpdir",
@@ -236,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             fleet_lines = run_fleet_bench(
                 work / "fleet", sizes, args.reps, 16 * MiB, MiB // 2, 2 * MiB, origin_only_max=25, log=log
             )
+            if args.fleet_real > 0:  # the same S, B and origin cap, beside the simulated case at that N
+                fleet_lines += run_real_bench(
+                    work / "fleetreal", args.fleet_real, args.reps, 16 * MiB, MiB // 2, 2 * MiB, log=log
+                )
         print(header(args, argv, load_before) + "\n")
         if rows:
             print(table(rows))

@@ -520,9 +520,6 @@ def _report(
         lines.append(
             f"\np50 at N = {hi} over p50 at N = {lo}: {ratio:.2f} (target <= 1.15: {_ok(ratio <= 1.15)})"
         )
-    lines.append(
-        "The real case (about 10 agents in network namespaces with tc caps, on loop devices) is not run yet."
-    )
     return lines
 
 
