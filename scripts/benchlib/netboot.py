@@ -19,7 +19,7 @@ MARKS: tuple[tuple[str, str], ...] = (
     ("iPXE: banner wait + DHCP", r"Configuring \(net0 .*ok"),
     ("HTTP: script, kernel, initramfs", r"initrd\.img\.\.\..*ok"),
     ("kernel: decompress, unpack, start", r"sledge-init: .*sledge live image"),
-    ("live image: udev until the NICs are named", r"sledge-init: .*udev: (NICs named|devices settled)"),
+    ("live image: udev until the NICs are named", r"sledge-init: .*udev: (NIC .* named|devices settled)"),
     ("live image: DHCP", r"sledge-init: .*network: "),
     ("agent: Python start-up", r"sledge-agent: controller "),
     ("agent: devices settled, inventory, register", r"sledge-agent: registered as machine"),
