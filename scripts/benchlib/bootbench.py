@@ -40,7 +40,7 @@ def run_boot_bench(
         controller.start()
         for firmware in firmwares:
             sent_before = len(tftp_sent(controller.log.read_text()))
-            boots[firmware] = [_one_boot(lan, work, firmware, rep, reps) for rep in range(reps)]
+            boots[firmware] = [one_boot(lan, work, firmware, rep, reps) for rep in range(reps)]
             sent = tftp_sent(controller.log.read_text())[sent_before:]
             tftp_root = controller.data / "dnsmasq" / "tftp"
             tftp[firmware] = sum((tftp_root / name).stat().st_size for name in sent) // reps
@@ -86,10 +86,11 @@ def run_boot_bench(
     return lines, targets
 
 
-def _one_boot(lan: Lan, work: Path, firmware: str, rep: int, reps: int) -> Boot:
+def one_boot(lan: Lan, work: Path, firmware: str, rep: int, reps: int, series: int = 0) -> Boot:
+    """One machine's first boot (a MAC of its own: `series` tells comparisons' boots apart)."""
     stamps: list[tuple[float, str]] = []
-    mac = f"52:54:00:be:{rep:02x}:{1 if firmware == 'uefi' else 2:02x}"
-    vm = NetVm(work / f"{firmware}{rep}", lan, mac, firmware)
+    mac = f"52:54:00:{0xBE + series:02x}:{rep:02x}:{1 if firmware == 'uefi' else 2:02x}"
+    vm = NetVm(work / f"{firmware}{series}-{rep}", lan, mac, firmware)
     started = time.monotonic()
     vm.echo = lambda line: stamps.append((time.monotonic() - started, line))
     vm.start()
