@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(table(rows))
         if boot_lines:
-            print("\n**C. the live image (issue 7)**\n\n" + "\n".join(boot_lines))
+            print("\n**C. the live image and its network boot (issues 7, 12)**\n\n" + "\n".join(boot_lines))
         if load_lines:
             print("\n**D. controller load (issue 5)**\n\n" + "\n".join(load_lines))
         if fleet_lines:

@@ -1,94 +1,87 @@
 """Power-on to agent registered through DHCP + TFTP + iPXE, BIOS and UEFI, on a bridge in a netns.
 
-    .venv/bin/python scripts/bench_netboot.py [--runs 3] [--firmware uefi bios]
+    .venv/bin/python scripts/bench_netboot.py [--runs 3] [--firmware uefi bios] [--compare DIR]
 
-Root. Prints, per firmware, the median of the runs and where the time went, from the moment
-each console line appeared: firmware (power-on to its PXE), PXE (firmware DHCP + TFTP of iPXE),
-iPXE DHCP, HTTP (script, kernel, initramfs), kernel (to the live image's first line), agent
-(start to registered); and the bytes sent over TFTP and over HTTP.
+Root. The same measurement as `scripts/bench --only boot` (section C, benchlib/bootbench.py), alone:
+per firmware, the median of the runs and where the time went, from the moment each console line
+appeared (benchlib/netboot.py has the phases), and the bytes sent over TFTP and over HTTP.
+
+--compare DIR: another live image (DIR/vmlinuz, DIR/initramfs.zst, e.g. a build of an older
+commit) against this one, booted alternately (A B, B A, ...) on one controller, so that both see
+the same load on a shared machine; prints each phase's median for both.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchlib.bootbench import DHCP, FIRMWARES, one_boot, run_boot_bench
+from benchlib.netboot import Boot, median_phases
+from benchlib.report import targets_table
 from lab import build_live_image
-from netlab import Lan, NetController, NetVm
-
-MARKS = (  # (phase ends at the first console line matching, phase name)
-    (r">>Start PXE|iPXE initialising|iPXE \d", "firmware"),
-    (r"iPXE initialising|Configuring \(net0", "PXE: DHCP + TFTP"),
-    (r"Configuring \(net0 .*ok", "iPXE DHCP"),
-    (r"initrd\.img\.\.\..*ok", "HTTP: script, kernel, initramfs"),
-    (r"sledge-init:", "kernel"),
-    (r"sledge-agent: registered as machine", "live image + agent"),
-)
+from netlab import Lan, NetController
 
 
-def one_boot(lan: Lan, c: NetController, work: Path, firmware: str, n: int) -> tuple[float, dict[str, float]]:
-    stamps: list[tuple[float, str]] = []
-    vm = NetVm(
-        work / f"{firmware}{n}", lan, f"52:54:00:be:{n:02x}:{1 if firmware == 'uefi' else 2:02x}", firmware
-    )
-    vm.echo = lambda line: stamps.append((time.monotonic(), line))
-    t0 = time.monotonic()
-    vm.start()
+def compare(work: Path, other: Path, runs: int, firmwares: list[str]) -> None:
+    kernel, initrd = build_live_image()
+    images = {"compared": (other / "vmlinuz", other / "initramfs.zst"), "this": (kernel, initrd)}
+    boots: dict[tuple[str, str], list[Boot]] = {}
+    lan = Lan().up()
     try:
-        vm.wait_for(MARKS[-1][0], 600)
+        controller = NetController(work / "data", lan, DHCP)
+        controller.start()
+        boot_dir = controller.data / "boot"
+        boot_dir.mkdir(parents=True, exist_ok=True)
+        for rep in range(runs):
+            for firmware in firmwares:
+                order = list(images) if rep % 2 == 0 else list(reversed(images))
+                for name in order:
+                    shutil.copyfile(images[name][0], boot_dir / "vmlinuz")
+                    shutil.copyfile(images[name][1], boot_dir / "initrd.img")
+                    series = list(images).index(name)
+                    boots.setdefault((firmware, name), []).append(
+                        one_boot(lan, work, firmware, rep, runs, series)
+                    )
     finally:
-        vm.stop()
-    total = time.monotonic() - t0
-    phases: dict[str, float] = {}
-    last = t0
-    for pattern, name in MARKS:
-        at = next((t for t, line in stamps if t >= last and re.search(pattern, line)), last)
-        phases[name] = at - last
-        last = at
-    return total, phases
+        lan.down()
+    for firmware in firmwares:
+        a, b = boots[(firmware, "compared")], boots[(firmware, "this")]
+        print(f"\n{firmware}: medians of {runs}, {other} against this build\n")
+        print(f"| phase | {other.name} | this |\n| --- | ---: | ---: |")
+        for (name, x), (_, y) in zip(median_phases(a), median_phases(b), strict=True):
+            print(f"| {name} | {x:.1f} s | {y:.1f} s |")
+        ta, tb = statistics.median(x.total for x in a), statistics.median(x.total for x in b)
+        print(f"| **power-on to registered** | **{ta:.1f} s** | **{tb:.1f} s** |")
+        runs_a, runs_b = " ".join(f"{x.total:.1f}" for x in a), " ".join(f"{x.total:.1f}" for x in b)
+        print(f"| runs | {runs_a} | {runs_b} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--firmware", nargs="+", default=["uefi", "bios"])
+    parser.add_argument("--firmware", nargs="+", choices=FIRMWARES, default=list(FIRMWARES))
+    parser.add_argument(
+        "--compare", type=Path, help="a directory with another build's vmlinuz, initramfs.zst"
+    )
     args = parser.parse_args()
-    kernel, initrd = build_live_image()
+    if args.compare and not all((args.compare / f).is_file() for f in ("vmlinuz", "initramfs.zst")):
+        parser.error(f"--compare {args.compare}: expected vmlinuz and initramfs.zst in it")
     work = Path(tempfile.mkdtemp(prefix="sledge-netboot-"))
-    lan = Lan().up()
     try:
-        dhcp = ["--dhcp", "full", "--interface", "br0", "--dhcp-range", "10.77.0.100,10.77.0.200"]
-        c = NetController(work / "data", lan, dhcp)
-        c.install_boot_files(kernel, initrd)
-        c.start()
-        for firmware in args.firmware:
-            runs = [one_boot(lan, c, work, firmware, n) for n in range(args.runs)]
-            totals = [t for t, _ in runs]
-            print(
-                f"{firmware}: power-on to registered, median of {len(runs)}:"
-                f" {statistics.median(totals):.1f} s"
-                f" (runs {', '.join(f'{t:.1f}' for t in totals)})"
-            )
-            for name in runs[0][1]:
-                print(f"  {name:34s} {statistics.median(p[name] for _, p in runs):5.1f} s")
-        log = c.log.read_text()
-        tftp = sum(
-            (c.data / "dnsmasq" / "tftp" / m[1]).stat().st_size
-            for m in re.finditer(r"sent \S+/tftp/(\S+) to", log)
-        )
-        boot_files = kernel.stat().st_size + initrd.stat().st_size
-        print(f"bytes over TFTP: {tftp} in all; over HTTP per boot: {boot_files} (kernel + initramfs)")
+        if args.compare:
+            compare(work, args.compare, args.runs, args.firmware)
+            return 0
+        lines, targets = run_boot_bench(work, args.runs, tuple(args.firmware))
     finally:
-        lan.down()
         shutil.rmtree(work, ignore_errors=True)
+    print("\n".join(lines) + "\n\n" + targets_table(targets))
     return 0
 
 

@@ -17,12 +17,17 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.runtime.efivars import boot_entry_for
-from agent.runtime.seed import SeedContent, SeedReport, write_seed
 from agent.writer.device import OpenTarget, open_for_read, open_target
 from agent.writer.errors import TargetError
-from agent.writer.sources import ChunkSource, DirectorySource, HttpSource
+
+if TYPE_CHECKING:
+    from agent.runtime.seed import SeedContent, SeedReport
+    from agent.writer.sources import ChunkSource
+
+# The seed, NVRAM and chunk-source modules are imported where a job first needs them, not at the
+# agent's start: start-up is on every boot's way to "registered" (~1 s of imports under TCG).
 
 # -- the real ones ---------------------------------------------------------------------------------
 
@@ -34,6 +39,8 @@ class HttpSources:
         self.ca_file = ca_file
 
     def open(self, bases: Sequence[str]) -> list[ChunkSource]:
+        from agent.writer.sources import HttpSource
+
         return [HttpSource(url, ca_file=self.ca_file) for url in bases]
 
 
@@ -47,9 +54,13 @@ class BlockDisks:
         return open_for_read(path)
 
     def write_seed(self, path: str, content: SeedContent) -> SeedReport:
+        from agent.runtime.seed import write_seed
+
         return write_seed(path, content)
 
     def boot_entry(self, path: str, description: str) -> str:
+        from agent.runtime.efivars import boot_entry_for
+
         return boot_entry_for(path, description)
 
 
@@ -65,6 +76,8 @@ class DirectorySources:
 
     def open(self, bases: Sequence[str]) -> list[ChunkSource]:
         self.opened.append(tuple(bases))
+        from agent.writer.sources import DirectorySource
+
         return [DirectorySource(self.root)]
 
 
@@ -156,10 +169,14 @@ class SparseDisks:
         return self._wrap(path, open_for_read(str(self.file(path))))
 
     def write_seed(self, path: str, content: SeedContent) -> SeedReport:
+        from agent.runtime.seed import write_seed
+
         report = write_seed(str(self.file(path)), content)
         return dataclasses.replace(report, device=path)
 
     def boot_entry(self, path: str, description: str) -> str:
         if self.efi is None:
             return ""
+        from agent.runtime.efivars import boot_entry_for
+
         return boot_entry_for(str(self.file(path)), description, self.efi)

@@ -10,6 +10,7 @@ machine's MAC), not to a crash loop.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import threading
@@ -24,19 +25,26 @@ from agent.runtime.config import AgentConfig
 from agent.runtime.errors import AgentError, NoEnrollmentToken
 from agent.runtime.eventlog import EventLog
 from agent.runtime.jobs import Disks, JobContext, Machine, Outcome, Sources, check_io, failed
-from agent.runtime.jobs.deploy import deploy, verify
-from agent.runtime.jobs.erase import erase
-from agent.runtime.jobs.simple import inventory, reboot
 from agent.runtime.status import StatusBoard
 from agent.runtime.transport import Conflict, Rejected, Transport, TransportError, Unauthorized
 
-JOBS: dict[p.JobKind, Callable[[JobContext], Outcome]] = {
-    p.JobKind.DEPLOY: deploy,
-    p.JobKind.VERIFY: verify,
-    p.JobKind.ERASE: erase,
-    p.JobKind.INVENTORY: inventory,
-    p.JobKind.REBOOT: reboot,
+# (module, function) of each job, imported when a job of its kind first runs: the writer's and the
+# disk code's imports are not on the way from power-on to "registered"
+JOBS: dict[p.JobKind, tuple[str, str]] = {
+    p.JobKind.DEPLOY: ("agent.runtime.jobs.deploy", "deploy"),
+    p.JobKind.VERIFY: ("agent.runtime.jobs.deploy", "verify"),
+    p.JobKind.ERASE: ("agent.runtime.jobs.erase", "erase"),
+    p.JobKind.INVENTORY: ("agent.runtime.jobs.simple", "inventory"),
+    p.JobKind.REBOOT: ("agent.runtime.jobs.simple", "reboot"),
 }
+
+
+def job_function(kind: p.JobKind) -> Callable[[JobContext], Outcome]:
+    module, name = JOBS[kind]
+    run: Callable[[JobContext], Outcome] = getattr(importlib.import_module(module), name)
+    return run
+
+
 _TOKEN_ARG = re.compile(r"sledge\.token=(\S+)")
 
 
@@ -226,7 +234,7 @@ class Agent:
         )
         emit(p.EventKind.STAGE, f"{assignment.kind.value} started (attempt {assignment.attempt})", None, None)
         try:
-            outcome = JOBS[assignment.kind](ctx)
+            outcome = job_function(assignment.kind)(ctx)
         except Exception as exc:  # a bug in a job must not take the agent down
             outcome = failed(f"{assignment.kind.value} crashed: {type(exc).__name__}: {exc}")
         if cancel.is_set() and outcome.result.outcome is p.Outcome.FAILED:

@@ -78,6 +78,10 @@ def _range_lines(plan: DnsmasqPlan) -> list[str]:
             f"dhcp-range={plan.range.start},{plan.range.end}{mask},{plan.lease_time}",
             "# the provisioning network has no other DHCP server",
             "dhcp-authoritative",
+            "# no ICMP check of an address before offering it: it held every new machine's first",
+            "# offer ~3 s (measured: iPXE's DHCP 5.2 s against 2.2 s with a lease), and sledge owns",
+            "# this range",
+            "no-ping",
         ]
     if plan.address is not None:
         net = plan.address.network

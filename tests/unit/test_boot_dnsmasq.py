@@ -137,6 +137,7 @@ def settings(text: str) -> list[str]:
             [
                 "dhcp-range=10.0.0.100,10.0.0.200,255.255.255.0,120",
                 "dhcp-authoritative",
+                "no-ping",
                 "dhcp-boot=tag:ipxe,http://10.0.0.1:8470/boot.ipxe",
                 "dhcp-boot=tag:!ipxe,tag:efi64,snponly.efi",
                 "dhcp-boot=tag:!ipxe,tag:!efi64,tag:!httpboot,undionly.kpxe",
@@ -179,7 +180,15 @@ def settings(text: str) -> list[str]:
                 'pxe-service=tag:!ipxe,BC_EFI,"sledge iPXE (UEFI)",snponly.efi',
                 "dhcp-boot=tag:ipxe,http://10.0.0.1:8470/boot.ipxe",
             ],
-            ["dhcp-authoritative", "dhcp-leasefile", "user=", "encap:175", "enable-ra", "httpboot"],
+            [
+                "dhcp-authoritative",
+                "no-ping",
+                "dhcp-leasefile",
+                "user=",
+                "encap:175",
+                "enable-ra",
+                "httpboot",
+            ],
         ),
         (
             "proxy",

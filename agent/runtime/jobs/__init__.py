@@ -11,14 +11,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from agent import protocol as p
 from agent.hardware.model import Disk, Inventory
 from agent.runtime.config import AgentConfig
-from agent.runtime.seed import SeedContent, SeedReport
-from agent.writer.device import OpenTarget
-from agent.writer.sources import ChunkSource
+
+if TYPE_CHECKING:  # annotations only: the agent's start does not pay for the writer's imports
+    from agent.runtime.seed import SeedContent, SeedReport
+    from agent.writer.device import OpenTarget
+    from agent.writer.sources import ChunkSource
 
 
 @runtime_checkable

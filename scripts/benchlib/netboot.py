@@ -1,0 +1,55 @@
+"""Power-on to agent registered through DHCP + TFTP + iPXE: where the time goes, from the console.
+
+A boot's console lines are stamped as they arrive (seconds after QEMU started); `phases()` cuts
+that timeline at the first line of each mark, in order. Pure: the QEMU side is in bootbench.py.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# (phase name, the console line that ends it). A mark that never shows (BIOS has no firmware PXE,
+# a console that lost a line) gives its phase 0 s and leaves the time to the next one.
+MARKS: tuple[tuple[str, str], ...] = (
+    ("firmware (power-on to its PXE)", r">>Start PXE|iPXE initialising"),
+    ("firmware PXE: DHCP + TFTP of iPXE", r"iPXE initialising"),
+    ("iPXE: banner wait + DHCP", r"Configuring \(net0 .*ok"),
+    ("HTTP: script, kernel, initramfs", r"initrd\.img\.\.\..*ok"),
+    ("kernel: decompress, unpack, start", r"sledge-init: .*sledge live image"),
+    ("live image: udev until the NICs are named", r"sledge-init: .*udev: (NIC .* named|devices settled)"),
+    ("live image: DHCP", r"sledge-init: .*network: "),
+    ("agent: Python start-up", r"sledge-agent: controller "),
+    ("agent: devices settled, inventory, register", r"sledge-agent: registered as machine"),
+)
+REGISTERED = MARKS[-1][1]
+
+
+@dataclass(frozen=True)
+class Boot:
+    total: float  # power-on to registered, s
+    phases: tuple[tuple[str, float], ...]  # in MARKS order; they add up to total
+
+
+def phases(stamps: Sequence[tuple[float, str]], total: float) -> Boot:
+    """Cut the (seconds, line) timeline at each mark; a mark missing (or out of order) takes 0 s."""
+    out: list[tuple[str, float]] = []
+    last = 0.0
+    for name, pattern in MARKS:
+        regex = re.compile(pattern)
+        at = next((t for t, line in stamps if t >= last and regex.search(line)), last)
+        out.append((name, at - last))
+        last = at
+    return Boot(total, tuple(out))
+
+
+def median_phases(boots: Sequence[Boot]) -> list[tuple[str, float]]:
+    """Each phase's median over the boots (medians do not add up to the median total)."""
+    return [(name, statistics.median(b.phases[i][1] for b in boots)) for i, (name, _) in enumerate(MARKS)]
+
+
+def tftp_sent(log: str) -> list[str]:
+    """The files dnsmasq's TFTP server sent, from its log lines ("sent /dir/tftp/NAME to ADDR")."""
+    return [m[1] for m in re.finditer(r"sent \S+/tftp/(\S+) to ", log)]

@@ -1,0 +1,73 @@
+"""scripts/benchlib/netboot.py: a boot's console timeline cut into the phases of the bench's table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+from benchlib.netboot import MARKS, Boot, median_phases, phases, tftp_sent
+
+UEFI = [
+    (6.7, "BdsDxe: loading Boot0002"),
+    (10.3, ">>Start PXE over IPv4."),
+    (10.4, "  NBP file downloaded successfully."),
+    (10.6, "iPXE initialising devices...ok"),
+    (12.7, "Configuring (net0 52:54:00:be:00:01)... ok"),
+    (12.9, "http://10.77.0.1:8470/boot/files/vmlinuz... ok"),
+    (19.0, "http://10.77.0.1:8470/boot/files/initrd.img... 73%     ok"),
+    (24.3, "sledge-init: [5.15] sledge live image, kernel 6.1.0-57-amd64"),
+    (25.5, "sledge-init: [6.40] udev: NIC enp0s2 named, starting DHCP on it"),
+    (26.1, "sledge-init: [7.00] network: enp0s2=10.77.0.161/24 "),
+    (28.0, "sledge-agent: controller http://10.77.0.1:8470"),
+    (28.9, "sledge-init: [9.80] udev: devices settled"),
+    (29.5, "sledge-agent: registered as machine m-f589ad772838"),
+]
+
+
+def test_a_uefi_boot_is_cut_at_each_mark_and_adds_up() -> None:
+    boot = phases(UEFI, 29.6)
+    got = {name: round(s, 2) for name, s in boot.phases}
+    assert list(got) == [name for name, _ in MARKS]
+    assert list(got.values()) == [10.3, 0.3, 2.1, 6.3, 5.3, 1.2, 0.6, 1.9, 1.5]
+    assert sum(s for _, s in boot.phases) == pytest.approx(29.5)
+
+
+def test_bios_has_no_firmware_pxe_and_an_old_init_its_udev_settle() -> None:
+    # QEMU's iPXE NIC ROM: no ">>Start PXE" (no TFTP); /init of before issue 12 settled udev first
+    bios = [
+        (0.2, "iPXE initialising devices...ok"),
+        (2.4, "Configuring (net0 52:54:00:be:00:02)... ok"),
+        (8.5, "http://10.77.0.1:8470/boot/files/initrd.img... 72%     ok"),
+        (14.6, "sledge-init: [6.07] sledge live image, kernel 6.1.0-57-amd64"),
+        (18.0, "sledge-init: [9.49] udev: devices settled"),
+        (20.1, "sledge-init: [11.56] network: ens3=10.77.0.161/24 "),
+        (22.9, "sledge-agent: controller http://10.77.0.1:8470"),
+        (23.3, "sledge-agent: registered as machine m-1"),
+    ]
+    got = [round(s, 2) for _, s in phases(bios, 23.4).phases]
+    assert got == [0.2, 0.0, 2.2, 6.1, 6.1, 3.4, 2.1, 2.8, 0.4]
+
+
+def test_a_mark_that_never_shows_leaves_its_time_to_the_next_phase() -> None:
+    lines = [(l_t, line) for l_t, line in UEFI if "network:" not in line]
+    got = dict(phases(lines, 29.6).phases)
+    assert got["live image: DHCP"] == 0.0
+    assert got["agent: Python start-up"] == pytest.approx(2.5)
+
+
+def test_medians_are_per_phase() -> None:
+    boots = [Boot(t, tuple((name, t / len(MARKS)) for name, _ in MARKS)) for t in (27.0, 36.0, 30.0)]
+    assert [round(s, 3) for _, s in median_phases(boots)] == [round(30.0 / len(MARKS), 3)] * len(MARKS)
+
+
+def test_tftp_files_are_read_from_dnsmasq_log_lines() -> None:
+    log = (
+        "dnsmasq-tftp[12]: sent /var/lib/sledge/dnsmasq/tftp/snponly.efi to 10.77.0.161\n"
+        "dnsmasq-dhcp[12]: DHCPACK(br0) 10.77.0.161 52:54:00:be:00:01\n"
+        "dnsmasq-tftp[12]: sent /var/lib/sledge/dnsmasq/tftp/undionly.kpxe to 10.77.0.162\n"
+    )
+    assert tftp_sent(log) == ["snponly.efi", "undionly.kpxe"]
