@@ -90,6 +90,7 @@ class Writer:
         self.write_threads = max(1, min(write_threads, budget // 4))
         self.workers = max(1, min(workers, (budget - self.write_threads - 1) // 2))
         self._lock = threading.Lock()
+        self._steps_lock = threading.Lock()
         self._error: BaseException | None = None
         # Fetching threads verify chunks and hand them to write threads through a bounded
         # queue; buffers come from a fixed pool, so memory is fixed and a slow disk holds
@@ -256,6 +257,9 @@ class Writer:
             if self.cancel.is_set():
                 self._error = Cancelled(f"write to {self.target.path} cancelled at a chunk boundary")
                 return None
+        # a lock of its own: the order hook may wait in next() for a chunk to be ready (peers), and
+        # a thread failing or a Ctrl-C must not wait on that to record its error
+        with self._steps_lock:
             return next(steps, None)
 
     def _thread_main(self, steps: Iterator[Step], work: object) -> None:
