@@ -92,6 +92,7 @@ class PeerSession:
         if self.config.linger > 0:
             time.sleep(self.config.linger)
         self.stop.set()
+        self.swarm.news.set()  # wakes the announce thread at once
         self.source.close()
         if self._thread is not None:
             self._thread.join()

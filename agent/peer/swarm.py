@@ -29,6 +29,7 @@ Announcer = Callable[[p.Announce], p.AnnounceReply]
 # holds all but WINDOW of the chunks below i. Without it every share starts at once, the origin's
 # egress is split N ways, and no chunk exists anywhere until all of them do.
 WINDOW = 4
+EARLY = 8  # an agent's first chunks are announced as soon as they are held (see Swarm.run)
 # Fleet keys kept: this and the next epoch's, and the two before them (peers that announced before
 # an epoch ended or before the controller restarted still sign with those for a while).
 KEYS_KEPT = 4
@@ -94,6 +95,7 @@ class Swarm:
         self.busy: dict[str, float] = {}  # url -> until when (monotonic) it is not asked: it said 503
         self.patience = 30.0  # seconds without progress before fetches go to the sources (the source's)
         self.halted = threading.Event()  # the write was interrupted: stop waiting for chunks to be ready
+        self.news = threading.Event()  # one of the first EARLY chunks verified: announce soon
         self.parallel = 2  # chunks fetched from peers at once (the source's options say)
         self.pending = 0  # chunks the order has still to hand out (a bitmap)
         self.inflight: set[int] = set()  # chunks handed out and not yet settled by the peer source
@@ -140,8 +142,19 @@ class Swarm:
             self.lock.notify_all()
 
     def run(self, stop: threading.Event, log: Callable[[str], None]) -> None:
-        """Announce every interval until `stop`; a failed announce keeps the last view."""
-        while not stop.wait(self.interval):
+        """Announce every interval until `stop` (set `news` too, to wake it at once), and sooner (a
+        quarter of it after the last) when one of this agent's first EARLY chunks is verified; a
+        failed announce keeps the last view."""
+        last = time.monotonic()
+        while not stop.is_set():
+            # a young swarm spreads a chunk one hop per announce: telling the tracker at once that we
+            # hold one of our first chunks saves each hop up to an interval (later chunks wait for
+            # the next announce: the tracker's load stays about one announce an interval)
+            news = self.news.wait(max(0.0, last + self.interval - time.monotonic()))
+            if stop.wait(max(0.0, last + self.interval / 4 - time.monotonic()) if news else 0.0):
+                return
+            self.news.clear()
+            last = time.monotonic()
             try:
                 self.announce()
             except Exception as exc:  # the deploy goes on with the peers it knows, then the origin
@@ -154,6 +167,8 @@ class Swarm:
             self.have.add(chunk.index)
             self.progress = time.monotonic()
             self.lock.notify_all()  # it may pace this agent's next origin share
+            if self.have.bits.bit_count() <= EARLY:
+                self.news.set()
 
     def ticket(self) -> str:
         with self.lock:

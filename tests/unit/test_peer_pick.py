@@ -154,3 +154,39 @@ def test_a_stalled_swarm_hands_out_chunks_for_the_sources() -> None:
     first = next(order).chunk.index
     assert 0.25 <= time.monotonic() - t0 < 3
     assert first in range(4)
+
+
+def test_an_agent_s_first_chunks_are_announced_soon_later_ones_at_the_interval() -> None:
+    from agent.peer.swarm import EARLY
+    from agent.protocol import Announce, AnnounceReply, PeerGrant
+
+    stamps: list[float] = []
+
+    def announcer(message: Announce) -> AnnounceReply:
+        stamps.append(time.monotonic())
+        return AnnounceReply(PeerGrant(0, "00" * 32, "t", 1e11), interval=2.0)
+
+    m = manifest(EARLY + 4)
+    swarm = Swarm(m, IMAGE, "j-000000000001", announcer)
+    swarm.interval = 2.0
+    stop = threading.Event()
+    t = threading.Thread(target=swarm.run, args=(stop, lambda _: None), daemon=True)
+    start = time.monotonic()
+    t.start()
+    try:
+        time.sleep(0.1)
+        swarm.on_verified(m.chunk(0))
+        time.sleep(0.9)
+        assert len(stamps) == 1 and 0.4 <= stamps[0] - start < 0.9, [s - start for s in stamps]
+        for i in range(1, EARLY + 1):
+            swarm.have.add(i)  # held, without news: past the first EARLY, on_verified stays quiet
+        swarm.on_verified(m.chunk(EARLY + 1))
+        time.sleep(1.2)  # the next announce is due 2 s after the last
+        assert len(stamps) == 1, [s - start for s in stamps]
+        time.sleep(0.5)
+        assert len(stamps) == 2
+    finally:
+        stop.set()
+        swarm.news.set()
+        t.join(3)
+        assert not t.is_alive()
