@@ -29,6 +29,7 @@ from agent.writer.errors import Deferred, FetchError
 from agent.writer.sources import ChunkSource
 
 SLICE = 256 << 10
+RATE_GRACE = 2.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,22 @@ class PeerSource:
                 if not self.bucket.take(n, self.stop):
                     raise _Failed("interrupted", drop=False)
                 waited += time.monotonic() - t1
-                if self.options.min_rate > 0 and t1 - t0 - waited > allowed and got < chunk.length:
+                spent = t1 - t0 - waited
+                if (
+                    self.options.min_rate > 0
+                    and spent >= RATE_GRACE
+                    and got < chunk.length
+                    and got / spent < self.options.min_rate
+                ):
+                    # past a short grace a peer this slow is left at once: waiting out the chunk's
+                    # deadline held one of two fetch slots for up to 30 s in the fleet bench, and
+                    # the agents that met one of the 5% slowed peers became the p99
+                    raise _Failed(
+                        f"trickled {got} of {chunk.length} bytes in {spent:.1f} s: {got / spent:.0f}"
+                        f" bytes/s, expected >= {self.options.min_rate:.0f}",
+                        drop=True,
+                    )
+                if self.options.min_rate > 0 and spent > allowed and got < chunk.length:
                     # each read returned within the timeout, but the whole chunk crawls
                     raise _Failed(
                         f"trickled {got} of {chunk.length} bytes in {t1 - t0 - waited:.0f} s, expected "

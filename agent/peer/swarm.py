@@ -175,9 +175,15 @@ class Swarm:
             return self.grant.ticket if self.grant else ""
 
     def mine(self, index: int) -> bool:
-        """The chunk is this agent's to fetch from the origin (its share, or nobody else is left)."""
+        """The chunk is this agent's to fetch from the origin: its share, and no peer it knows holds it
+        (shares move when agents leave; a chunk a peer holds comes from a peer whoever's it is)."""
         with self.lock:
-            return index % self.of == self.slot
+            return index % self.of == self.slot and not self._known_holder(index)
+
+    def _known_holder(self, index: int) -> bool:
+        """A peer this agent knows and has not dropped holds the chunk (not the tracker's union: a
+        peer claiming every chunk would keep every share from the origin)."""
+        return any(have.bits >> index & 1 for have in self.peers.values())
 
     def paced(self, index: int) -> bool:
         """The origin may be asked for this chunk now: the swarm holds all but WINDOW of those below."""
@@ -326,7 +332,7 @@ class Swarm:
     def _share(self, pending: int) -> int | None:
         """The lowest pending chunk of this agent's origin share (called with the lock held)."""
         for index in range(self.slot, len(self.manifest), max(self.of, 1)):
-            if pending >> index & 1:
+            if pending >> index & 1 and not self._known_holder(index):
                 return index
         return None
 

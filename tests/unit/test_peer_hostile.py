@@ -259,6 +259,28 @@ def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path
         peer.close()
 
 
+def test_a_peer_below_the_minimum_rate_is_left_after_a_short_grace_not_the_chunk_deadline(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    from agent.peer.source import RATE_GRACE
+
+    _, manifest, digest = image
+    peer = FakePeer("trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        # the chunk's deadline is 10 + 16 s; its rate is plain after RATE_GRACE
+        source = PeerSource(swarm, PeerOptions(timeout=10.0, min_rate=64 << 10, patience=30.0, max_wait=8.0))
+        t0 = time.monotonic()
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(RATE_GRACE + 3)
+        assert not thread.is_alive(), "still reading a trickle past the grace"
+        assert time.monotonic() - t0 < RATE_GRACE + 3
+        assert peer.url in swarm.dropped and "bytes/s, expected >=" in swarm.dropped[peer.url], swarm.dropped
+        assert isinstance(out[0], FetchError) and out[0].missing
+    finally:
+        peer.close()
+
+
 def test_an_interrupted_source_stops_reading_a_trickle_at_once(image: tuple[Path, Manifest, str]) -> None:
     _, manifest, digest = image
     peer = FakePeer("trickle", manifest.chunk(1).length)

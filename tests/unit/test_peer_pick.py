@@ -190,3 +190,15 @@ def test_an_agent_s_first_chunks_are_announced_soon_later_ones_at_the_interval()
         swarm.news.set()
         t.join(3)
         assert not t.is_alive()
+
+
+def test_a_share_chunk_the_swarm_already_holds_comes_from_a_peer() -> None:
+    # shares move when agents leave: the new owner of a chunk others hold does not ask the origin
+    swarm = swarm_of(8, {"http://p1": bits(5)}, slot=1, of=4)
+    assert swarm.mine(1) and not swarm.mine(5)
+    swarm.pending = bits(5)
+    swarm.parallel = 4
+    assert swarm._share(swarm.pending) is None
+    assert swarm._next_ready() == 5  # ready because p1 holds it, not as a share
+    swarm.drop("http://p1", "served bad bytes")
+    assert swarm.mine(5)  # a dropped peer's claims count for nothing
