@@ -29,7 +29,7 @@ from agent.writer.errors import Deferred, FetchError
 from agent.writer.sources import ChunkSource
 
 SLICE = 256 << 10
-RATE_GRACE = 2.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
+RATE_GRACE = 5.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
 
 
 @dataclass(frozen=True)

@@ -268,8 +268,8 @@ def test_a_peer_below_the_minimum_rate_is_left_after_a_short_grace_not_the_chunk
     peer = FakePeer("trickle", manifest.chunk(1).length)
     try:
         swarm = swarm_with(peer, manifest, digest)
-        # the chunk's deadline is 10 + 16 s; its rate is plain after RATE_GRACE
-        source = PeerSource(swarm, PeerOptions(timeout=10.0, min_rate=64 << 10, patience=30.0, max_wait=8.0))
+        # the chunk's deadline is 10 + 26 s; its rate is plain after RATE_GRACE
+        source = PeerSource(swarm, PeerOptions(timeout=10.0, min_rate=40 << 10, patience=30.0, max_wait=12.0))
         t0 = time.monotonic()
         thread, out = fetch_in_thread(source, manifest, 1)
         thread.join(RATE_GRACE + 3)
