@@ -45,7 +45,8 @@ class PeerOptions:
     # chunks fetched from peers at once: each then comes at a good share of the link and is served on
     # sooner (a chunk at a sixth of the rate is held back from the swarm six times as long)
     parallel: int = 2
-    busy_backoff: float = 1.0  # seconds a peer that answered 503 is not asked (its Retry-After)
+    busy_backoff: float = 0.5  # seconds a peer that answered 503 is not asked, doubling in a row
+    max_backoff: float = 1.0  # ... up to this (a longer one left free slots unasked in a young swarm)
 
 
 class _Failed(Exception):
@@ -162,7 +163,7 @@ class PeerSource:
                 self._busy[url] = (count + 1, since)
                 # its slots are full: it is left alone a while, longer each time it says so in a
                 # row (a peer that claims chunks and answers only 503 is soon hardly asked)
-                self.swarm.backoff(url, min(self.options.busy_backoff * 2**count, 8.0))
+                self.swarm.backoff(url, min(self.options.busy_backoff * 2**count, self.options.max_backoff))
                 # an honest peer of a young swarm is busy most of the time (a few upload slots,
                 # many asking): it is dropped only if it is all the swarm has had for `patience`
                 over = (

@@ -345,7 +345,7 @@ def test_a_peer_lacking_our_key_is_asked_again_later_one_refusing_the_ticket_is_
         assert (peer.url in swarm.dropped) is dropped, swarm.dropped
         if not dropped:
             swarm.announce()  # its next announce: it is a holder again, after a short back-off
-            time.sleep(PeerOptions().busy_backoff)
+            time.sleep(PeerOptions().max_backoff)
             assert peer.url in swarm.holders(1)
     finally:
         peer.close()
