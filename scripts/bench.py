@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             # 16 MiB at 0.5 MiB/s per agent (S/B = 32 s), the origin at 4 B: N = 200 agents move
             # 100 MiB/s through this one process, which two shared cores can still carry
             fleet_lines = run_fleet_bench(
-                work / "fleet", sizes, args.reps, 16 * MiB, MiB // 2, 2 * MiB, origin_only_max=25, log=log
+                work / "fleet", sizes, args.reps, 16 * MiB, MiB // 2, 2 * MiB, baseline_n=10, log=log
             )
             if args.fleet_real > 0:  # the same S, B and origin cap, beside the simulated case at that N
                 fleet_lines += run_real_bench(

@@ -20,16 +20,20 @@ class TokenBucket:
         self.stamp = clock()
         self.lock = threading.Lock()
 
-    def take(self, n: int, stop: threading.Event | None = None) -> bool:
-        """Wait for n tokens (may go into debt for n > burst); False if `stop` was set meanwhile."""
+    def reserve(self, n: int) -> float:
+        """Take n tokens now (into debt if need be); the seconds until they would have been there."""
         if self.rate <= 0:
-            return True
+            return 0.0
         with self.lock:
             now = self.clock()
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             self.tokens -= n
-            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+            return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+    def take(self, n: int, stop: threading.Event | None = None) -> bool:
+        """Wait for n tokens (may go into debt for n > burst); False if `stop` was set meanwhile."""
+        wait = self.reserve(n)
         if wait > 0:
             if stop is not None:
                 return not stop.wait(wait)

@@ -40,7 +40,8 @@ KEY_HEADER = "X-Sledge-Key"  # "unknown": the ticket's key is not (yet) known he
 
 @dataclass(frozen=True)
 class ServeLimits:
-    uploads: int = 4  # concurrent uploads
+    uploads: int = 2  # concurrent uploads: few, so each at a good share of the link (a chunk served
+    # sooner is held, and served on, sooner)
     rate: float = 0.0  # bytes/s over all uploads; 0: no cap
     timeout: float = 10.0  # a caller silent this long (headers or reading) is cut off
     connections: int = 32  # open connections (one thread each); more are closed at once

@@ -54,6 +54,8 @@ class PeerSession:
         self.server = PeerServer(self.swarm, target_fd, config.host, config.port, config.serve, log)
         self.bucket = TokenBucket(config.fetch.download)
         self.source = PeerSource(self.swarm, config.fetch, self.bucket)
+        self.swarm.patience = config.fetch.patience
+        self.swarm.parallel = config.fetch.parallel
         self.stop = threading.Event()
         self.active = False
         self._thread: threading.Thread | None = None
@@ -90,6 +92,7 @@ class PeerSession:
         if self.config.linger > 0:
             time.sleep(self.config.linger)
         self.stop.set()
+        self.swarm.news.set()  # wakes the announce thread at once
         self.source.close()
         if self._thread is not None:
             self._thread.join()

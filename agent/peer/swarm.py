@@ -1,11 +1,11 @@
 """One deploying agent's view of the swarm for its image: what it holds, what its peers hold, its
 origin share, its ticket and the fleet keys; announces to the tracker on a thread of its own.
 
-The writer sees it through two hooks (agent.writer.pipeline.WriteOptions): `order` yields the
-fetches the agent's origin share first, then rarest-first among the chunks its peers hold
-(random among equals, sampled so a step costs the same for any image size), and `on_verified`
-marks a chunk held once it is on the target. The peer server (agent.peer.server) and the peer
-source (agent.peer.source) read the same view.
+The writer sees it through two hooks (agent.writer.pipeline.WriteOptions): `order` yields a
+fetch only once it is ready (agent.peer.pick: the agent's paced origin share first, then the
+rarest of the chunks a peer not busy right now holds), waiting for the swarm to change while
+nothing is; a chunk no peer can serve now goes back to it (`defer`). `on_verified` marks a chunk
+held once it is on the target. The peer server and the peer source read the same view.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from agent import protocol as p
 from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.peer.bitmap import Have
 from agent.peer.errors import PeerError
+from agent.peer.pick import choose, fallback
 from agent.peer.ticket import key_name
 from agent.writer.plan import Action, Step
 
 Announcer = Callable[[p.Announce], p.AnnounceReply]
-SAMPLE = 64  # pending fetches weighed per step
 # Origin shares are paced: chunk i of an agent's share is fetched from the origin once the swarm
 # holds all but WINDOW of the chunks below i. Without it every share starts at once, the origin's
 # egress is split N ways, and no chunk exists anywhere until all of them do.
 WINDOW = 4
+EARLY = 8  # an agent's first chunks are announced as soon as they are held (see Swarm.run)
 # Fleet keys kept: this and the next epoch's, and the two before them (peers that announced before
 # an epoch ended or before the controller restarted still sign with those for a while).
 KEYS_KEPT = 4
@@ -91,6 +92,13 @@ class Swarm:
         self.announces = 0
         self.union = Have(len(manifest))  # what anyone in the swarm holds, as the tracker last said
         self.progress = time.monotonic()  # when this agent or the swarm last got a new chunk
+        self.busy: dict[str, float] = {}  # url -> until when (monotonic) it is not asked: it said 503
+        self.patience = 30.0  # seconds without progress before fetches go to the sources (the source's)
+        self.halted = threading.Event()  # the write was interrupted: stop waiting for chunks to be ready
+        self.news = threading.Event()  # one of the first EARLY chunks verified: announce soon
+        self.parallel = 2  # chunks fetched from peers at once (the source's options say)
+        self.pending = 0  # chunks the order has still to hand out (a bitmap)
+        self.inflight: set[int] = set()  # chunks handed out and not yet settled by the peer source
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -134,8 +142,19 @@ class Swarm:
             self.lock.notify_all()
 
     def run(self, stop: threading.Event, log: Callable[[str], None]) -> None:
-        """Announce every interval until `stop`; a failed announce keeps the last view."""
-        while not stop.wait(self.interval):
+        """Announce every interval until `stop` (set `news` too, to wake it at once), and sooner (a
+        quarter of it after the last) when one of this agent's first EARLY chunks is verified; a
+        failed announce keeps the last view."""
+        last = time.monotonic()
+        while not stop.is_set():
+            # a young swarm spreads a chunk one hop per announce: telling the tracker at once that we
+            # hold one of our first chunks saves each hop up to an interval (later chunks wait for
+            # the next announce: the tracker's load stays about one announce an interval)
+            news = self.news.wait(max(0.0, last + self.interval - time.monotonic()))
+            if stop.wait(max(0.0, last + self.interval / 4 - time.monotonic()) if news else 0.0):
+                return
+            self.news.clear()
+            last = time.monotonic()
             try:
                 self.announce()
             except Exception as exc:  # the deploy goes on with the peers it knows, then the origin
@@ -147,22 +166,29 @@ class Swarm:
         with self.lock:
             self.have.add(chunk.index)
             self.progress = time.monotonic()
+            self.lock.notify_all()  # it may pace this agent's next origin share
+            if self.have.bits.bit_count() <= EARLY:
+                self.news.set()
 
     def ticket(self) -> str:
         with self.lock:
             return self.grant.ticket if self.grant else ""
 
     def mine(self, index: int) -> bool:
-        """The chunk is this agent's to fetch from the origin (its share, or nobody else is left)."""
+        """The chunk is this agent's to fetch from the origin: its share, and no peer it knows holds it
+        (shares move when agents leave; a chunk a peer holds comes from a peer whoever's it is)."""
         with self.lock:
-            return index % self.of == self.slot
+            return index % self.of == self.slot and not self._known_holder(index)
+
+    def _known_holder(self, index: int) -> bool:
+        """A peer this agent knows and has not dropped holds the chunk (not the tracker's union: a
+        peer claiming every chunk would keep every share from the origin)."""
+        return any(have.bits >> index & 1 for have in self.peers.values())
 
     def paced(self, index: int) -> bool:
         """The origin may be asked for this chunk now: the swarm holds all but WINDOW of those below."""
         with self.lock:
-            below = self.wanted & ((1 << index) - 1)
-            missing = (below & ~(self.union.bits | self.have.bits)).bit_count()
-            return missing <= WINDOW
+            return self._paced(index)
 
     def alone(self) -> bool:
         """Nobody else in the swarm to wait for (the tracker counts those this agent dropped)."""
@@ -175,8 +201,22 @@ class Swarm:
             return time.monotonic() - self.progress > patience
 
     def holders(self, index: int) -> list[str]:
+        """The peers that hold the chunk and may be asked now (not in a busy peer's back-off)."""
+        now = time.monotonic()
         with self.lock:
-            return [url for url, have in self.peers.items() if index in have]
+            return [
+                url for url, have in self.peers.items() if index in have and self.busy.get(url, 0.0) <= now
+            ]
+
+    def backoff(self, url: str, seconds: float) -> None:
+        """The peer answered 503 (its upload slots are full): leave it alone for a while."""
+        with self.lock:
+            self.busy[url] = time.monotonic() + seconds
+
+    def halt(self) -> None:
+        self.halted.set()
+        with self.lock:
+            self.lock.notify_all()
 
     def wait_change(self, timeout: float) -> None:
         with self.lock:
@@ -188,6 +228,7 @@ class Swarm:
                 return
             self.dropped[url] = reason
             self.peers.pop(url, None)
+            self.busy.pop(url, None)
         self.on_drop(PeerDropped(url, reason))
 
     def learned(self, url: str, index: int) -> None:
@@ -221,31 +262,80 @@ class Swarm:
     def order(self, steps: Iterator[Step]) -> Iterator[Step]:
         with self.lock:
             self.progress = time.monotonic()  # the write starts now: its patience starts with it
-        fetches: list[Step] = []
+        fetches: dict[int, Step] = {}
         for step in steps:
             if step.action is Action.FETCH:
-                fetches.append(step)
+                fetches[step.chunk.index] = step
             else:
                 yield step  # local work (checks, zeroing) first: it needs nobody
-        self.rng.shuffle(fetches)
-        while fetches:
-            yield fetches.pop(self._pick(fetches))
-
-    def _pick(self, pending: list[Step]) -> int:
         with self.lock:
-            sample = (
-                range(len(pending))
-                if len(pending) <= SAMPLE
-                else self.rng.sample(range(len(pending)), SAMPLE)
-            )
-            best, best_key = 0, (3, 0)
-            for i in sample:
-                index = pending[i].chunk.index
-                if index % self.of == self.slot:
-                    key = (0, index)  # the origin share first, lowest first (the origin is paced)
-                else:
-                    n = sum(1 for have in self.peers.values() if index in have)
-                    key = (1, n) if n else (2, 0)  # rarest among those someone holds, then the rest
-                if key < best_key:
-                    best, best_key = i, key
-            return best
+            for i in fetches:
+                self.pending |= 1 << i
+        while (index := self._next_ready()) is not None:
+            yield fetches[index]
+
+    def _next_ready(self) -> int | None:
+        """The next chunk to fetch, once one is ready; any pending one once waiting no longer pays
+        (the swarm stalled, this agent is alone, or the write was interrupted); None when every
+        chunk is fetched or being fetched elsewhere than from peers."""
+        chunks = len(self.manifest)
+        with self.lock:
+            while True:
+                if not self.pending:
+                    if not self.inflight or self.halted.is_set():
+                        return None
+                    self.lock.wait(0.2)  # a chunk in flight at a peer may come back (defer)
+                    continue
+                if len(self.inflight) >= self.parallel and not self.halted.is_set():
+                    # a few chunks at a time, each at a good share of the link: a chunk done sooner is
+                    # served to others sooner (six at a sixth of the rate each held every new chunk
+                    # back from the swarm for six times as long)
+                    self.lock.wait(0.2)
+                    continue
+                now = time.monotonic()
+                share = self._share(self.pending)
+                if share is not None and not self._paced(share):
+                    share = None
+                free = [h.bits for url, h in self.peers.items() if self.busy.get(url, 0.0) <= now]
+                known = [h.bits for h in self.peers.values()]
+                index: int | None = choose(self.pending, share, free, known, self.rng, chunks)
+                if index is None and (
+                    self.halted.is_set()
+                    or (not self.peers and self.of - len(self.dropped) <= 1)
+                    or now - self.progress > self.patience
+                ):
+                    index = fallback(self.pending, self.rng, chunks)
+                if index is not None:
+                    self.pending &= ~(1 << index)
+                    self.inflight.add(index)
+                    return index
+                self.lock.wait(0.2)  # an announce, a verified chunk or a back-off ending
+
+    def defer(self, index: int) -> bool:
+        """Hand a chunk being fetched back to the order (no peer can serve it now); False if the
+        order did not hand it out (then the caller waits for it as before)."""
+        with self.lock:
+            if index not in self.inflight or self.halted.is_set():
+                return False
+            self.inflight.discard(index)
+            self.pending |= 1 << index
+            self.lock.notify_all()
+            return True
+
+    def settled(self, index: int) -> None:
+        """The chunk left the peer source (fetched, or on to the sources): no longer in flight here."""
+        with self.lock:
+            if index in self.inflight:
+                self.inflight.discard(index)
+                self.lock.notify_all()
+
+    def _share(self, pending: int) -> int | None:
+        """The lowest pending chunk of this agent's origin share (called with the lock held)."""
+        for index in range(self.slot, len(self.manifest), max(self.of, 1)):
+            if pending >> index & 1 and not self._known_holder(index):
+                return index
+        return None
+
+    def _paced(self, index: int) -> bool:
+        below = self.wanted & ((1 << index) - 1)
+        return (below & ~(self.union.bits | self.have.bits)).bit_count() <= WINDOW

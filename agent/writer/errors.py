@@ -7,6 +7,7 @@ WriteError
 ├── ChunkUnavailable     every source failed a chunk (names the chunk and each source's error)
 ├── VerifyFailed         read-back found chunks that differ
 ├── Cancelled            stopped at a chunk boundary on request
+├── Deferred             a source hands the chunk back to the fetch order, to be taken later
 └── FetchError           one attempt at one source failed (kept per source, retried; a caller
                          that fails over catches it before WriteError)
 """
@@ -37,6 +38,11 @@ class BadManifest(ManifestUnavailable):
 
 class Cancelled(WriteError):
     pass
+
+
+class Deferred(WriteError):
+    """Raised by a source (the peer source) that cannot serve the chunk now but will later: the
+    writer's thread drops the step, which the fetch order (WriteOptions.order) has taken back."""
 
 
 class ChunkUnavailable(WriteError):

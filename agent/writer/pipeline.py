@@ -27,7 +27,7 @@ from agent.disk.tables import Read
 from agent.image.manifest import Chunk, ChunkKind, Manifest
 from agent.writer.device import OpenTarget
 from agent.writer.drift import Drift, classify
-from agent.writer.errors import Cancelled, ChunkUnavailable, TargetError, VerifyFailed, WriteError
+from agent.writer.errors import Cancelled, ChunkUnavailable, Deferred, TargetError, VerifyFailed, WriteError
 from agent.writer.events import Counters, Listener, Phase, SourceEvent, WriteReport
 from agent.writer.fetch import RetryPolicy, SourceSet
 from agent.writer.plan import Action, PlanOptions, Step, Target, ZeroMode, after_check, iter_plan
@@ -46,8 +46,9 @@ class WriteOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fix_gpt: bool = True
     progress_interval: float = 0.5
-    # hooks for peer sharing (agent.peer.swarm): the fetch order, and each chunk once it is on the
-    # target verified (written, or found in place)
+    # hooks for peer sharing (agent.peer.swarm): the fetch order (a source may hand a step back to
+    # it by raising Deferred), and each chunk once it is on the target verified (written, or found
+    # in place)
     order: Callable[[Iterator[Step]], Iterator[Step]] | None = None
     on_verified: Callable[[Chunk], None] | None = None
 
@@ -89,6 +90,7 @@ class Writer:
         self.write_threads = max(1, min(write_threads, budget // 4))
         self.workers = max(1, min(workers, (budget - self.write_threads - 1) // 2))
         self._lock = threading.Lock()
+        self._steps_lock = threading.Lock()
         self._error: BaseException | None = None
         # Fetching threads verify chunks and hand them to write threads through a bounded
         # queue; buffers come from a fixed pool, so memory is fixed and a slow disk holds
@@ -255,6 +257,9 @@ class Writer:
             if self.cancel.is_set():
                 self._error = Cancelled(f"write to {self.target.path} cancelled at a chunk boundary")
                 return None
+        # a lock of its own: the order hook may wait in next() for a chunk to be ready (peers), and
+        # a thread failing or a Ctrl-C must not wait on that to record its error
+        with self._steps_lock:
             return next(steps, None)
 
     def _thread_main(self, steps: Iterator[Step], work: object) -> None:
@@ -332,7 +337,10 @@ class Writer:
             timing["zero"] = timing.get("zero", 0.0) + time.perf_counter() - t0
             self.counters.add(done=step.size, zero=step.count, zeroed=step.size)
         else:
-            view, source = self.sources.fetch(chunk, stored, raw, timing)
+            try:
+                view, source = self.sources.fetch(chunk, stored, raw, timing)
+            except Deferred:
+                return None  # the order hook took the step back: some thread takes it later
             self.counters.add_source_bytes(source, chunk.stored_len)
             return self._hand_over(chunk, view, True, timing)
         return None

@@ -43,6 +43,10 @@ from controller.images.store import WritableStore
 MiB = 1 << 20
 # an origin shared by a whole fleet is slow per request by design: not a stall
 PATIENT_HTTP = Timeouts(connect=10.0, stall=60.0, min_rate=4 << 10)
+# fetching threads per agent: two fetch from peers at once (PeerOptions.parallel), one more keeps the
+# origin share going; more only wake up to wait (200 agents x 6 threads cost CPU the bench lacks)
+WORKERS = 3
+ANNOUNCE = 0.5  # seconds between announces: a quarter of a chunk's time at B (the controller's default: 2)
 _CHUNK = re.compile(r"/chunks/[0-9a-f]{2}/[0-9a-f]{64}")
 
 
@@ -126,6 +130,7 @@ class SimAgent:
     peers: bool
     corrupt: bool = False
     kill_at: float | None = None  # seconds after the start
+    slow: bool = False  # at a tenth of the cap: stopped once the others are done (not measured)
     seconds: float | None = None
     error: str = ""
     dropped: list[PeerDropped] = field(default_factory=list)
@@ -152,10 +157,13 @@ class Case:
     slow: float = 0.0  # share of agents at a tenth of the cap
     killed: float = 0.0  # share of agents killed halfway
     corrupt: bool = False
+    mirror: bool = False  # the agents' source is one nginx caching mirror in front of the origin
 
 
 @dataclass
 class Result:
+    """One run of one case (the real namespace case, benchlib/fleetreal.py, reads the same fields)."""
+
     case: Case
     origin_bytes: int
     times: list[float]  # seconds to complete, agents that were not killed
@@ -165,6 +173,9 @@ class Result:
     corrupt_dropped: int = 0  # ... and dropped it
     corrupt_bytes_kept: int = 0  # bytes from it that any writer took (must be 0)
     drops: dict[str, int] = field(default_factory=dict)  # why agents dropped peers, counted
+
+
+FleetResult = Result  # the name the other sections and the real case use
 
 
 def run_case(
@@ -193,23 +204,36 @@ def run_case(
             rate / 10 if i in slow else rate,
             case.peers,
             corrupt=i == corrupt,
+            slow=i in slow,
             kill_at=s_over_b / 2 if i in killed else None,
         )
         for i in range(n)
     ]
-    tracker = Tracker(TrackerPolicy(interval=0.25, ttl=5.0))
+    tracker = Tracker(TrackerPolicy(interval=ANNOUNCE))  # the default ttl, 30 s: killed agents say they leave
     lock = threading.Lock()
     origin = Origin(store, egress)
+    mirror = None
+    source_url = origin.url
+    if case.mirror:
+        from benchlib.fleetmirror import Mirror  # scripts/ on the path: bench.py's, not this file's
+
+        mirror = Mirror(work / "mirror", origin.url, egress)
+        try:
+            mirror.__enter__()
+        except BaseException:
+            origin.close()
+            raise
+        source_url = mirror.url
     start_gate = threading.Barrier(n + 1)
     go = threading.Event()
-    countdown = Countdown(sum(1 for a in agents if not a.corrupt))
+    countdown = Countdown(sum(1 for a in agents if not a.corrupt and not a.slow))
     t0 = [0.0]
     threads = []
     for a in agents:
         threads.append(
             threading.Thread(
                 target=_run_agent,
-                args=(a, manifest, digest, origin.url, tracker, lock, start_gate, go, countdown, t0, rate),
+                args=(a, manifest, digest, source_url, tracker, lock, start_gate, go, countdown, t0, rate),
                 daemon=True,
             )
         )
@@ -220,6 +244,8 @@ def run_case(
     go.set()
     for t in threads:
         t.join(3600)
+    if mirror is not None:
+        mirror.__exit__(None, None, None)
     origin.close()
     # the others' times: not the killed, the corrupting, nor the slowed agents (the issue's targets
     # are about what a few bad agents do to everyone else)
@@ -228,11 +254,12 @@ def run_case(
         for a in agents
         if a.kill_at is None and a.seconds is not None and not a.corrupt and a.index not in slow
     ]
-    failed = [f"agent {a.index}: {a.error}" for a in agents if a.error and a.kill_at is None]
+    failed = [f"agent {a.index}: {a.error}" for a in agents if a.error and a.kill_at is None and not a.slow]
     bad = 0
     for a in agents:
         if (
             a.kill_at is None
+            and not a.slow
             and not a.corrupt
             and not a.error
             and _sha(a.path, manifest.image_size) != image_sha
@@ -284,13 +311,15 @@ def _run_agent(
     full_rate: float,
 ) -> None:
     target = open_target(str(a.path), manifest.image_size)
-    cancel = threading.Event()
+    # a slowed agent would take 10 S/B: it is stopped once the measured agents are done (the
+    # issue's target is about what it does to the others)
+    cancel = countdown.done if a.slow else threading.Event()
     session: PeerSession | None = None
     waited = False
-    counted = a.corrupt  # the corrupting agent writes nothing
+    counted = a.corrupt or a.slow  # the corrupting agent writes nothing; the slowed are not waited for
     try:
         options = WriteOptions(
-            workers=6,
+            workers=WORKERS,
             write_threads=1,
             retry=RetryPolicy(retries=6, backoff=0.2, max_bad=3),
             progress_interval=5,
@@ -299,7 +328,7 @@ def _run_agent(
         if a.peers:
             config = PeerConfig(
                 host="127.0.0.1",
-                serve=ServeLimits(uploads=4, rate=a.rate),
+                serve=ServeLimits(rate=a.rate),  # the default upload slots
                 # a peer at a tenth of the cap, its upload shared by 4, sends ~B/40: slower than B/10 is slow
                 fetch=PeerOptions(patience=20.0, timeout=10.0, min_rate=full_rate / 10, download=a.rate),
             )
@@ -345,7 +374,7 @@ def _run_agent(
             writer.run()
             a.seconds = time.monotonic() - t0[0]
         except Exception as exc:
-            if a.kill_at is None:
+            if a.kill_at is None and not a.slow:
                 a.error = f"{type(exc).__name__}: {exc}"[:300]
         if session is not None:
             a.bytes_by_peer = dict(session.source.bytes_by_peer)
@@ -353,6 +382,8 @@ def _run_agent(
             if a.kill_at is not None:
                 session.close()  # killed: its server goes away with it
                 session = None
+            elif a.slow:
+                pass  # stopped because the others are done: its session closes below
             else:  # serve on, as a deploy job does until it ends: here until every agent is done
                 countdown.one_done()
                 counted = True
@@ -411,6 +442,27 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
+RealCase = Callable[[Path, int], Result]  # (work dir, N) -> one run of the real namespace case
+
+
+def fleet_cases(sizes: list[int], disturbed: bool, baseline_n: int) -> list[Case]:
+    """The issue's cases: the two baselines at a small N, peers at every N, the disturbed ones at the
+    middle N."""
+    cases = [
+        Case("origin only", baseline_n, peers=False),
+        Case("one nginx caching mirror", baseline_n, peers=False, mirror=True),
+    ]
+    cases += [Case("peers", n, peers=True) for n in sizes]
+    if disturbed:
+        n = sorted(sizes)[len(sizes) // 2]
+        cases += [
+            Case("peers, 5% slow", n, True, slow=0.05),
+            Case("peers, 10% killed halfway", n, True, killed=0.10),
+            Case("peers, one corrupting", n, True, corrupt=True),
+        ]
+    return cases
+
+
 def run_fleet_bench(
     work: Path,
     sizes: list[int],
@@ -419,36 +471,45 @@ def run_fleet_bench(
     rate: float,
     egress: float,
     disturbed: bool = True,
-    origin_only_max: int = 25,
+    baseline_n: int = 10,
+    baseline_reps: int = 1,
     log: Callable[[str], None] = print,
+    real_case: RealCase | None = None,
+    real_n: int = 10,
 ) -> list[str]:
+    """Every case `reps` times (the baselines, whose figures are N x S and N x S / cap by design,
+    `baseline_reps` times), then the table's lines. `real_case`, if given, is run `reps` times at
+    `real_n` agents (the simulated case at that N too, for the comparison)."""
     store, manifest, digest, sha = make_image(work / "image", image_size)
     s = sum(c.stored_len for c in manifest if c.kind is ChunkKind.DATA)
     s_over_b = s / rate
-    cases: list[Case] = []
-    for n in sizes:
-        if n <= origin_only_max:
-            cases.append(Case("origin only", n, peers=False))
-        cases.append(Case("peers", n, peers=True))
-    if disturbed:
-        n = sizes[-1] if len(sizes) == 1 else sorted(sizes)[len(sizes) // 2]
-        cases += [
-            Case("peers, 5% slow", n, True, slow=0.05),
-            Case("peers, 10% killed halfway", n, True, killed=0.10),
-            Case("peers, one corrupting", n, True, corrupt=True),
-        ]
+    cases = fleet_cases(sizes, disturbed, baseline_n)
+    if real_case is not None and real_n not in sizes:
+        cases.append(Case("peers", real_n, peers=True))
     results: dict[Case, list[Result]] = {}
     for case in cases:
-        for rep in range(reps):
-            log(f"fleet: {case.name}, N = {case.agents}, run {rep + 1}/{reps}")
+        runs = reps if case.peers else baseline_reps
+        for rep in range(runs):
+            log(f"fleet: {case.name}, N = {case.agents}, run {rep + 1}/{runs}")
             r = run_case(work / "run", store, manifest, digest, sha, case, rate, egress)
             results.setdefault(case, []).append(r)
-            log(
-                f"fleet:   origin {r.origin_bytes / s:.2f} S, p50 {_pct(r.times, 0.5) / s_over_b:.2f} S/B,"
-                f" max {max(r.times, default=float('nan')) / s_over_b:.2f} S/B, failed {len(r.failed)},"
-                f" peers dropped {r.drops or 'none'}"
-            )
-    return _report(results, s, s_over_b, rate, egress, image_size)
+            _log_run(r, s, s_over_b, log)
+    real: list[Result] = []
+    if real_case is not None:
+        for rep in range(reps):
+            log(f"fleet: real namespace case, N = {real_n}, run {rep + 1}/{reps}")
+            real.append(real_case(work / "real", real_n))
+            _log_run(real[-1], s, s_over_b, log)
+    return _report(results, real, s, s_over_b, rate, egress, image_size)
+
+
+def _log_run(r: Result, s: int, s_over_b: float, log: Callable[[str], None]) -> None:
+    worst = max(r.times, default=float("nan")) / s_over_b
+    log(
+        f"fleet:   origin {r.origin_bytes / s:.2f} S, p50 {_pct(r.times, 0.5) / s_over_b:.2f} S/B,"
+        f" p99 {_pct(r.times, 0.99) / s_over_b:.2f} S/B, max {worst:.2f} S/B,"
+        f" failed {len(r.failed)} {r.failed[:2]}, peers dropped {r.drops or 'none'}"
+    )
 
 
 def _ok(met: bool) -> str:
@@ -459,66 +520,110 @@ def _med(rs: list[Result], f: Callable[[Result], float]) -> float:
     return statistics.median(f(r) for r in rs)
 
 
+@dataclass(frozen=True)
+class Figures:
+    """A case's medians, in S (egress) and S/B (times)."""
+
+    egress: float
+    p50: float
+    p99: float
+    max: float
+    failed: int
+    bad: int
+
+    @classmethod
+    def of(cls, rs: list[Result], s: int, s_over_b: float) -> Figures:
+        return cls(
+            _med(rs, lambda r: r.origin_bytes / s),
+            _med(rs, lambda r: _pct(r.times, 0.5) / s_over_b),
+            _med(rs, lambda r: _pct(r.times, 0.99) / s_over_b),
+            _med(rs, lambda r: max(r.times, default=float("nan")) / s_over_b),
+            max(len(r.failed) for r in rs),
+            max(r.bad_targets for r in rs),
+        )
+
+
+def _target(case: Case, f: Figures, rs: list[Result], base: dict[int, Figures]) -> str:
+    if case.mirror:
+        return f"origin egress about 1 S: {_ok(f.egress <= 1.2)}; completion bound by the mirror's link"
+    if not case.peers:
+        return f"origin egress N x S = {case.agents} (the baseline)"
+    ref = base.get(case.agents)
+    if case.slow:
+        return (
+            f"others' p99 <= 1.10 x undisturbed ({ref.p99 * 1.1:.2f}): {_ok(f.p99 <= ref.p99 * 1.1)}"
+            if ref
+            else ""
+        )
+    if case.killed:
+        return (
+            f"survivors' p99 <= 1.3 x undisturbed ({ref.p99 * 1.3:.2f}): {_ok(f.p99 <= ref.p99 * 1.3)}"
+            if ref
+            else ""
+        )
+    if case.corrupt:
+        met = max(r.corrupt_met for r in rs)
+        ok = all(r.corrupt_bytes_kept == 0 and r.corrupt_dropped == r.corrupt_met for r in rs) and f.bad == 0
+        kept = sum(r.corrupt_bytes_kept for r in rs)
+        return f"met by up to {met} agents, dropped by every one: its bytes kept {kept}: {_ok(ok)}"
+    return (
+        f"egress <= 1.2 {_ok(f.egress <= 1.2)}; p50 <= 1.25 {_ok(f.p50 <= 1.25)};"
+        f" p99 <= 1.5 {_ok(f.p99 <= 1.5)}; max <= 2 {_ok(f.max <= 2)}"
+    )
+
+
 def _report(
-    results: dict[Case, list[Result]], s: int, s_over_b: float, rate: float, egress: float, image_size: int
+    results: dict[Case, list[Result]],
+    real: list[Result],
+    s: int,
+    s_over_b: float,
+    rate: float,
+    egress: float,
+    image_size: int,
 ) -> list[str]:
+    reps = max((len(rs) for c, rs in results.items() if c.peers), default=0)
     lines = [
         f"image S = {s / MiB:.0f} MiB stored ({image_size // MiB} chunks of 1 MiB), per-agent cap B = "
-        f"{rate / MiB:.2f} MiB/s down and up, origin egress cap {egress / MiB:.2f} MiB/s;"
-        f" ideal S/B = {s_over_b:.1f} s;",
-        f"medians of {len(next(iter(results.values())))} run(s); times in multiples of S/B (ideal 1.00).",
+        f"{rate / MiB:.2f} MiB/s down and up, origin (and mirror) egress cap {egress / MiB:.2f} MiB/s;"
+        f" S/B = {s_over_b:.1f} s. Times in multiples of S/B; the ideal is S/B itself for peers, and"
+        f" N x S over the cap for the origin or a mirror alone. Medians of {reps} runs"
+        f" ({', '.join(sorted({f'{c.name} {len(rs)}' for c, rs in results.items() if not c.peers}))}).",
         "",
-        "| case | N | origin egress / S | p50 | p99 | max | failed | bad targets | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | N | origin egress / S | ideal | p50 | p99 | max | failed | bad targets | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    base: dict[int, float] = {}
+    base = {c.agents: Figures.of(rs, s, s_over_b) for c, rs in results.items() if c.name == "peers"}
     for case, rs in results.items():
-        eg = _med(rs, lambda r: r.origin_bytes / s)
-        p50 = _med(rs, lambda r: _pct(r.times, 0.5) / s_over_b)
-        p99 = _med(rs, lambda r: _pct(r.times, 0.99) / s_over_b)
-        mx = _med(rs, lambda r: max(r.times, default=float("nan")) / s_over_b)
-        failed = max(len(r.failed) for r in rs)
-        bad = max(r.bad_targets for r in rs)
-        if case.peers and case.name == "peers":
-            base[case.agents] = p99
-            target = (
-                f"egress <= 1.2 {_ok(eg <= 1.2)}; p50 <= 1.25 {_ok(p50 <= 1.25)};"
-                f" p99 <= 1.5 {'ok' if p99 <= 1.5 else 'MISSED'}; max <= 2 {'ok' if mx <= 2 else 'MISSED'}"
-            )
-        elif case.slow:
-            ref = base.get(case.agents)
-            target = f"p99 <= 1.10 x undisturbed ({ref * 1.1:.2f})" if ref else ""
-            if ref:
-                target += " ok" if p99 <= ref * 1.1 else " MISSED"
-        elif case.killed:
-            ref = base.get(case.agents)
-            target = f"survivors' p99 <= 1.3 x undisturbed ({ref * 1.3:.2f})" if ref else ""
-            if ref:
-                target += " ok" if p99 <= ref * 1.3 else " MISSED"
-        elif case.corrupt:
-            r = rs[-1]
-            ok = r.corrupt_bytes_kept == 0 and r.corrupt_dropped == r.corrupt_met and bad == 0
-            target = (
-                f"met by {r.corrupt_met}, dropped by {r.corrupt_dropped},"
-                f" its bytes kept: {r.corrupt_bytes_kept} {_ok(ok)}"
-            )
-        else:
-            target = f"expected N x S = {case.agents}"
+        f = Figures.of(rs, s, s_over_b)
+        ideal = 1.0 if case.peers else max(1.0, case.agents * rate / egress)
         lines.append(
-            f"| {case.name} | {case.agents} | {eg:.2f} | {p50:.2f} | {p99:.2f} | {mx:.2f} | {failed} | {bad}"
-            f" | {target} |"
+            f"| {case.name} | {case.agents} | {f.egress:.2f} | {ideal:.2f} | {f.p50:.2f} | {f.p99:.2f} |"
+            f" {f.max:.2f} | {f.failed} | {f.bad} | {_target(case, f, rs, base)} |"
         )
-    peers_n = sorted(base)
-    if len(peers_n) >= 2:
-        p50s = {
-            c.agents: _med(rs, lambda r: _pct(r.times, 0.5) / s_over_b)
-            for c, rs in results.items()
-            if c.name == "peers"
-        }
-        lo, hi = peers_n[0], peers_n[-1]
-        ratio = p50s[hi] / p50s[lo]
+    if real:
+        f = Figures.of(real, s, s_over_b)
+        sim = base.get(real[0].case.agents)
+        agree = ""
+        if sim is not None:
+            worst = max(abs(f.p50 / sim.p50 - 1), abs(f.p99 / sim.p99 - 1), abs(f.egress / sim.egress - 1))
+            agree = f"within 15% of the simulated case at N = {real[0].case.agents}: {_ok(worst <= 0.15)}"
         lines.append(
-            f"\np50 at N = {hi} over p50 at N = {lo}: {ratio:.2f} (target <= 1.15: {_ok(ratio <= 1.15)})"
+            f"| real namespace case | {real[0].case.agents} | {f.egress:.2f} | 1.00 | {f.p50:.2f} |"
+            f" {f.p99:.2f} | {f.max:.2f} | {f.failed} | {f.bad} | {agree} |"
+        )
+    else:
+        lines.append("| real namespace case | | | | | | | | | run by benchlib/fleetreal.py |")
+    if base:
+        worst = max(f.egress for f in base.values())
+        lines.append(
+            f"\nOrigin egress at every N with peers: at most {worst:.2f} S"
+            f" (target <= 1.2: {_ok(worst <= 1.2)})."
+        )
+    if len(base) >= 2:
+        lo, hi = min(base), max(base)
+        ratio = base[hi].p50 / base[lo].p50
+        lines.append(
+            f"p50 at N = {hi} over p50 at N = {lo}: {ratio:.2f} (target <= 1.15: {_ok(ratio <= 1.15)})."
         )
     return lines
 
@@ -526,6 +631,8 @@ def _report(
 if __name__ == "__main__":  # development: python scripts/benchlib/fleetbench.py N [N...]
     import sys
     import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     sizes = [int(x) for x in sys.argv[1:]] or [25]
     with tempfile.TemporaryDirectory(prefix="sledge-fleet-") as d:
@@ -537,6 +644,6 @@ if __name__ == "__main__":  # development: python scripts/benchlib/fleetbench.py
             rate=MiB // 2,
             egress=2 * MiB,
             disturbed=os.environ.get("DISTURBED") == "1",
-            origin_only_max=int(os.environ.get("ORIGIN_MAX", "25")),
+            baseline_n=int(os.environ.get("BASELINE_N", "10")),
         )
     print("\n".join(out))

@@ -248,8 +248,15 @@ def test_swarm_order_puts_the_origin_share_first() -> None:
     manifest = _fake_manifest(chunks)
     swarm = Swarm(manifest, IMAGE, "j-000000000001", lambda m: (_ for _ in ()).throw(RuntimeError()))
     swarm.slot, swarm.of = 1, 4
+    swarm.patience = 0.2  # nobody holds the rest: after that, they go to the sources in any order
+    from agent.peer.bitmap import Have
+
+    swarm.union = Have(chunks, 0b101)  # the swarm holds 0 and 2: share chunk 5 is paced too
     steps = [Step(c, Action.FETCH) for c in manifest]
-    order = [s.chunk.index for s in swarm.order(iter(steps))]
+    order = []
+    for s in swarm.order(iter(steps)):
+        order.append(s.chunk.index)
+        swarm.settled(s.chunk.index)  # what the peer source says once the chunk left it
     assert sorted(order[:2]) == [1, 5] and sorted(order) == list(range(chunks))
 
 

@@ -259,6 +259,28 @@ def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path
         peer.close()
 
 
+def test_a_peer_below_the_minimum_rate_is_left_after_a_short_grace_not_the_chunk_deadline(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    from agent.peer.source import RATE_GRACE
+
+    _, manifest, digest = image
+    peer = FakePeer("trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        # the chunk's deadline is 10 + 26 s; its rate is plain after RATE_GRACE
+        source = PeerSource(swarm, PeerOptions(timeout=10.0, min_rate=40 << 10, patience=30.0, max_wait=12.0))
+        t0 = time.monotonic()
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(RATE_GRACE + 3)
+        assert not thread.is_alive(), "still reading a trickle past the grace"
+        assert time.monotonic() - t0 < RATE_GRACE + 3
+        assert peer.url in swarm.dropped and "bytes/s, expected >=" in swarm.dropped[peer.url], swarm.dropped
+        assert isinstance(out[0], FetchError) and out[0].missing
+    finally:
+        peer.close()
+
+
 def test_an_interrupted_source_stops_reading_a_trickle_at_once(image: tuple[Path, Manifest, str]) -> None:
     _, manifest, digest = image
     peer = FakePeer("trickle", manifest.chunk(1).length)
@@ -291,12 +313,15 @@ def test_a_peer_claiming_chunks_it_does_not_serve_is_dropped(
         announcer.start()
         source = PeerSource(swarm, PeerOptions(timeout=1.0, patience=1.0))
         t0 = time.monotonic()
-        for index in (1, 3, 5, 7):
-            if peer.url in swarm.dropped:
-                break
+        index = 1
+        # the writer asks again and again (a 503-answering peer is left alone a while, longer each
+        # time, between tries)
+        while peer.url not in swarm.dropped and time.monotonic() - t0 < 8:
             thread, _ = fetch_in_thread(source, manifest, index)
             thread.join(10)
             assert not thread.is_alive()
+            index = 4 - index  # chunks 1 and 3
+            time.sleep(0.1)
         assert peer.url in swarm.dropped, f"{peer.hits} {behaviour} answers and still asked"
         assert time.monotonic() - t0 < 8
         assert peer.hits <= 200  # not a busy loop against it either
@@ -319,7 +344,8 @@ def test_a_peer_lacking_our_key_is_asked_again_later_one_refusing_the_ticket_is_
         assert isinstance(out[0], FetchError) and out[0].missing
         assert (peer.url in swarm.dropped) is dropped, swarm.dropped
         if not dropped:
-            swarm.announce()  # its next announce: it is a holder again
+            swarm.announce()  # its next announce: it is a holder again, after a short back-off
+            time.sleep(PeerOptions().max_backoff)
             assert peer.url in swarm.holders(1)
     finally:
         peer.close()
