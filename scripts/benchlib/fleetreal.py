@@ -40,7 +40,7 @@ from typing import Any
 from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
-from benchlib.fleetbench import Case, make_image, run_case
+from benchlib.fleetbench import WORKERS, Case, make_image, run_case
 from benchlib.proc import BenchError
 
 MiB = 1 << 20
@@ -254,10 +254,9 @@ def agent_env(linger: float, rate: float) -> dict[str, str]:
     return {
         "SLEDGE_PEERS": "1",
         "SLEDGE_PEER_LINGER": str(linger),
-        # as many fetching threads as each simulated agent has (fleetbench: workers=6); the
-        # product's default here is max(4, cores + 2) = 4, and at 4 uploads per peer, each a
-        # quarter of B, fewer threads than that leave an agent's link part idle
-        "SLEDGE_WORKERS": "6",
+        # as many fetching threads as each simulated agent has (fleetbench.WORKERS: two fetch
+        # from peers at once, one more keeps the origin share going)
+        "SLEDGE_WORKERS": str(WORKERS),
         # each simulated peer server paces its uploads with the product's own cap at B (ServeLimits);
         # tc caps the link at the same payload rate, so the two agree on who sends when
         "SLEDGE_PEER_UPLOAD_RATE": str(int(rate)),
