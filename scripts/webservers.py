@@ -162,6 +162,39 @@ def _nginx(workdir: Path, port: int, http: str, server: str, tag: str) -> Proces
     return Process(f"nginx-{tag}", argv, port, {fname: conf})
 
 
+# nginx's frame around `sledge mirror-config`'s output (which belongs in nginx's http {} block)
+NGINX_MIRROR = """\
+daemon off;
+master_process on;
+worker_processes 2;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log {access_log};
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy_temp;
+    fastcgi_temp_path {dir}/fastcgi_temp;
+    uwsgi_temp_path {dir}/uwsgi_temp;
+    scgi_temp_path {dir}/scgi_temp;
+{mirror}
+}}
+"""
+
+
+def nginx_mirror(
+    workdir: Path, port: int, mirror: str, connections: int = 256, access_log: bool = False
+) -> WebServer:
+    """nginx running `sledge mirror-config`'s output (`mirror`, listening on `port`); with
+    `access_log`, requests are logged to workdir/access.log."""
+    user = "user root root;" if os.geteuid() == 0 else ""
+    log = f"{workdir}/access.log" if access_log else "off"
+    conf = NGINX_MIRROR.format(user=user, dir=workdir, connections=connections, access_log=log, mirror=mirror)
+    argv = ["nginx", "-p", f"{workdir}/", "-e", str(workdir / "error.log"), "-c", str(workdir / "nginx.conf")]
+    return WebServer("sledge-mirror", workdir, [Process("nginx-mirror", argv, port, {"nginx.conf": conf})])
+
+
 def nginx(root: Path, workdir: Path) -> WebServer:
     """The reference: sendfile, keep-alive, sized bodies, Range."""
     http = "    sendfile on;\n    tcp_nopush on;\n    keepalive_timeout 60s;\n    keepalive_requests 100000;"

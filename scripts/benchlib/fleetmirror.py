@@ -11,7 +11,6 @@ same time wait for one fetch), while the agents' completion is bound by the mirr
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -23,28 +22,9 @@ from agent.peer.bucket import TokenBucket
 from benchlib.proc import BenchError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from webservers import Process, WebServer, free_port
+from webservers import WebServer, free_port, nginx_mirror
 
 ROOT = Path(__file__).resolve().parents[2]
-# the frame around `sledge mirror-config`'s output (it belongs in nginx's http {} block)
-WRAPPER = """\
-daemon off;
-master_process on;
-worker_processes 2;
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 2048; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy_temp;
-    fastcgi_temp_path {dir}/fastcgi_temp;
-    uwsgi_temp_path {dir}/uwsgi_temp;
-    scgi_temp_path {dir}/scgi_temp;
-{mirror}
-}}
-"""
 
 
 class CappedRelay:
@@ -127,20 +107,7 @@ class Mirror:
         )
         if out.returncode != 0:
             raise BenchError(f"sledge mirror-config exited {out.returncode}: {out.stderr.strip()[-400:]}")
-        user = "user root root;" if os.geteuid() == 0 else ""
-        conf = WRAPPER.format(user=user, dir=self.work, mirror=out.stdout)
-        argv = [
-            "nginx",
-            "-p",
-            f"{self.work}/",
-            "-e",
-            str(self.work / "error.log"),
-            "-c",
-            str(self.work / "nginx.conf"),
-        ]
-        self.server = WebServer(
-            "fleet-mirror", self.work, [Process("nginx-mirror", argv, port, {"nginx.conf": conf})]
-        )
+        self.server = nginx_mirror(self.work, port, out.stdout, connections=2048)
         self.server.__enter__()
         self.relay = CappedRelay(port, self.egress)
         self.url = f"{self.relay.url}/store"

@@ -6,7 +6,6 @@ neither the catalog nor the API is reachable through the mirror."""
 from __future__ import annotations
 
 import http.client
-import os
 import re
 import subprocess
 import sys
@@ -31,27 +30,7 @@ from tests.stores import import_store
 from tests.tools import need
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from webservers import NGINX, Process, WebServer
-
-WRAPPER = """\
-daemon off;
-master_process on;
-worker_processes 2;
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {dir}/access.log;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy_temp;
-    fastcgi_temp_path {dir}/fastcgi_temp;
-    uwsgi_temp_path {dir}/uwsgi_temp;
-    scgi_temp_path {dir}/scgi_temp;
-{mirror}
-}}
-"""
-assert "http {{" in NGINX  # the same frame scripts/webservers.py runs nginx in
+from webservers import WebServer, nginx_mirror
 
 
 def _served(controller: str) -> int:
@@ -93,10 +72,7 @@ def rack(tmp_path: Path) -> Iterator[tuple[Server, WebServer, Manifest, str, byt
         check=True,
         cwd=Path(__file__).parents[2],
     )
-    user = "user root root;" if os.geteuid() == 0 else ""
-    conf = WRAPPER.format(user=user, dir=work, mirror=out.stdout)
-    argv = ["nginx", "-p", f"{work}/", "-e", str(work / "error.log"), "-c", str(work / "nginx.conf")]
-    mirror = WebServer("sledge-mirror", work, [Process("nginx-mirror", argv, port, {"nginx.conf": conf})])
+    mirror = nginx_mirror(work, port, out.stdout, access_log=True)
     try:
         with mirror:
             yield server, mirror, manifest, digest, src.read_bytes(), cache
