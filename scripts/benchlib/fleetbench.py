@@ -262,7 +262,7 @@ def run_case(
             and not a.slow
             and not a.corrupt
             and not a.error
-            and _sha(a.path, manifest.image_size) != image_sha
+            and sha_of(a.path, manifest.image_size) != image_sha
         ):
             bad += 1
         a.path.unlink(missing_ok=True)
@@ -284,7 +284,8 @@ def run_case(
     return result
 
 
-def _sha(path: Path, size: int) -> str:
+def sha_of(path: Path, size: int) -> str:
+    """sha256 of the first `size` bytes of `path` (a target file or device against the image)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         remaining = size

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from typing import Any
 from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
-from benchlib.fleetbench import WORKERS, Case, make_image, run_case
+from benchlib.fleetbench import WORKERS, Case, make_image, run_case, sha_of
 from benchlib.proc import BenchError
 
 MiB = 1 << 20
@@ -265,16 +264,7 @@ def agent_env(linger: float, rate: float) -> dict[str, str]:
 
 def _digest_of(path: str, size: int) -> str:
     sh("blockdev", "--flushbufs", path, check=False)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = size
-        while left:
-            data = f.read(min(left, 4 * MiB))
-            if not data:
-                break
-            h.update(data)
-            left -= len(data)
-    return h.hexdigest()
+    return sha_of(Path(path), size)
 
 
 def _job_figures(a: RealAgent, detail: dict[str, Any], t0: float, image_size: int) -> None:
