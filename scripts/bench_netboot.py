@@ -1,6 +1,7 @@
 """Power-on to agent registered through DHCP + TFTP + iPXE, BIOS and UEFI, on a bridge in a netns.
 
-    .venv/bin/python scripts/bench_netboot.py [--runs 3] [--firmware uefi bios] [--compare DIR]
+    .venv/bin/python scripts/bench_netboot.py [--runs 3] [--firmware uefi bios] [--vcpus 2 1]
+                                              [--compare DIR]
 
 Root. The same measurement as `scripts/bench --only boot` (section C, benchlib/bootbench.py), alone:
 per firmware, the median of the runs and where the time went, from the moment each console line
@@ -22,14 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib.bootbench import DHCP, FIRMWARES, one_boot, run_boot_bench
+from benchlib.bootbench import DHCP, FIRMWARES, VCPUS, one_boot, run_boot_bench
 from benchlib.netboot import Boot, median_phases
 from benchlib.report import targets_table
 from lab import build_live_image
 from netlab import Lan, NetController
 
 
-def compare(work: Path, other: Path, runs: int, firmwares: list[str]) -> None:
+def compare(work: Path, other: Path, runs: int, firmwares: list[str], vcpus: int) -> None:
     kernel, initrd = build_live_image()
     images = {"compared": (other / "vmlinuz", other / "initramfs.zst"), "this": (kernel, initrd)}
     boots: dict[tuple[str, str], list[Boot]] = {}
@@ -47,13 +48,13 @@ def compare(work: Path, other: Path, runs: int, firmwares: list[str]) -> None:
                     shutil.copyfile(images[name][1], boot_dir / "initrd.img")
                     series = list(images).index(name)
                     boots.setdefault((firmware, name), []).append(
-                        one_boot(lan, work, firmware, rep, runs, series)
+                        one_boot(lan, work, firmware, rep, runs, series, vcpus)
                     )
     finally:
         lan.down()
     for firmware in firmwares:
         a, b = boots[(firmware, "compared")], boots[(firmware, "this")]
-        print(f"\n{firmware}: medians of {runs}, {other} against this build\n")
+        print(f"\n{firmware}, {vcpus} vCPU(s): medians of {runs}, {other} against this build\n")
         print(f"| phase | {other.name} | this |\n| --- | ---: | ---: |")
         for (name, x), (_, y) in zip(median_phases(a), median_phases(b), strict=True):
             print(f"| {name} | {x:.1f} s | {y:.1f} s |")
@@ -68,6 +69,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--firmware", nargs="+", choices=FIRMWARES, default=list(FIRMWARES))
     parser.add_argument(
+        "--vcpus", type=int, nargs="+", default=list(VCPUS), help="the machines' vCPUs (--compare: the first)"
+    )
+    parser.add_argument(
         "--compare", type=Path, help="a directory with another build's vmlinuz, initramfs.zst"
     )
     args = parser.parse_args()
@@ -76,9 +80,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sledge-netboot-"))
     try:
         if args.compare:
-            compare(work, args.compare, args.runs, args.firmware)
+            compare(work, args.compare, args.runs, args.firmware, args.vcpus[0])
             return 0
-        lines, targets = run_boot_bench(work, args.runs, tuple(args.firmware))
+        lines, targets = run_boot_bench(work, args.runs, tuple(args.firmware), tuple(args.vcpus))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(lines) + "\n\n" + targets_table(targets))

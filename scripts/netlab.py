@@ -210,7 +210,10 @@ class NetVm(Vm):
         firmware: str = "uefi",
         echo: Callable[[str], None] | None = None,
         disk_size: int = 4 << 30,
+        vcpus: int = 1,
     ) -> None:
+        if not 1 <= vcpus <= 64:
+            raise ValueError(f"vcpus {vcpus}: expected 1 to 64")
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(workdir, 0, mac, disk_size=disk_size, echo=echo)
         self.tap = lan.tap()
@@ -225,7 +228,9 @@ class NetVm(Vm):
             raise ValueError(f"firmware {firmware!r}: expected bios or uefi")
         self.argv = [
             "ip", "netns", "exec", lan.ns,
-            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-m", "1024", "-smp", "1",
+            # more than one vCPU: one host thread each (MTTCG), as a server's cores run at once
+            "qemu-system-x86_64", "-accel", "tcg" if vcpus == 1 else "tcg,thread=multi",
+            "-cpu", "qemu64,+rdrand", "-m", "1024", "-smp", str(vcpus),
             *board,
             "-nographic", "-serial", "stdio", "-monitor", f"unix:{self.monitor},server,nowait",
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",

@@ -21,31 +21,45 @@ from benchlib.proc import log
 from benchlib.report import Target
 
 FIRMWARES = ("uefi", "bios")
+# The machines' vCPUs: a server has many cores (its kernel unpacks the initramfs while its other
+# initcalls run; udev's workers, the DHCP client and Python start at once); 1 vCPU is the
+# single-core case earlier runs measured, kept as a column of its own.
+VCPUS = (2, 1)
 TARGET_S = 20.0  # issue 12: power-on to registered under TCG, each firmware
 DHCP = ["--dhcp", "full", "--interface", "br0", "--dhcp-range", "10.77.0.100,10.77.0.200"]
 
 
+def column(firmware: str, vcpus: int) -> str:
+    """A column's title: "uefi, 2 vCPUs"."""
+    return f"{firmware}, {vcpus} vCPU{'s' if vcpus > 1 else ''}"
+
+
 def run_boot_bench(
-    work: Path, reps: int, firmwares: tuple[str, ...] = FIRMWARES
+    work: Path, reps: int, firmwares: tuple[str, ...] = FIRMWARES, vcpus: tuple[int, ...] = VCPUS
 ) -> tuple[list[str], list[Target]]:
     kernel, initrd = build_live_image()
     raw = _raw_size(initrd.parent / "contents.txt")
     compressed = initrd.stat().st_size
     boots: dict[str, list[Boot]] = {}
     tftp: dict[str, int] = {}
+    machines: dict[str, tuple[str, int]] = {}  # column -> (firmware, vCPUs)
     lan = Lan().up()
     try:
         controller = NetController(work / "data", lan, DHCP)
         controller.install_boot_files(kernel, initrd)
         controller.start()
-        for firmware in firmwares:
-            sent_before = len(tftp_sent(controller.log.read_text()))
-            boots[firmware] = [one_boot(lan, work, firmware, rep, reps) for rep in range(reps)]
-            sent = tftp_sent(controller.log.read_text())[sent_before:]
-            tftp_root = controller.data / "dnsmasq" / "tftp"
-            tftp[firmware] = sum((tftp_root / name).stat().st_size for name in sent) // reps
+        for series, cpus in enumerate(vcpus):
+            for firmware in firmwares:
+                col = column(firmware, cpus)
+                machines[col] = (firmware, cpus)
+                sent_before = len(tftp_sent(controller.log.read_text()))
+                boots[col] = [one_boot(lan, work, firmware, rep, reps, series, cpus) for rep in range(reps)]
+                sent = tftp_sent(controller.log.read_text())[sent_before:]
+                tftp_root = controller.data / "dnsmasq" / "tftp"
+                tftp[col] = sum((tftp_root / name).stat().st_size for name in sent) // reps
     finally:
         lan.down()
+    columns = list(boots)
     http = kernel.stat().st_size + initrd.stat().st_size
     lines = [
         "| live image | value |",
@@ -54,43 +68,47 @@ def run_boot_bench(
         f"| initramfs, zstd | {compressed / 1e6:.1f} MB |",
         f"| initramfs, raw | {raw / 1e6:.1f} MB |" if raw else "| initramfs, raw | ? |",
         "",
-        f"QEMU (TCG, 1 vCPU, 1 GiB) power-on -> agent registered, medians of {reps}; phases end at the"
-        " first console line of the next step (medians of each phase: they need not add up):",
+        f"QEMU (TCG, 1 GiB; more than one vCPU: one host thread each) power-on -> agent registered,"
+        f" medians of {reps}; phases end at the first console line of the next step (the kernel's"
+        " start: /init's first line less its uptime; medians of each phase: they need not add up):",
         "",
-        "| phase | " + " | ".join(firmwares) + " |",
-        "| --- | " + " | ".join("---:" for _ in firmwares) + " |",
+        "| phase | " + " | ".join(columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
-    medians = {fw: median_phases(b) for fw, b in boots.items()}
-    for i, (name, _) in enumerate(medians[firmwares[0]]):
-        lines.append(f"| {name} | " + " | ".join(f"{medians[fw][i][1]:.1f} s" for fw in firmwares) + " |")
-    totals = {fw: statistics.median(b.total for b in boots[fw]) for fw in firmwares}
+    medians = {col: median_phases(b) for col, b in boots.items()}
+    for i, (name, _) in enumerate(medians[columns[0]]):
+        lines.append(f"| {name} | " + " | ".join(f"{medians[c][i][1]:.1f} s" for c in columns) + " |")
+    totals = {c: statistics.median(b.total for b in boots[c]) for c in columns}
     lines += [
-        "| **power-on to registered** | " + " | ".join(f"**{totals[fw]:.1f} s**" for fw in firmwares) + " |",
-        "| runs | " + " | ".join(" ".join(f"{b.total:.1f}" for b in boots[fw]) for fw in firmwares) + " |",
-        "| bytes over TFTP per boot | " + " | ".join(f"{tftp[fw]:,}" for fw in firmwares) + " |",
-        "| bytes over HTTP per boot (vmlinuz, initrd) | " + " | ".join(f"{http:,}" for _ in firmwares) + " |",
+        "| **power-on to registered** | " + " | ".join(f"**{totals[c]:.1f} s**" for c in columns) + " |",
+        "| runs | " + " | ".join(" ".join(f"{b.total:.1f}" for b in boots[c]) for c in columns) + " |",
+        "| bytes over TFTP per boot | " + " | ".join(f"{tftp[c]:,}" for c in columns) + " |",
+        "| bytes over HTTP per boot (vmlinuz, initrd) | " + " | ".join(f"{http:,}" for _ in columns) + " |",
     ]
     targets = [
         # issue 17 raised the budget from 50 MB: every NIC/storage/USB driver class and its firmware
         Target("live image, compressed", "<= 60 MB", f"{compressed / 1e6:.1f} MB", compressed <= 60e6),
         *(
             Target(
-                f"power-on to registered through DHCP + TFTP + iPXE, {fw.upper()}, TCG",
+                "power-on to registered through DHCP + TFTP + iPXE, "
+                f"{column(machines[c][0].upper(), machines[c][1])}, TCG",
                 f"<= {TARGET_S:.0f} s",
-                f"{totals[fw]:.1f} s",
-                totals[fw] <= TARGET_S,
+                f"{totals[c]:.1f} s",
+                totals[c] <= TARGET_S,
             )
-            for fw in firmwares
+            for c in columns
         ),
     ]
     return lines, targets
 
 
-def one_boot(lan: Lan, work: Path, firmware: str, rep: int, reps: int, series: int = 0) -> Boot:
+def one_boot(
+    lan: Lan, work: Path, firmware: str, rep: int, reps: int, series: int = 0, vcpus: int = 1
+) -> Boot:
     """One machine's first boot (a MAC of its own: `series` tells comparisons' boots apart)."""
     stamps: list[tuple[float, str]] = []
     mac = f"52:54:00:{0xBE + series:02x}:{rep:02x}:{1 if firmware == 'uefi' else 2:02x}"
-    vm = NetVm(work / f"{firmware}{series}-{rep}", lan, mac, firmware)
+    vm = NetVm(work / f"{firmware}{series}-{rep}", lan, mac, firmware, vcpus=vcpus)
     started = time.monotonic()
     vm.echo = lambda line: stamps.append((time.monotonic() - started, line))
     vm.start()
@@ -100,7 +118,7 @@ def one_boot(lan: Lan, work: Path, firmware: str, rep: int, reps: int, series: i
     finally:
         vm.stop()
     boot = phases(stamps, total)
-    log(f"boot {firmware} {rep + 1}/{reps}: registered {total:.1f} s after power-on")
+    log(f"boot {column(firmware, vcpus)} {rep + 1}/{reps}: registered {total:.1f} s after power-on")
     return boot
 
 

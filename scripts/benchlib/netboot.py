@@ -11,6 +11,15 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The kernel's own clock: /init's first line carries the uptime ("sledge-init: [5.15] sledge live
+# image"), so the moment the kernel started is that line's time less its uptime; a line of that
+# moment is put in the timeline, which splits the time from the initramfs's download to /init in
+# the part before the kernel runs (iPXE's hand-over, the XZ decompressor of Debian's bzImage) and
+# the kernel's start.
+INIT_FIRST = r"sledge-init: .*sledge live image"
+KERNEL_ZERO = r"^kernel: its clock's zero$"
+_UPTIME = re.compile(r"sledge-init: \[(\d+(?:\.\d+)?)\] sledge live image")
+
 # (phase name, the console line that ends it). A mark that never shows (BIOS has no firmware PXE,
 # a console that lost a line) gives its phase 0 s and leaves the time to the next one.
 MARKS: tuple[tuple[str, str], ...] = (
@@ -18,7 +27,8 @@ MARKS: tuple[tuple[str, str], ...] = (
     ("firmware PXE: DHCP + TFTP of iPXE", r"iPXE initialising"),
     ("iPXE: banner wait + DHCP", r"Configuring \(net0 .*ok"),
     ("HTTP: script, kernel, initramfs", r"initrd\.img\.\.\..*ok"),
-    ("kernel: decompress, unpack, start", r"sledge-init: .*sledge live image"),
+    ("iPXE hands over, the bzImage decompresses itself (XZ)", KERNEL_ZERO),
+    ("kernel: its start, initramfs unpacked, to /init", INIT_FIRST),
     ("live image: udev until the NICs are named", r"sledge-init: .*udev: (NIC .* named|devices settled)"),
     ("live image: DHCP", r"sledge-init: .*network: "),
     ("agent: Python start-up", r"sledge-agent: controller "),
@@ -35,6 +45,7 @@ class Boot:
 
 def phases(stamps: Sequence[tuple[float, str]], total: float) -> Boot:
     """Cut the (seconds, line) timeline at each mark; a mark missing (or out of order) takes 0 s."""
+    stamps = with_kernel_zero(stamps)
     out: list[tuple[str, float]] = []
     last = 0.0
     for name, pattern in MARKS:
@@ -43,6 +54,21 @@ def phases(stamps: Sequence[tuple[float, str]], total: float) -> Boot:
         out.append((name, at - last))
         last = at
     return Boot(total, tuple(out))
+
+
+def with_kernel_zero(stamps: Sequence[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The timeline with a line at the kernel's start, from /init's first line and its uptime (none
+    if that line is missing or its uptime would put the start before the previous line)."""
+    out = list(stamps)
+    for i, (t, line) in enumerate(out):
+        m = _UPTIME.search(line)
+        if m is None:
+            continue
+        zero = t - float(m[1])
+        if zero >= (out[i - 1][0] if i else 0.0):
+            out.insert(i, (zero, "kernel: its clock's zero"))
+        break
+    return out
 
 
 def median_phases(boots: Sequence[Boot]) -> list[tuple[str, float]]:

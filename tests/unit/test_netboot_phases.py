@@ -32,7 +32,8 @@ def test_a_uefi_boot_is_cut_at_each_mark_and_adds_up() -> None:
     boot = phases(UEFI, 29.6)
     got = {name: round(s, 2) for name, s in boot.phases}
     assert list(got) == [name for name, _ in MARKS]
-    assert list(got.values()) == [10.3, 0.3, 2.1, 6.3, 5.3, 1.2, 0.6, 1.9, 1.5]
+    # the kernel started at 24.3 - 5.15 = 19.15 s: 0.15 s after the initramfs's download
+    assert list(got.values()) == [10.3, 0.3, 2.1, 6.3, 0.15, 5.15, 1.2, 0.6, 1.9, 1.5]
     assert sum(s for _, s in boot.phases) == pytest.approx(29.5)
 
 
@@ -49,7 +50,7 @@ def test_bios_has_no_firmware_pxe_and_an_old_init_its_udev_settle() -> None:
         (23.3, "sledge-agent: registered as machine m-1"),
     ]
     got = [round(s, 2) for _, s in phases(bios, 23.4).phases]
-    assert got == [0.2, 0.0, 2.2, 6.1, 6.1, 3.4, 2.1, 2.8, 0.4]
+    assert got == [0.2, 0.0, 2.2, 6.1, 0.03, 6.07, 3.4, 2.1, 2.8, 0.4]
 
 
 def test_a_mark_that_never_shows_leaves_its_time_to_the_next_phase() -> None:
@@ -71,3 +72,25 @@ def test_tftp_files_are_read_from_dnsmasq_log_lines() -> None:
         "dnsmasq-tftp[12]: sent /var/lib/sledge/dnsmasq/tftp/undionly.kpxe to 10.77.0.162\n"
     )
     assert tftp_sent(log) == ["snponly.efi", "undionly.kpxe"]
+
+
+def test_the_kernel_phase_is_split_at_the_kernels_own_clock() -> None:
+    lines = [
+        (3.8, "http://10.77.0.1:8470/boot/files/initrd.img... ok"),
+        (14.6, "sledge-init: [6.64] sledge live image, kernel 6.1.0-57-amd64"),
+        (20.8, "sledge-agent: registered as machine m-1"),
+    ]
+    got = dict(phases(lines, 20.8).phases)
+    assert got["iPXE hands over, the bzImage decompresses itself (XZ)"] == pytest.approx(14.6 - 6.64 - 3.8)
+    assert got["kernel: its start, initramfs unpacked, to /init"] == pytest.approx(6.64)
+
+
+def test_an_uptime_that_does_not_fit_the_timeline_is_not_used() -> None:
+    # an uptime larger than the time since the download (a console line lost or a clock gone wrong)
+    lines = [
+        (3.8, "http://10.77.0.1:8470/boot/files/initrd.img... ok"),
+        (9.0, "sledge-init: [6.64] sledge live image, kernel 6.1.0-57-amd64"),
+    ]
+    got = dict(phases(lines, 9.0).phases)
+    assert got["iPXE hands over, the bzImage decompresses itself (XZ)"] == 0.0
+    assert got["kernel: its start, initramfs unpacked, to /init"] == pytest.approx(5.2)
