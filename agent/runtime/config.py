@@ -28,6 +28,9 @@ class AgentConfig:
     ca: str = ""  # PEM file to pin the controller's CA (https)
     mac: str = ""  # the MAC the machine booted from (iPXE ${net0/mac})
     state_dir: str = "/run/sledge"  # where the agent token survives an agent restart
+    # a file that appears once the network is up: the live image's /init starts the agent beside
+    # DHCP and makes it then (a lease, or every NIC tried a round); "": no wait
+    network_mark: str = ""
     heartbeat: float = 10.0  # seconds; the controller's reply may lower it
     poll_wait: float = 25.0  # long-poll wait
     max_backoff: float = 60.0

@@ -14,6 +14,7 @@ import importlib
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,6 +151,7 @@ class Agent:
 
     def _enroll(self) -> None:
         try:
+            self._wait_for_network()  # the rest of udev's coldplug is triggered by then
             inv = self.machine.inventory()
             if not self._enrollment:
                 self._enrollment = self._fresh_enrollment_token(inv)
@@ -171,6 +173,22 @@ class Agent:
         self.backoff.reset()
         self.status.registered(reply.machine_id)
         self.log(f"sledge-agent: registered as machine {reply.machine_id}")
+
+    def _wait_for_network(self, every: float = 10.0) -> None:
+        """Until config.network_mark exists (the live image: Python's start-up overlaps udev and
+        DHCP; /init makes the mark at a lease, or once every NIC has tried a round, and has then
+        triggered all of udev's coldplug, which the inventory settles), or the agent is stopped;
+        a line every `every` seconds while it waits."""
+        mark = Path(self.config.network_mark) if self.config.network_mark else None
+        if mark is None or mark.exists():
+            return
+        started = time.monotonic()
+        told = 0
+        while not self.stop.is_set() and not mark.exists():
+            if time.monotonic() - started >= (told + 1) * every:
+                told += 1
+                self.log(f"sledge-agent: waiting for the network: no {mark} after {told * every:.0f} s")
+            self.stop.wait(0.05)
 
     def _fresh_enrollment_token(self, inv: Inventory) -> str:
         macs = [self.config.mac] if self.config.mac else [n.mac for n in inv.nics if n.mac]

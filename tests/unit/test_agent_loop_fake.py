@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,19 @@ DISK = fake_disk("vda", size=16 * GiB)
 
 
 def make(
-    tmp_path: Path, transport: FakeTransport, token: str = "enroll-1", pace: float = 0.0
+    tmp_path: Path,
+    transport: FakeTransport,
+    token: str = "enroll-1",
+    pace: float = 0.0,
+    network_mark: str = "",
 ) -> tuple[Agent, list[str], SparseDisks]:
     config = AgentConfig(
-        controller="http://c", token=token, mac="52:54:00:00:00:01", state_dir=str(tmp_path), heartbeat=0.05
+        controller="http://c",
+        token=token,
+        mac="52:54:00:00:00:01",
+        state_dir=str(tmp_path),
+        heartbeat=0.05,
+        network_mark=network_mark,
     )
     lines: list[str] = []
     disks = SparseDisks(tmp_path / "disks", {DISK.path: DISK.size}, pace=pace)
@@ -114,3 +125,32 @@ def test_agent_refuses_at_start_a_piece_that_lacks_its_interface(tmp_path: Path)
             sources=DirectorySources(tmp_path),
             disks=DirectorySources(tmp_path),  # type: ignore[arg-type]
         )
+
+
+def test_registration_waits_for_the_network_mark(tmp_path: Path) -> None:
+    # the live image starts the agent beside DHCP: the controller is asked only once /init has
+    # made the mark
+    t = FakeTransport()
+    mark = tmp_path / "network.done"
+    agent, lines, _ = make(tmp_path, t, network_mark=str(mark))
+    asked: list[bool] = []
+    real_register = t.register
+
+    def register(req: p.RegisterRequest) -> p.RegisterReply:
+        asked.append(mark.exists())
+        return real_register(req)
+
+    t.register = register  # type: ignore[method-assign]
+    threading.Timer(0.4, mark.touch).start()
+    agent._wait_for_network = functools.partial(agent._wait_for_network, every=0.1)  # type: ignore[method-assign]
+    agent._enroll()
+    assert asked == [True]
+    assert agent.token and any("waiting for the network" in line for line in lines)
+
+
+def test_a_stopped_agent_does_not_wait_for_the_network(tmp_path: Path) -> None:
+    agent, _, _ = make(tmp_path, FakeTransport(), network_mark=str(tmp_path / "never"))
+    agent.stop.set()
+    started = time.monotonic()
+    agent._wait_for_network()  # the mark never comes: a stop ends the wait
+    assert time.monotonic() - started < 1
