@@ -31,16 +31,29 @@ MARKS: tuple[tuple[str, str], ...] = (
     ("kernel: its start, initramfs unpacked, to /init", INIT_FIRST),
     ("live image: udev until the NICs are named", r"sledge-init: .*udev: (NIC .* named|devices settled)"),
     ("live image: DHCP", r"sledge-init: .*network: "),
-    ("agent: Python start-up", r"sledge-agent: controller "),
-    ("agent: devices settled, inventory, register", r"sledge-agent: registered as machine"),
+    (
+        "agent: the rest of its start-up, devices settled, inventory, register",
+        r"sledge-agent: registered as machine",
+    ),
 )
 REGISTERED = MARKS[-1][1]
+
+# Spans beside the phases: the agent starts beside udev and DHCP (from the line before it starts to
+# its first line), so its Python start-up overlaps them and is not one of the phases.
+SPANS: tuple[tuple[str, str, str], ...] = (
+    (
+        "agent: Python start-up (beside udev and DHCP)",
+        r"sledge-init: .*starting sledge-agent",
+        r"sledge-agent: controller ",
+    ),
+)
 
 
 @dataclass(frozen=True)
 class Boot:
     total: float  # power-on to registered, s
     phases: tuple[tuple[str, float], ...]  # in MARKS order; they add up to total
+    spans: tuple[tuple[str, float], ...] = ()  # in SPANS order; 0 s where a line is missing
 
 
 def phases(stamps: Sequence[tuple[float, str]], total: float) -> Boot:
@@ -53,7 +66,17 @@ def phases(stamps: Sequence[tuple[float, str]], total: float) -> Boot:
         at = next((t for t, line in stamps if t >= last and regex.search(line)), last)
         out.append((name, at - last))
         last = at
-    return Boot(total, tuple(out))
+    return Boot(total, tuple(out), tuple((name, span(stamps, a, b)) for name, a, b in SPANS))
+
+
+def span(stamps: Sequence[tuple[float, str]], start: str, end: str) -> float:
+    """From the first line matching `start` to the first after it matching `end` (0 s if either
+    is missing)."""
+    first = next((t for t, line in stamps if re.search(start, line)), None)
+    if first is None:
+        return 0.0
+    last = next((t for t, line in stamps if t >= first and re.search(end, line)), None)
+    return 0.0 if last is None else last - first
 
 
 def with_kernel_zero(stamps: Sequence[tuple[float, str]]) -> list[tuple[float, str]]:
@@ -72,8 +95,13 @@ def with_kernel_zero(stamps: Sequence[tuple[float, str]]) -> list[tuple[float, s
 
 
 def median_phases(boots: Sequence[Boot]) -> list[tuple[str, float]]:
-    """Each phase's median over the boots (medians do not add up to the median total)."""
-    return [(name, statistics.median(b.phases[i][1] for b in boots)) for i, (name, _) in enumerate(MARKS)]
+    """Each phase's median over the boots (medians do not add up to the median total), then each
+    span's."""
+    out = [(name, statistics.median(b.phases[i][1] for b in boots)) for i, (name, _) in enumerate(MARKS)]
+    return out + [
+        (name, statistics.median(b.spans[i][1] if len(b.spans) > i else 0.0 for b in boots))
+        for i, (name, _, _) in enumerate(SPANS)
+    ]
 
 
 def tftp_sent(log: str) -> list[str]:
