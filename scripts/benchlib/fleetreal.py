@@ -39,7 +39,7 @@ from typing import Any
 from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
-from benchlib.fleetbench import WORKERS, Case, make_image, run_case, sha_of
+from benchlib.fleetbench import ANNOUNCE, WORKERS, Case, make_image, run_case, sha_of
 from benchlib.proc import BenchError
 
 MiB = 1 << 20
@@ -213,7 +213,8 @@ class Origin:
         with open(data / "serve.log", "ab") as out:
             proc: subprocess.Popen[bytes] = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "controller.cli", "serve",
-                 "--listen", f"{ORIGIN_IP}:{PORT}", "--url", self.url, "--data", str(data)],
+                 "--listen", f"{ORIGIN_IP}:{PORT}", "--url", self.url, "--data", str(data),
+                 "--announce-interval", str(ANNOUNCE)],  # the simulated twin's
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
             )  # fmt: skip
         lan.procs.append(proc)

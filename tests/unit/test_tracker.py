@@ -119,7 +119,7 @@ def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None
 async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.unit.test_controller_kit import add_image, start
 
-    h = await start(aiohttp_client, tmp_path)
+    h = await start(aiohttp_client, tmp_path, announce_seconds=0.75)
     digest = add_image(h.config.store_dir, "tiny", "1")
     machine = await h.enroll("52:54:00:00:00:41")
     other = await h.enroll("52:54:00:00:00:42")
@@ -146,6 +146,7 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     assert status == 400 and "announced a bitmap of 4096 chunks, expected 1" in body["error"], body
     status, body = await announce(machine, job, digest)
     assert status == 200 and body["grant"]["ticket"].startswith(f"t2.{digest}.{machine}.")
+    assert body["interval"] == 0.75, "agents announce as often as the controller's config says"
     r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
     assert r.status == 400
 
