@@ -628,7 +628,8 @@ def _report(
             agree = f"within 15% of the simulated case at N = {real[0].case.agents}: {_ok(worst <= 0.15)}"
         lines.append(
             f"| real namespace case | {real[0].case.agents} | {f.egress:.2f} |"
-            f" {floors(real[0].case.agents)} | {f.p50:.2f} | {f.p99:.2f} | {f.max:.2f} | {f.failed} | {f.bad} | {agree} |"
+            f" {floors(real[0].case.agents)} | {f.p50:.2f} | {f.p99:.2f} | {f.max:.2f} |"
+            f" {f.failed} | {f.bad} | {agree} |"
         )
     else:
         lines.append("| real namespace case | | | | | | | | | run by benchlib/fleetreal.py |")
