@@ -50,6 +50,9 @@ PATIENT_HTTP = Timeouts(connect=10.0, stall=60.0, min_rate=4 << 10)
 WORKERS = 3
 # seconds between announces: the controller's own setting (ANNOUNCE=... to try others in development)
 ANNOUNCE = float(os.environ.get("ANNOUNCE", str(Config.announce_seconds)))
+# the product's defaults (ServeLimits.uploads, PeerOptions.parallel); UPLOADS=, PARALLEL= in development
+UPLOADS = int(os.environ.get("UPLOADS", str(ServeLimits.uploads)))
+PARALLEL = int(os.environ.get("PARALLEL", str(PeerOptions.parallel)))
 _CHUNK = re.compile(r"/chunks/[0-9a-f]{2}/[0-9a-f]{64}")
 
 
@@ -332,9 +335,11 @@ def _run_agent(
         if a.peers:
             config = PeerConfig(
                 host="127.0.0.1",
-                serve=ServeLimits(rate=a.rate),  # the default upload slots
+                serve=ServeLimits(rate=a.rate, uploads=UPLOADS),
                 # a peer at a tenth of the cap, its upload shared by 4, sends ~B/40: slower than B/10 is slow
-                fetch=PeerOptions(patience=20.0, timeout=10.0, min_rate=full_rate / 10, download=a.rate),
+                fetch=PeerOptions(
+                    patience=20.0, timeout=10.0, min_rate=full_rate / 10, download=a.rate, parallel=PARALLEL
+                ),
             )
             mid = f"m-{a.index:012x}"
             session = PeerSession(

@@ -219,3 +219,17 @@ def test_a_restarted_controller_s_tickets_are_key_unknown_not_forged_until_the_n
         assert after.kid in str(exc)
     b_keys = agent_keys(announce(before, 2).grant, announce(after, 2).grant)  # B re-announces
     assert ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now).holder == mid(1)
+
+
+def test_past_max_rate_agents_are_told_to_announce_less_often() -> None:
+    t = Tracker(TrackerPolicy(interval=1.0, max_rate=50.0))
+    for i in range(50):
+        assert announce(t, i).interval == 1.0, f"agent {i}: 50 agents at 1 s are 50 announces a second"
+    assert announce(t, 50).interval == 51 / 50
+    for i in range(51, 200):
+        announce(t, i)
+    reply = announce(t, 0)
+    assert reply.interval == 4.0, "200 agents at most 50 announces a second: every 4 s"
+    assert len(t) / reply.interval <= 50.0
+    t.announce(mid(0), "127.0.0.1", Announce("j-000000000000", IMAGE, 7000, CHUNKS, bits(), leaving=True))
+    assert announce(t, 1).interval == 199 / 50, "agents that left no longer count"
