@@ -47,7 +47,7 @@ MiB = 1 << 20
 PATIENT_HTTP = Timeouts(connect=10.0, stall=60.0, min_rate=4 << 10)
 # fetching threads per agent: two fetch from peers at once (PeerOptions.parallel), one more keeps the
 # origin share going; more only wake up to wait (200 agents x 6 threads cost CPU the bench lacks)
-WORKERS = 3
+WORKERS = int(os.environ.get("WORKERS", "3"))  # WORKERS=... to try others in development
 # seconds between announces: the controller's own setting (ANNOUNCE=... to try others in development)
 ANNOUNCE = float(os.environ.get("ANNOUNCE", str(Config.announce_seconds)))
 # the product's defaults (ServeLimits.uploads, PeerOptions.parallel); UPLOADS=, PARALLEL= in development
