@@ -24,6 +24,7 @@ from controller.config import Config
 from controller.fleet.agents import Fleet, Policy
 from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
+from controller.fleet.tracker import Tracker, TrackerPolicy
 from controller.jobs import JobState
 from controller.metrics import Metrics
 from controller.power.service import Connector, Power, PowerPolicy, connect
@@ -175,6 +176,7 @@ def make_app(
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
         presign=_presigner(config),
+        tracker=Tracker(TrackerPolicy(interval=config.announce_seconds)),
         power=Power(
             store,
             config.data_dir,

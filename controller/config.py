@@ -45,6 +45,10 @@ class Config:
     failures_per_address: int = 20
     failure_window: float = 300.0
     reap_interval: float = 2.0
+    # Seconds between a deploying agent's tracker announces (sent to agents in every answer). A
+    # young swarm spreads a chunk about one hop per announce, so shorter is faster; each announce
+    # costs the controller one answer (docs/peers.md has the figures behind the value).
+    announce_seconds: float = 1.0
     # Power through BMCs (docs/power.md): each BMC request's timeout; how often each machine's power
     # state is polled (jittered; many BMCs fall over when polled hard); how long a job waits for the
     # agent after powering its machine up.

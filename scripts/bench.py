@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="section G: simulated fleet sizes, comma-separated (default 25,50,100,200)",
     )
     p.add_argument(
+        "--fleet-chunks",
+        type=int,
+        default=16,
+        help="section G: the image's chunks of 1 MiB (the smallest a manifest allows); B is set so that"
+        " S/B stays 32 s. 16 (the default) is what 2 cores carry at N = 200; a real image has hundreds",
+    )
+    p.add_argument(
         "--fleet-real",
         type=int,
         default=10,
@@ -240,13 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "fleet"):
             sizes = [int(x) for x in args.fleet_sizes.split(",") if x.strip()]
             # 16 MiB at 0.5 MiB/s per agent (S/B = 32 s), the origin at 4 B: N = 200 agents move
-            # 100 MiB/s through this one process, which two shared cores can still carry
+            # 100 MiB/s through this one process, which two shared cores can still carry (64 chunks
+            # at 2 MiB/s could not: 4 S/B at N = 200, CPU-bound; docs/peers.md)
+            size = args.fleet_chunks * MiB
+            rate, egress = size / 32, 4 * size / 32
             fleet_lines = run_fleet_bench(
-                work / "fleet", sizes, args.reps, 16 * MiB, MiB // 2, 2 * MiB, baseline_n=10, log=log
+                work / "fleet", sizes, args.reps, size, rate, egress, baseline_n=10, log=log
             )
             if args.fleet_real > 0:  # the same S, B and origin cap, beside the simulated case at that N
                 fleet_lines += run_real_bench(
-                    work / "fleetreal", args.fleet_real, args.reps, 16 * MiB, MiB // 2, 2 * MiB, log=log
+                    work / "fleetreal", args.fleet_real, args.reps, size, rate, egress, log=log
                 )
         print(header(args, argv, load_before) + "\n")
         if rows:

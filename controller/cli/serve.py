@@ -79,6 +79,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--reap-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument(
+        "--announce-interval",
+        type=float,
+        default=Config.announce_seconds,
+        help="seconds between a deploying agent's tracker announces (default: %(default)s)",
+    )
+    p.add_argument(
         "--bmc-timeout",
         type=float,
         default=Config.bmc_timeout,
@@ -133,6 +139,7 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         ("--bmc-timeout", args.bmc_timeout),
         ("--power-poll", args.power_poll),
         ("--boot-deadline", args.boot_deadline),
+        ("--announce-interval", args.announce_interval),
     ):
         if not value > 0:
             raise ValueError(f"{flag}: expected seconds > 0, got {value}")
@@ -150,6 +157,7 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         discovery=Discovery(args.discovery),
         enrollment_ttl=args.enrollment_ttl,
         reap_interval=args.reap_interval,
+        announce_seconds=args.announce_interval,
         kernel_args=args.kernel_args,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -34,7 +34,12 @@ from agent.protocol import MAX_PEERS, Announce, AnnounceReply, PeerGrant, PeerIn
 class TrackerPolicy:
     max_agents: int = 10_000
     ttl: float = 30.0  # seconds a holding lives without an announce
-    interval: float = 2.0  # seconds between an agent's announces
+    interval: float = 1.0  # seconds between an agent's announces (Config.announce_seconds)
+    # announces per second the tracker is asked for at most, over every swarm: past max_rate x
+    # interval agents, each is told to announce less often (10,000 agents: every 10 s), so an answer's
+    # cost (about 0.3 ms at 10,000 holdings) stays a bounded share of the controller's one event loop.
+    # ttl should stay above 3 x max_agents / max_rate: a holding outlives two missed announces
+    max_rate: float = 1000.0
     epoch_seconds: float = 3600.0  # a fleet key's lifetime
     ticket_seconds: float = 600.0
     probes: int = 64  # holdings looked at per answer: the cost of an answer stays flat in N
@@ -81,11 +86,16 @@ class Tracker:
     def __len__(self) -> int:
         return len(self.where)
 
+    def interval(self) -> float:
+        """Seconds every agent is told to wait between announces: the configured interval, longer once
+        the agents held would announce more than max_rate times a second."""
+        return max(self.policy.interval, len(self.where) / self.policy.max_rate)
+
     def grant(self, machine_id: str, digest: str) -> PeerGrant:
         now = self.clock()
         # sign with epoch E until E + 1 is one announce interval old: by then every agent that
         # announced has E + 1's key (each grant carries the next key ahead of time)
-        epoch = int((now - self.policy.interval) // self.policy.epoch_seconds)
+        epoch = int((now - self.interval()) // self.policy.epoch_seconds)
         key = fleet_key(self.secret, digest, epoch)
         expires = int(now + self.policy.ticket_seconds)
         text = encode(Ticket(digest, machine_id, epoch, expires, self.kid), key)
@@ -104,7 +114,7 @@ class Tracker:
         if message.leaving:
             if self.where.get(machine_id) == digest:
                 self._forget(machine_id)
-            return AnnounceReply(self.grant(machine_id, digest), interval=self.policy.interval)
+            return AnnounceReply(self.grant(machine_id, digest), interval=self.interval())
         previous = self.where.get(machine_id)
         if previous is not None and previous != digest:
             self._forget(machine_id)
@@ -127,7 +137,7 @@ class Tracker:
             tuple(PeerInfo(h.machine_id, h.url, h.have.encode(), h.complete) for h in peers),
             seed_slot=holding.slot,
             seed_of=len(swarm),
-            interval=self.policy.interval,
+            interval=self.interval(),
             swarm_have=Have(have.count, self.union[digest]).encode(),
         )
 

@@ -39,7 +39,7 @@ from typing import Any
 from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
-from benchlib.fleetbench import WORKERS, Case, make_image, run_case, sha_of
+from benchlib.fleetbench import ANNOUNCE, Case, make_image, run_case, sha_of
 from benchlib.proc import BenchError
 
 MiB = 1 << 20
@@ -54,6 +54,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 class FleetRealError(BenchError):
     """The real fleet could not be set up or run."""
+
+
+REAL_WORKERS = int(os.environ.get("REAL_WORKERS", "6"))  # each agent's fetching threads
 
 
 def sh(*argv: str, check: bool = True) -> str:
@@ -213,7 +216,8 @@ class Origin:
         with open(data / "serve.log", "ab") as out:
             proc: subprocess.Popen[bytes] = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "controller.cli", "serve",
-                 "--listen", f"{ORIGIN_IP}:{PORT}", "--url", self.url, "--data", str(data)],
+                 "--listen", f"{ORIGIN_IP}:{PORT}", "--url", self.url, "--data", str(data),
+                 "--announce-interval", str(ANNOUNCE)],  # the simulated twin's
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
             )  # fmt: skip
         lan.procs.append(proc)
@@ -253,9 +257,10 @@ def agent_env(linger: float, rate: float) -> dict[str, str]:
     return {
         "SLEDGE_PEERS": "1",
         "SLEDGE_PEER_LINGER": str(linger),
-        # as many fetching threads as each simulated agent has (fleetbench.WORKERS: two fetch
-        # from peers at once, one more keeps the origin share going)
-        "SLEDGE_WORKERS": str(WORKERS),
+        # a 4-core machine's default (cores + 2): at N = 10 the real agents finish at p50 2.42 S/B with
+        # fleetbench.WORKERS = 3 threads, 1.96 with 4, 1.66 with 6, while the simulated ones take 1.10,
+        # 1.08 and 1.08 (docs/peers.md), so the simulation keeps 3 (200 agents x 6 threads cost CPU)
+        "SLEDGE_WORKERS": str(REAL_WORKERS),
         # each simulated peer server paces its uploads with the product's own cap at B (ServeLimits);
         # tc caps the link at the same payload rate, so the two agree on who sends when
         "SLEDGE_PEER_UPLOAD_RATE": str(int(rate)),

@@ -43,3 +43,15 @@ def test_serve_flags_override_the_environment() -> None:
     assert (config.host, config.port, config.data_dir) == ("0.0.0.0", 9000, Path("/srv/flag"))
     args = build_parser().parse_args(["serve"])
     assert config_from_args(args, base).data_dir == Path("/srv/env")
+
+
+def test_the_announce_interval_is_a_serve_flag_and_must_be_positive() -> None:
+    base = from_environ({}, euid=0)
+    args = build_parser().parse_args(["serve", "--announce-interval", "0.5"])
+    assert config_from_args(args, base).announce_seconds == 0.5
+    args = build_parser().parse_args(["serve", "--announce-interval", "0"])
+    try:
+        config_from_args(args, base)
+        raise AssertionError("an announce interval of 0 was accepted")
+    except ValueError as exc:
+        assert "--announce-interval: expected seconds > 0, got 0.0" in str(exc)

@@ -119,7 +119,7 @@ def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None
 async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.unit.test_controller_kit import add_image, start
 
-    h = await start(aiohttp_client, tmp_path)
+    h = await start(aiohttp_client, tmp_path, announce_seconds=0.75)
     digest = add_image(h.config.store_dir, "tiny", "1")
     machine = await h.enroll("52:54:00:00:00:41")
     other = await h.enroll("52:54:00:00:00:42")
@@ -146,6 +146,7 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     assert status == 400 and "announced a bitmap of 4096 chunks, expected 1" in body["error"], body
     status, body = await announce(machine, job, digest)
     assert status == 200 and body["grant"]["ticket"].startswith(f"t2.{digest}.{machine}.")
+    assert body["interval"] == 0.75, "agents announce as often as the controller's config says"
     r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
     assert r.status == 400
 
@@ -218,3 +219,17 @@ def test_a_restarted_controller_s_tickets_are_key_unknown_not_forged_until_the_n
         assert after.kid in str(exc)
     b_keys = agent_keys(announce(before, 2).grant, announce(after, 2).grant)  # B re-announces
     assert ticket.verify(a.ticket, b_keys, IMAGE, now=clock.now).holder == mid(1)
+
+
+def test_past_max_rate_agents_are_told_to_announce_less_often() -> None:
+    t = Tracker(TrackerPolicy(interval=1.0, max_rate=50.0))
+    for i in range(50):
+        assert announce(t, i).interval == 1.0, f"agent {i}: 50 agents at 1 s are 50 announces a second"
+    assert announce(t, 50).interval == 51 / 50
+    for i in range(51, 200):
+        announce(t, i)
+    reply = announce(t, 0)
+    assert reply.interval == 4.0, "200 agents at most 50 announces a second: every 4 s"
+    assert len(t) / reply.interval <= 50.0
+    t.announce(mid(0), "127.0.0.1", Announce("j-000000000000", IMAGE, 7000, CHUNKS, bits(), leaving=True))
+    assert announce(t, 1).interval == 199 / 50, "agents that left no longer count"
