@@ -598,15 +598,15 @@ def _report(
 ) -> list[str]:
     reps = max((len(rs) for c, rs in results.items() if c.peers), default=0)
     k = chunks
-    c = egress / rate
+    feed = egress / rate  # the floor's c: agents the origin feeds at B at once
 
     def floors(n: int) -> str:
-        return "/".join(f"{floor(n, q, k, c):.2f}" for q in (0.5, 0.99, 1.0))
+        return "/".join(f"{floor(n, q, k, feed):.2f}" for q in (0.5, 0.99, 1.0))
 
     lines = [
         f"image S = {s / MiB:.0f} MiB stored (k = {k} chunks of {image_size // k // MiB} MiB), per-agent cap"
         f" B = {rate / MiB:.2f} MiB/s down and up, origin (and mirror) egress cap {egress / MiB:.2f} MiB/s"
-        f" (c = {c:.0f} B); S/B = {s_over_b:.1f} s. Times in multiples of S/B. The floor for peers is"
+        f" (c = {feed:.0f} B); S/B = {s_over_b:.1f} s. Times in multiples of S/B. The floor for peers is"
         " p50/p99/max of the binomial pipeline (benchlib/fleetfloor.py): a chunk is served on only once"
         " whole and verified, so a piece's holders at most double per chunk time S/(kB), plus the"
         " origin's c; no store-and-forward scheme beats it with k chunks. For the origin or a mirror"
@@ -649,7 +649,7 @@ def _report(
         ratio = base[hi].p50 / base[lo].p50
         lines.append(
             f"p50 at N = {hi} over p50 at N = {lo}: {ratio:.2f} (target <= 1.15: {_ok(ratio <= 1.15)};"
-            f" the floors' ratio {floor(hi, 0.5, k, c) / floor(lo, 0.5, k, c):.2f})."
+            f" the floors' ratio {floor(hi, 0.5, k, feed) / floor(lo, 0.5, k, feed):.2f})."
         )
     return lines
 
@@ -661,14 +661,15 @@ if __name__ == "__main__":  # development: python scripts/benchlib/fleetbench.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
     sizes = [int(x) for x in sys.argv[1:]] or [25]
+    rate = float(os.environ.get("RATE_MIB", "0.5")) * MiB
     with tempfile.TemporaryDirectory(prefix="sledge-fleet-") as d:
         out = run_fleet_bench(
             Path(d),
             sizes,
             1,
             int(os.environ.get("SIZE_MIB", "16")) * MiB,
-            rate=float(os.environ.get("RATE_MIB", "0.5")) * MiB,
-            egress=4 * float(os.environ.get("RATE_MIB", "0.5")) * MiB,
+            rate=rate,
+            egress=4 * rate,
             disturbed=os.environ.get("DISTURBED") == "1",
             baseline_n=int(os.environ.get("BASELINE_N", "10")),
         )
