@@ -27,15 +27,18 @@ import blake3
 from agent.peer import ticket
 from agent.peer.bucket import TokenBucket
 from agent.peer.errors import KeyUnknown, TicketInvalid
+from agent.peer.gate import UploadGate
+from agent.peer.rates import Callers, Rates
 from agent.peer.swarm import Swarm
 
 PEER_PATH = "/v1/peer/"
 _PATH = re.compile(r"/v1/peer/([0-9a-f]{64})/([0-9a-f]{64})")
-SLICE = 256 << 10
+SLICE = 64 << 10
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 )
 KEY_HEADER = "X-Sledge-Key"  # "unknown": the ticket's key is not (yet) known here
+HELD_HEADER = "X-Sledge-Held"  # how many chunks the caller holds: the neediest is served first
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class ServeLimits:
     timeout: float = 10.0  # a caller silent this long (headers or reading) is cut off
     connections: int = 32  # open connections (one thread each); more are closed at once
     upload_seconds: float = 60.0  # the longest one upload may take (on top of its share of `rate`)
+    # callers that find the slots full wait this many at most, this long at most, for the next free
+    # slot, which goes to the one that holds the fewest chunks (agent.peer.gate); the rest get 503
+    queue: int = 4
+    queue_wait: float = 2.0  # below the callers' socket timeout (PeerOptions.timeout)
 
 
 @dataclass
@@ -88,6 +95,14 @@ class RefusalLog:
         if count == self.first:
             lines.append(f"peer server: further refusals of {ip} this minute are counted, not logged")
         return lines
+
+
+def held_of(text: str, chunks: int) -> int:
+    """The caller's X-Sledge-Held: a count of chunks; anything else ranks it last (`chunks`)."""
+    text = text.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        return chunks
+    return min(int(text), chunks)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -142,7 +157,9 @@ class PeerServer(ThreadingHTTPServer):
         self.limits = limits
         self.log = log
         self.clock = clock
-        self.slots = threading.BoundedSemaphore(limits.uploads)
+        self.gate = UploadGate(limits.uploads, limits.queue, limits.queue_wait)
+        self.rates = Rates()  # this server's recent uploads
+        self.callers = Callers()  # each caller's last upload: one that reads slowly is not queued
         self.conns = threading.BoundedSemaphore(limits.connections)
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
@@ -215,7 +232,9 @@ class PeerServer(ThreadingHTTPServer):
             with self.swarm.lock:
                 keys = dict(self.swarm.keys)
                 offset = self.swarm.offset
-            ticket.verify(auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock() + offset)
+            holder = ticket.verify(
+                auth[len("Ticket ") :].strip(), keys, self.swarm.digest, self.clock() + offset
+            ).holder
         except KeyUnknown as exc:
             # not a forgery as far as we know: the caller has a newer key than we do (we announce
             # next within an interval); it says so, and it asks again later instead of dropping us
@@ -228,15 +247,26 @@ class PeerServer(ThreadingHTTPServer):
         if chunk is None:
             h._reply(404, "not held here\n")
             return
-        if not self.slots.acquire(blocking=False):
+        last = self.callers.rate(holder)
+        slow = last is not None and self.rates.slow(last)
+        held = (
+            len(self.swarm.manifest)
+            if slow
+            else held_of(h.headers.get(HELD_HEADER, ""), len(self.swarm.manifest))
+        )
+        if not self.gate.enter(held, may_wait=not slow):
             with self.stats.lock:
                 self.stats.busy += 1
             h._reply(503, "upload slots full\n", {"Retry-After": "1"})
             return
+        t0 = time.monotonic()
         try:
             self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
         finally:
-            self.slots.release()
+            self.gate.leave()
+        rate = chunk.length / max(time.monotonic() - t0, 1e-6)
+        self.callers.note(holder, rate)
+        self.rates.add(rate)
 
     def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> None:
         data = bytearray(length)

@@ -23,12 +23,13 @@ import blake3
 
 from agent.image.manifest import Chunk
 from agent.peer.bucket import TokenBucket
-from agent.peer.server import KEY_HEADER, PEER_PATH
+from agent.peer.rates import SLOWER, Rates
+from agent.peer.server import HELD_HEADER, KEY_HEADER, PEER_PATH
 from agent.peer.swarm import Swarm
 from agent.writer.errors import Deferred, FetchError
 from agent.writer.sources import ChunkSource
 
-SLICE = 256 << 10
+SLICE = 64 << 10
 RATE_GRACE = 5.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
 
 
@@ -73,6 +74,7 @@ class PeerSource:
         # its 404s are counted, and how long it has answered only 503
         self._missing: dict[str, int] = {}
         self._busy: dict[str, tuple[int, float]] = {}  # url -> (503s in a row, since when)
+        self.rates = Rates()  # recent chunks' rates from peers: a peer far below them is slow
 
     def _waiting(self, deadline: float) -> bool:
         """Worth waiting on: the swarm still makes progress, within the longest wait."""
@@ -185,7 +187,10 @@ class PeerSource:
             conn.request(
                 "GET",
                 f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
-                headers={"Authorization": f"Ticket {self.swarm.ticket()}"},
+                headers={
+                    "Authorization": f"Ticket {self.swarm.ticket()}",
+                    HELD_HEADER: str(self.swarm.held()),
+                },
             )
             try:
                 resp = conn.getresponse()
@@ -211,6 +216,15 @@ class PeerSource:
             allowed = self.options.timeout + (
                 chunk.length / self.options.min_rate if self.options.min_rate > 0 else 0.0
             )
+            # slow: below the fixed floor (our own download cap's waits left out), or far below what
+            # chunks from peers ran at here lately (wall clock, both: what our cap and our other
+            # fetches leave a peer is the same for all), judged after a grace of one and a half such
+            # chunks (at most RATE_GRACE)
+            grace, relative = RATE_GRACE, 0.0
+            expected = self.rates.expected()
+            if expected is not None:
+                relative = expected / SLOWER
+                grace = min(RATE_GRACE, max(1.0, 1.5 * chunk.length / expected))
             while got < chunk.length:
                 if self.stop.is_set():
                     raise _Failed("interrupted", drop=False)
@@ -227,18 +241,17 @@ class PeerSource:
                     raise _Failed("interrupted", drop=False)
                 waited += time.monotonic() - t1
                 spent = t1 - t0 - waited
-                if (
-                    self.options.min_rate > 0
-                    and spent >= RATE_GRACE
-                    and got < chunk.length
-                    and got / spent < self.options.min_rate
+                wall = t1 - t0
+                if got < chunk.length and (
+                    (self.options.min_rate > 0 and spent >= grace and got / spent < self.options.min_rate)
+                    or (relative > 0 and wall >= grace and got / wall < relative)
                 ):
                     # past a short grace a peer this slow is left at once: waiting out the chunk's
                     # deadline held one of two fetch slots for up to 30 s in the fleet bench, and
                     # the agents that met one of the 5% slowed peers became the p99
                     raise _Failed(
-                        f"trickled {got} of {chunk.length} bytes in {spent:.1f} s: {got / spent:.0f}"
-                        f" bytes/s, expected >= {self.options.min_rate:.0f}",
+                        f"trickled {got} of {chunk.length} bytes in {wall:.1f} s: {got / wall:.0f}"
+                        f" bytes/s, expected >= {max(self.options.min_rate, relative):.0f}",
                         drop=True,
                     )
                 if self.options.min_rate > 0 and spent > allowed and got < chunk.length:
@@ -250,12 +263,17 @@ class PeerSource:
                     )
             if got != chunk.length:
                 raise _Failed(f"closed after {got} of {chunk.length} bytes", drop=True)
-            spent = max(time.monotonic() - t0 - waited, 1e-6)
-            if self.options.min_rate and got > 0 and got / spent < self.options.min_rate:
+            wall = max(time.monotonic() - t0, 1e-6)
+            spent = max(wall - waited, 1e-6)
+            if (self.options.min_rate > 0 and got / spent < self.options.min_rate) or got / wall < relative:
                 # the bytes are kept (they are checked like any); the peer is not asked again
                 self.swarm.drop(
-                    url, f"slow: {got / spent:.0f} bytes/s, expected >= {self.options.min_rate:.0f}"
+                    url,
+                    f"slow: {got / wall:.0f} bytes/s, expected >= {max(self.options.min_rate, relative):.0f}",
                 )
+            else:
+                self.rates.add(got / wall)
+                self.swarm.chunk_seconds = chunk.length / (self.rates.expected() or got / wall)
             return got
         except (OSError, http.client.HTTPException) as exc:
             raise _Failed(f"{type(exc).__name__}: {exc}", drop=True) from None

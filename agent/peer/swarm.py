@@ -29,6 +29,7 @@ Announcer = Callable[[p.Announce], p.AnnounceReply]
 # holds all but WINDOW of the chunks below i. Without it every share starts at once, the origin's
 # egress is split N ways, and no chunk exists anywhere until all of them do.
 WINDOW = 4
+SHARE_WAIT = 5.0  # seconds at least before a chunk the swarm lacks passes to one more owner
 EARLY = 8  # an agent's first chunks are announced as soon as they are held (see Swarm.run)
 # Fleet keys kept: this and the next epoch's, and the two before them (peers that announced before
 # an epoch ended or before the controller restarted still sign with those for a while).
@@ -99,6 +100,10 @@ class Swarm:
         self.parallel = 2  # chunks fetched from peers at once (the source's options say)
         self.pending = 0  # chunks the order has still to hand out (a bitmap)
         self.inflight: set[int] = set()  # chunks handed out and not yet settled by the peer source
+        # chunk -> since when (monotonic) nobody in the swarm holds it although its owner may fetch it
+        # from the origin: a share whose owner is slow, stuck or gone passes on (see _owners)
+        self.lacking: dict[int, float] = {}
+        self.chunk_seconds = 0.0  # how long a chunk from a peer takes here lately (the source's)
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -131,6 +136,7 @@ class Swarm:
             if union.bits & ~self.union.bits:
                 self.progress = time.monotonic()
             self.union = union
+            self._note_lacking(time.monotonic())
             for info in reply.peers:
                 if info.url in self.dropped:
                     continue
@@ -170,6 +176,11 @@ class Swarm:
             if self.have.bits.bit_count() <= EARLY:
                 self.news.set()
 
+    def held(self) -> int:
+        """How many chunks this agent holds (peers serve those that hold fewer first)."""
+        with self.lock:
+            return self.have.bits.bit_count()
+
     def ticket(self) -> str:
         with self.lock:
             return self.grant.ticket if self.grant else ""
@@ -178,7 +189,33 @@ class Swarm:
         """The chunk is this agent's to fetch from the origin: its share, and no peer it knows holds it
         (shares move when agents leave; a chunk a peer holds comes from a peer whoever's it is)."""
         with self.lock:
-            return index % self.of == self.slot and not self._known_holder(index)
+            return self._owns(index, time.monotonic()) and not self._known_holder(index)
+
+    def _owns(self, index: int, now: float) -> bool:
+        """This agent is one of the chunk's owners: the slot it falls to, and one more slot after it
+        for every `_share_wait` the swarm has lacked it while it could have been fetched (a share
+        whose owner is slow or stuck: a slowed agent's share held every other agent for 20 s)."""
+        of = max(self.of, 1)
+        since = self.lacking.get(index)
+        extra = int((now - since) / self._share_wait()) if since is not None else 0
+        return (self.slot - index) % of <= extra
+
+    def _share_wait(self) -> float:
+        # three announces (the owner's, ours, one to spare: at least SHARE_WAIT, as an agent that
+        # holds nothing is told to announce more often) and two chunks' time
+        return max(3 * self.interval, SHARE_WAIT) + 2 * self.chunk_seconds
+
+    def _note_lacking(self, now: float) -> None:
+        """Track which chunks the swarm lacks although their owners may fetch them (the lock held)."""
+        missing = self.wanted & ~self.union.bits & ~self.have.bits
+        for index in [i for i in self.lacking if not missing >> i & 1]:
+            del self.lacking[index]
+        while missing:
+            low = missing & -missing
+            missing ^= low
+            index = low.bit_length() - 1
+            if index not in self.lacking and self._paced(index):
+                self.lacking[index] = now
 
     def _known_holder(self, index: int) -> bool:
         """A peer this agent knows and has not dropped holds the chunk (not the tracker's union: a
@@ -330,11 +367,15 @@ class Swarm:
                 self.lock.notify_all()
 
     def _share(self, pending: int) -> int | None:
-        """The lowest pending chunk of this agent's origin share (called with the lock held)."""
-        for index in range(self.slot, len(self.manifest), max(self.of, 1)):
-            if pending >> index & 1 and not self._known_holder(index):
-                return index
-        return None
+        """The lowest pending chunk of this agent's origin share, its own or passed on to it (called
+        with the lock held)."""
+        now = time.monotonic()
+        own = (i for i in range(self.slot, len(self.manifest), max(self.of, 1)) if pending >> i & 1)
+        passed = (i for i in self.lacking if pending >> i & 1 and self._owns(i, now))
+        return min(
+            (i for i in (next(own, None), *passed) if i is not None and not self._known_holder(i)),
+            default=None,
+        )
 
     def _paced(self, index: int) -> bool:
         below = self.wanted & ((1 << index) - 1)

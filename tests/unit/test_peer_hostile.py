@@ -165,8 +165,8 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
         # cut off after upload_seconds (1 s) plus at most one write, having sent a part of the chunk
         assert took < 3.5, f"the slow upload lasted {took:.1f} s, expected under 3.5"
         assert got < MiB
-        assert server.slots.acquire(blocking=False), "the upload slot is still held"
-        server.slots.release()
+        assert server.gate.enter(0, may_wait=False), "the upload slot is still held"
+        server.gate.leave()
 
 
 class FakePeer:

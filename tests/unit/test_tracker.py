@@ -146,7 +146,9 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
     assert status == 400 and "announced a bitmap of 4096 chunks, expected 1" in body["error"], body
     status, body = await announce(machine, job, digest)
     assert status == 200 and body["grant"]["ticket"].startswith(f"t2.{digest}.{machine}.")
-    assert body["interval"] == 0.75, "agents announce as often as the controller's config says"
+    assert body["interval"] == 0.75 / 4, (
+        "an agent that holds nothing announces 4x as often as the config says"
+    )
     r = await h.client.post("/v1/agent/peers", json={"job_id": job}, headers=h.agent(machine))
     assert r.status == 400
 
@@ -224,12 +226,22 @@ def test_a_restarted_controller_s_tickets_are_key_unknown_not_forged_until_the_n
 def test_past_max_rate_agents_are_told_to_announce_less_often() -> None:
     t = Tracker(TrackerPolicy(interval=1.0, max_rate=50.0))
     for i in range(50):
-        assert announce(t, i).interval == 1.0, f"agent {i}: 50 agents at 1 s are 50 announces a second"
-    assert announce(t, 50).interval == 51 / 50
+        assert announce(t, i, (0,)).interval == 1.0, f"agent {i}: 50 agents at 1 s are 50 announces a second"
+    assert announce(t, 50, (0,)).interval == 51 / 50
     for i in range(51, 200):
-        announce(t, i)
-    reply = announce(t, 0)
+        announce(t, i, (0,))
+    reply = announce(t, 0, (0,))
     assert reply.interval == 4.0, "200 agents at most 50 announces a second: every 4 s"
     assert len(t) / reply.interval <= 50.0
+    assert announce(t, 7).interval == 4.0, "one that holds nothing is hurried only within the same bound"
     t.announce(mid(0), "127.0.0.1", Announce("j-000000000000", IMAGE, 7000, CHUNKS, bits(), leaving=True))
-    assert announce(t, 1).interval == 199 / 50, "agents that left no longer count"
+    assert announce(t, 1, (0,)).interval == 199 / 50, "agents that left no longer count"
+
+
+def test_an_agent_that_holds_nothing_announces_four_times_as_often() -> None:
+    t = Tracker(TrackerPolicy(interval=1.0, max_rate=50.0))
+    assert announce(t, 1).interval == 0.25, "it learns of new holders 4x sooner"
+    assert announce(t, 1, (3,)).interval == 1.0, "once it holds a chunk, the configured interval"
+    for i in range(2, 41):
+        announce(t, i, (0,))
+    assert announce(t, 1).interval == 40 / 50, "40 agents: past max_rate at a quarter of the interval"
