@@ -43,7 +43,7 @@ HELD_HEADER = "X-Sledge-Held"  # how many chunks the caller holds: the neediest 
 
 @dataclass(frozen=True)
 class ServeLimits:
-    uploads: int = 2  # concurrent uploads: few, so each at a good share of the link (a chunk served
+    uploads: int = 1  # concurrent uploads: one, at the whole link (a chunk served
     # sooner is held, and served on, sooner)
     rate: float = 0.0  # bytes/s over all uploads; 0: no cap
     timeout: float = 10.0  # a caller silent this long (headers or reading) is cut off

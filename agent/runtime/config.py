@@ -43,7 +43,7 @@ class AgentConfig:
     peers: bool = False
     peer_host: str = "0.0.0.0"  # the address the peer server listens on
     peer_port: int = 0  # 0: any free port (the tracker learns it)
-    peer_uploads: int = 2  # concurrent uploads (few: each at a good share of the link; agent/peer/server.py)
+    peer_uploads: int = 1  # concurrent uploads (one, at the whole link: agent/peer/server.py, gate.py)
     peer_upload_rate: float = 0.0  # bytes/s over all uploads; 0: no cap
     peer_linger: float = 0.0  # seconds to keep serving after the write (the job ends then)
 

@@ -45,7 +45,7 @@ from controller.images.store import WritableStore
 MiB = 1 << 20
 # an origin shared by a whole fleet is slow per request by design: not a stall
 PATIENT_HTTP = Timeouts(connect=10.0, stall=60.0, min_rate=4 << 10)
-# fetching threads per agent: two fetch from peers at once (PeerOptions.parallel), one more keeps the
+# fetching threads per agent: one fetches from peers (PeerOptions.parallel), one more keeps the
 # origin share going; more only wake up to wait (200 agents x 6 threads cost CPU the bench lacks)
 WORKERS = int(os.environ.get("WORKERS", "3"))  # WORKERS=... to try others in development
 # seconds between announces: the controller's own setting (ANNOUNCE=... to try others in development)
@@ -336,7 +336,8 @@ def _run_agent(
             config = PeerConfig(
                 host="127.0.0.1",
                 serve=ServeLimits(rate=a.rate, uploads=UPLOADS),
-                # a peer at a tenth of the cap, its upload shared by 4, sends ~B/40: slower than B/10 is slow
+                # the fixed floor: B/10; a peer at a tenth of the cap is caught by the relative one
+                # (below a quarter of what peers served lately: agent.peer.rates)
                 fetch=PeerOptions(
                     patience=20.0, timeout=10.0, min_rate=full_rate / 10, download=a.rate, parallel=PARALLEL
                 ),
