@@ -37,6 +37,7 @@ from agent.writer.sources import ChunkSource
 SLICE = 256 << 10
 RATE_GRACE = 5.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
 SMALL_BODY = 64 << 10  # a refusal's body up to this is read, so that its connection can be kept
+DRAIN_SECONDS = 0.5  # ... if it comes within this
 # A failure of a kept connection before any answer: the peer closed it while it was idle here.
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -294,7 +295,7 @@ class PeerSource:
             unknown = resp.status == 403 and resp.getheader(KEY_HEADER, "") == "unknown"
             if resp.status in (404, 503) or unknown:
                 # a busy (503) or lacking (404) peer is asked again: its connection is kept
-                keep = _drained(resp)
+                keep = _drained(conn, resp)
             if unknown:
                 # it has not been handed our key yet (a new epoch, a restarted controller): asked
                 # again after its next announce; one that says so for `patience` is dropped as busy
@@ -386,11 +387,19 @@ class PeerSource:
         self._close_idle()
 
 
-def _drained(resp: http.client.HTTPResponse) -> bool:
-    """Read a refusal's small body whole: its connection may then carry the next request."""
-    if resp.length is None or resp.length > SMALL_BODY:
+def _drained(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> bool:
+    """Read a refusal's small body whole, briefly: its connection may then carry the next request.
+    A body that does not come at once only costs the connection (a refusal stays a refusal, not a
+    failure that drops the peer, as when its connection was closed without reading it)."""
+    if resp.length is None or resp.length > SMALL_BODY or conn.sock is None:
         return False
-    resp.read()
+    timeout = conn.sock.gettimeout()
+    try:
+        conn.sock.settimeout(min(DRAIN_SECONDS, timeout or DRAIN_SECONDS))
+        resp.read()
+        conn.sock.settimeout(timeout)
+    except (OSError, http.client.HTTPException):
+        return False
     return resp.isclosed() and not resp.will_close
 
 

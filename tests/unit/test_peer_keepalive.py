@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +60,8 @@ def serving(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[
         swarm.have.add(chunk.index)
     swarm.keys[ticket.key_name("00000000", 0)] = KEY
     fd = os.open(src, os.O_RDONLY)
-    server = CountingServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None).start()
+    server = CountingServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None)
+    server.start()
     try:
         yield server
     finally:
@@ -67,11 +69,9 @@ def serving(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[
         os.close(fd)
 
 
-def fetcher(
-    server: PeerServer, manifest: Manifest, digest: str, options: PeerOptions
-) -> tuple[PeerSource, str]:
-    """A peer source whose one peer is `server`; chunk 0 is its origin share, the rest the peer's."""
-    url = f"http://127.0.0.1:{server.port}"
+def fetcher(port: int, manifest: Manifest, digest: str, options: PeerOptions) -> tuple[PeerSource, str]:
+    """A peer source whose one peer listens on `port`; chunk 0 is its origin share, the rest the peer's."""
+    url = f"http://127.0.0.1:{port}"
     full = Have(len(manifest))
     full.bits = (1 << len(manifest)) - 1
     text = ticket.encode(ticket.Ticket(digest, "m-00000000000b", 0, 10**11), KEY)
@@ -105,7 +105,7 @@ def test_one_connection_carries_a_peer_s_chunks_and_its_busy_answers(
 ) -> None:
     src, manifest, digest = image
     with serving(image, ServeLimits(uploads=1)) as server:
-        source, url = fetcher(server, manifest, digest, FAST)
+        source, url = fetcher(server.port, manifest, digest, FAST)
         for index in (1, 2, 3):
             fetch(source, src, manifest, index)
         assert server.slots.acquire(blocking=False)  # its one upload slot taken: it answers 503
@@ -130,7 +130,7 @@ def test_a_connection_the_peer_closed_while_idle_is_replaced_without_a_strike(
     src, manifest, digest = image
     # the peer cuts a connection idle for 0.3 s; this source would keep it 5 s
     with serving(image, ServeLimits(timeout=0.3)) as server:
-        source, url = fetcher(server, manifest, digest, PeerOptions(timeout=2.0, keepalive=5.0))
+        source, url = fetcher(server.port, manifest, digest, PeerOptions(timeout=2.0, keepalive=5.0))
         fetch(source, src, manifest, 1)
         assert settle(lambda: server.open == 0), "the server kept an idle connection past its timeout"
         fetch(source, src, manifest, 2)  # the kept one is closed: one try on it, then a new one
@@ -142,7 +142,7 @@ def test_a_connection_the_peer_closed_while_idle_is_replaced_without_a_strike(
 def test_a_crowded_server_closes_each_connection_after_its_answer(image: tuple[Path, Manifest, str]) -> None:
     src, manifest, digest = image
     with serving(image, ServeLimits(keepalive=0)) as server:
-        source, _ = fetcher(server, manifest, digest, FAST)
+        source, _ = fetcher(server.port, manifest, digest, FAST)
         for index in (1, 2, 3):
             fetch(source, src, manifest, index)
         assert (source.connections, server.accepted) == (3, 3)
@@ -155,13 +155,13 @@ def test_kept_connections_end_with_the_source_with_a_dropped_peer_and_after_keep
 ) -> None:
     src, manifest, digest = image
     with serving(image, ServeLimits()) as server:
-        source, url = fetcher(server, manifest, digest, PeerOptions(timeout=2.0, keepalive=0.3))
+        source, url = fetcher(server.port, manifest, digest, PeerOptions(timeout=2.0, keepalive=0.3))
         fetch(source, src, manifest, 1)
         assert server.open == 1
         source.close()
         assert settle(lambda: server.open == 0), "the source's close left its idle connection open"
 
-        source, url = fetcher(server, manifest, digest, PeerOptions(timeout=2.0, keepalive=0.3))
+        source, url = fetcher(server.port, manifest, digest, PeerOptions(timeout=2.0, keepalive=0.3))
         fetch(source, src, manifest, 1)
         time.sleep(0.4)  # idle past keepalive: not used again
         fetch(source, src, manifest, 2)
@@ -170,3 +170,37 @@ def test_kept_connections_end_with_the_source_with_a_dropped_peer_and_after_keep
         source._checkout("http://127.0.0.1:9")  # any request prunes what leads to a dropped peer
         assert settle(lambda: server.open == 0), "a dropped peer's idle connection is still open"
         source.close()
+
+
+def test_a_refusal_whose_body_stalls_costs_its_connection_not_the_peer(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    _, manifest, digest = image
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\n")  # and never the body
+            held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        source, url = fetcher(port, manifest, digest, PeerOptions(timeout=5.0, patience=30.0, max_wait=0.3))
+        t0 = time.monotonic()
+        with pytest.raises(FetchError) as got:
+            source.fetch_into(manifest.chunk(1), memoryview(bytearray(manifest.chunk(1).length)))
+        assert got.value.missing
+        assert time.monotonic() - t0 < 3.0, "waited out the socket timeout for a refusal's body"
+        assert url not in source.swarm.dropped, "a busy answer dropped the peer"
+        source.close()
+    finally:
+        listener.close()
+        for c in held:
+            c.close()
