@@ -167,16 +167,17 @@ def make_app(
         clock,
     )
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body)
+    fleet = Fleet(store, policy, clock, hub.notify)
     app[SERVICES] = Services(
         config=config,
-        fleet=Fleet(store, policy, clock, hub.notify),
+        fleet=fleet,
         enrollment=Enrollment(store, policy, limiter, leases, clock, hub.notify),
         ops=Operations(store, policy.max_attempts, clock, hub.notify),
         hub=hub,
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
         presign=_presigner(config),
-        tracker=Tracker(TrackerPolicy(interval=config.announce_seconds)),
+        tracker=Tracker(TrackerPolicy(interval=config.announce_seconds), deploying=fleet.deploying),
         power=Power(
             store,
             config.data_dir,

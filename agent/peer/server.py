@@ -7,6 +7,8 @@ again before they go out (a disk that changed under us serves nothing wrong): on
 each served chunk and one blake3 (~5 GB/s a core), and memory of one chunk per upload slot.
 Uploads are capped in number (more get 503 with Retry-After) and in bytes/s (a token bucket
 shared by all of them), so the agent's own deploy keeps its share of the link and the disk.
+Connections are kept between a caller's requests (HTTP/1.1) while at most `keepalive` are open,
+each for at most `timeout` idle; at most `connections` are open at once.
 A request without a ticket gets 401, one with a ticket that does not verify 403; both are logged.
 A ticket under a key this agent was not handed yet gets 403 with `X-Sledge-Key: unknown`.
 """
@@ -33,6 +35,10 @@ from agent.peer.swarm import Swarm
 
 PEER_PATH = "/v1/peer/"
 _PATH = re.compile(r"/v1/peer/([0-9a-f]{64})/([0-9a-f]{64})")
+# an upload is paced (ServeLimits.rate) and written in steps of this: a step is a burst into the
+# link's queue, and 256 KiB ones (more than a capped link queues) ran real transfers at 0.89 of their
+# fair share at p50, 64 KiB ones at 1.01 (the real fleet case, docs/peers.md); and each token bucket
+# in a chain (upload cap, download cap) held a step back: a 2-s chunk took 2.25 s in section G
 SLICE = 64 << 10
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -46,8 +52,11 @@ class ServeLimits:
     uploads: int = 1  # concurrent uploads: one, at the whole link (a chunk served
     # sooner is held, and served on, sooner)
     rate: float = 0.0  # bytes/s over all uploads; 0: no cap
-    timeout: float = 10.0  # a caller silent this long (headers or reading) is cut off
+    timeout: float = 10.0  # a caller silent this long (headers, reading, or idle between requests) is cut off
     connections: int = 32  # open connections (one thread each); more are closed at once
+    # open connections past which an answer closes its connection instead of keeping it for the
+    # caller's next request: idle keep-alive connections never take the last slots from new callers
+    keepalive: int = 16
     upload_seconds: float = 60.0  # the longest one upload may take (on top of its share of `rate`)
     # callers that find the slots full wait this many at most, this long at most, for the next free
     # slot, which goes to the one that holds the fewest chunks (agent.peer.gate); the rest get 503
@@ -128,6 +137,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def end_headers(self) -> None:
+        # HTTP/1.1 keeps the connection for the caller's next request (a new one per chunk paid a
+        # handshake and TCP's slow start each time), unless many are open
+        if self.server.crowded():
+            self.send_header("Connection", "close")  # also makes the handler close it after
+        super().end_headers()
+
     def do_GET(self) -> None:
         self.server.serve_chunk(self)
 
@@ -163,6 +179,8 @@ class PeerServer(ThreadingHTTPServer):
         self.conns = threading.BoundedSemaphore(limits.connections)
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
+        self.open = 0  # connections open now (each holds one of `conns`)
+        self._open_lock = threading.Lock()
         self.refusals = RefusalLog()
         self.stop_event = threading.Event()
         self.port = self.server_address[1]
@@ -184,17 +202,29 @@ class PeerServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        with self._open_lock:
+            self.open += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.conns.release()
+            self._closed()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.conns.release()  # the thread's shutdown_request closed the socket
+            self._closed()  # the thread's shutdown_request closed the socket
+
+    def _closed(self) -> None:
+        with self._open_lock:
+            self.open -= 1
+        self.conns.release()
+
+    def crowded(self) -> bool:
+        """Too many connections open to keep this one for its caller's next request."""
+        with self._open_lock:
+            return self.open > self.limits.keepalive
 
     def start(self) -> PeerServer:
         self._thread = threading.Thread(
@@ -302,6 +332,7 @@ class PeerServer(ThreadingHTTPServer):
                 return
             h.connection.settimeout(min(self.limits.timeout, left))
             h.wfile.write(piece)
+        h.connection.settimeout(self.limits.timeout)  # for the caller's next request on it
         with self.stats.lock:
             self.stats.served_bytes += length
             self.stats.served_chunks += 1

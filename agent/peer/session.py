@@ -86,7 +86,9 @@ class PeerSession:
     def options(self, base: WriteOptions) -> WriteOptions:
         if not self.active:
             return dataclasses.replace(base, on_verified=self.swarm.on_verified)
-        return dataclasses.replace(base, order=self.swarm.order, on_verified=self.swarm.on_verified)
+        return dataclasses.replace(
+            base, order=self.swarm.order, on_verified=self.swarm.on_verified, refetch=self.swarm.refetch
+        )
 
     def close(self) -> None:
         if self.config.linger > 0:

@@ -9,6 +9,12 @@ is dropped by name while the source stays; the writer hashes them again like any
 that refuses the ticket, fails, or sends slower than `min_rate` (also a deadline for the whole chunk:
 timeout + length / min_rate) is dropped as well, and so is one that claims chunks it then does not
 serve (`strikes` 404s, or only 503s for `patience` seconds).
+
+Connections to a peer are kept open between requests (HTTP/1.1 keep-alive, at most `parallel`
+idle ones a peer, for `keepalive` seconds; closed when the peer is dropped and when the source
+closes): a fresh connection per chunk paid a handshake and TCP's slow start on every chunk, each
+round trip queued behind the capped links' data (measured in the real fleet case: a 1 MiB chunk
+from a peer took 5.1 s at p50 where the link's share allows 2-4 s).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from agent.writer.sources import ChunkSource
 
 SLICE = 64 << 10
 RATE_GRACE = 5.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
+SMALL_BODY = 64 << 10  # a refusal's body up to this is read, so that its connection can be kept
+DRAIN_SECONDS = 0.5  # ... if it comes within this
+# A failure of a kept connection before any answer: the peer closed it while it was idle here.
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,9 @@ class PeerOptions:
     parallel: int = 1
     busy_backoff: float = 0.5  # seconds a peer that answered 503 is not asked, doubling in a row
     max_backoff: float = 1.0  # ... up to this (a longer one left free slots unasked in a young swarm)
+    # seconds an idle connection to a peer is kept for the next request: under the peer server's
+    # own idle timeout (ServeLimits.timeout, 10 s), so that it is rarely closed under us
+    keepalive: float = 3.0
 
 
 class _Failed(Exception):
@@ -56,6 +69,12 @@ class _Failed(Exception):
         super().__init__(reason)
         self.drop = drop
         self.status = status
+
+
+@dataclass
+class _Idle:
+    conn: http.client.HTTPConnection
+    since: float  # monotonic
 
 
 class PeerSource:
@@ -76,6 +95,8 @@ class PeerSource:
         self._missing: dict[str, int] = {}
         self._busy: dict[str, tuple[int, float]] = {}  # url -> (503s in a row, since when)
         self.rates = Rates()  # recent chunks' rates from peers: a peer far below them is slow
+        self._idle: dict[str, list[_Idle]] = {}  # url -> connections kept for its next request
+        self.connections = 0  # opened, over the job (a kept connection saves one)
 
     def _waiting(self, deadline: float) -> bool:
         """Worth waiting on: the swarm still makes progress, within the longest wait."""
@@ -180,26 +201,105 @@ class PeerSource:
         if over:
             self.swarm.drop(url, why)
 
-    def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
+    # -- connections ----------------------------------------------------------------------------------
+
+    def _checkout(self, url: str) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept connection to the peer (True), else a new one (False, not yet connected)."""
+        now = time.monotonic()
+        with self._lock:
+            old = self._prune(now)
+            kept = self._idle.get(url)
+            idle = kept.pop() if kept else None  # the most recent: the least likely closed
+        for c in old:
+            c.close()
+        if idle is not None:
+            return idle.conn, True
+        return self._new(url), False
+
+    def _new(self, url: str) -> http.client.HTTPConnection:
         parts = urllib.parse.urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.timeout)
-        t0 = time.monotonic()
-        try:
-            conn.request(
-                "GET",
-                f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
-                headers={
-                    "Authorization": f"Ticket {self.swarm.ticket()}",
-                    HELD_HEADER: str(self.swarm.held()),
-                },
-            )
+        with self._lock:
+            self.connections += 1
+        return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.timeout)
+
+    def _checkin(self, url: str, conn: http.client.HTTPConnection) -> None:
+        """Keep a connection whose answer was read whole for the peer's next request."""
+        with self._lock:
+            kept = self._idle.setdefault(url, [])
+            if (
+                not self.stop.is_set()
+                and url not in self.swarm.dropped
+                and self.options.keepalive > 0
+                and len(kept) < max(1, self.options.parallel)
+            ):
+                kept.append(_Idle(conn, time.monotonic()))
+                return
+        conn.close()
+
+    def _prune(self, now: float) -> list[http.client.HTTPConnection]:
+        """Take out the kept connections that idled too long or lead to a dropped peer (lock held)."""
+        old = []
+        for url in list(self._idle):
+            dropped = url in self.swarm.dropped
+            keep = [i for i in self._idle[url] if not dropped and now - i.since < self.options.keepalive]
+            old += [i.conn for i in self._idle[url] if i not in keep]
+            if keep:
+                self._idle[url] = keep
+            else:
+                del self._idle[url]
+        return old
+
+    def _close_idle(self) -> None:
+        with self._lock:
+            old = [i.conn for kept in self._idle.values() for i in kept]
+            self._idle.clear()
+        for c in old:
+            c.close()
+
+    def _ask(self, conn: http.client.HTTPConnection, chunk: Chunk) -> http.client.HTTPResponse:
+        conn.request(
+            "GET",
+            f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
+            headers={"Authorization": f"Ticket {self.swarm.ticket()}", HELD_HEADER: str(self.swarm.held())},
+        )
+        return conn.getresponse()
+
+    def _open(self, url: str, chunk: Chunk) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the request (on a kept connection if there is one) and read the status and headers."""
+        conn, kept = self._checkout(url)
+        if kept:
             try:
-                resp = conn.getresponse()
-            except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
-                # closed before any answer: what a peer whose connections are all taken does (see
-                # PeerServer.process_request); busy, then, and dropped only if it stays so
-                raise _Failed(f"closed before answering: {exc}", drop=False, status=503) from None
-            if resp.status == 403 and resp.getheader(KEY_HEADER, "") == "unknown":
+                return conn, self._ask(conn, chunk)
+            except STALE:
+                # the peer closed it while it idled here: asked again on a new connection, as
+                # browsers do, and not held against the peer
+                conn.close()
+                conn = self._new(url)
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            return conn, self._ask(conn, chunk)
+        except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
+            conn.close()
+            # closed before any answer: what a peer whose connections are all taken does (see
+            # PeerServer.process_request); busy, then, and dropped only if it stays so
+            raise _Failed(f"closed before answering: {exc}", drop=False, status=503) from None
+        except BaseException:
+            conn.close()
+            raise
+
+    def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
+        t0 = time.monotonic()
+        conn: http.client.HTTPConnection | None = None
+        keep = False  # the answer was read whole: the connection may carry the next request
+        try:
+            conn, resp = self._open(url, chunk)
+            unknown = resp.status == 403 and resp.getheader(KEY_HEADER, "") == "unknown"
+            if resp.status in (404, 503) or unknown:
+                # a busy (503) or lacking (404) peer is asked again: its connection is kept
+                keep = _drained(conn, resp)
+            if unknown:
                 # it has not been handed our key yet (a new epoch, a restarted controller): asked
                 # again after its next announce; one that says so for `patience` is dropped as busy
                 raise _Failed("does not know our ticket's key yet", drop=False, status=503)
@@ -212,6 +312,8 @@ class PeerSource:
             length = resp.getheader("Content-Length", "")
             if length != str(chunk.length):
                 raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)
+            t0 = time.monotonic()  # rates from the answer on: a caller that held nothing may have
+            # waited for the peer's slot (agent.peer.gate) before it, within the socket's timeout
             got = 0
             waited = 0.0  # in our own download cap: the peer's rate leaves it out
             allowed = self.options.timeout + (
@@ -264,6 +366,9 @@ class PeerSource:
                     )
             if got != chunk.length:
                 raise _Failed(f"closed after {got} of {chunk.length} bytes", drop=True)
+            # read1 leaves a body read to its end open: closed, the connection carries the next request
+            keep = resp.length == 0 and not resp.will_close
+            resp.close()
             wall = max(time.monotonic() - t0, 1e-6)
             spent = max(wall - waited, 1e-6)
             if (self.options.min_rate > 0 and got / spent < self.options.min_rate) or got / wall < relative:
@@ -277,9 +382,14 @@ class PeerSource:
                 self.swarm.chunk_seconds = chunk.length / (self.rates.expected() or got / wall)
             return got
         except (OSError, http.client.HTTPException) as exc:
+            keep = False
             raise _Failed(f"{type(exc).__name__}: {exc}", drop=True) from None
         finally:
-            conn.close()
+            if conn is not None:
+                if keep:
+                    self._checkin(url, conn)
+                else:
+                    conn.close()
 
     def get(self, relative: str, limit: int) -> bytes:
         raise FetchError(self.name, "peers serve chunks only", missing=True)
@@ -287,10 +397,28 @@ class PeerSource:
     def interrupt(self) -> None:
         self.stop.set()
         self.swarm.halt()  # a thread waiting for a chunk to be ready stops waiting
+        self._close_idle()
 
     def close(self) -> None:
         self.stop.set()
         self.swarm.halt()
+        self._close_idle()
+
+
+def _drained(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> bool:
+    """Read a refusal's small body whole, briefly: its connection may then carry the next request.
+    A body that does not come at once only costs the connection (a refusal stays a refusal, not a
+    failure that drops the peer, as when its connection was closed without reading it)."""
+    if resp.length is None or resp.length > SMALL_BODY or conn.sock is None:
+        return False
+    timeout = conn.sock.gettimeout()
+    try:
+        conn.sock.settimeout(min(DRAIN_SECONDS, timeout or DRAIN_SECONDS))
+        resp.read()
+        conn.sock.settimeout(timeout)
+    except (OSError, http.client.HTTPException):
+        return False
+    return resp.isclosed() and not resp.will_close
 
 
 class CappedSource:

@@ -101,9 +101,11 @@ class Swarm:
         self.pending = 0  # chunks the order has still to hand out (a bitmap)
         self.inflight: set[int] = set()  # chunks handed out and not yet settled by the peer source
         # chunk -> since when (monotonic) nobody in the swarm holds it although its owner may fetch it
-        # from the origin: a share whose owner is slow, stuck or gone passes on (see _owners)
+        # from the origin: a share whose owner is slow, stuck or gone passes on (see _owns)
         self.lacking: dict[int, float] = {}
         self.chunk_seconds = 0.0  # how long a chunk from a peer takes here lately (the source's)
+        self.fetches: dict[int, Step] = {}  # the order's fetch steps, by chunk
+        self.ended = False  # the order handed out its last step: a refetch is the thread's own
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -299,17 +301,32 @@ class Swarm:
     def order(self, steps: Iterator[Step]) -> Iterator[Step]:
         with self.lock:
             self.progress = time.monotonic()  # the write starts now: its patience starts with it
-        fetches: dict[int, Step] = {}
+        fetches: list[Step] = []
         for step in steps:
             if step.action is Action.FETCH:
-                fetches[step.chunk.index] = step
+                fetches.append(step)
             else:
                 yield step  # local work (checks, zeroing) first: it needs nobody
         with self.lock:
-            for i in fetches:
-                self.pending |= 1 << i
+            for step in fetches:
+                self.fetches[step.chunk.index] = step
+                self.pending |= 1 << step.chunk.index
         while (index := self._next_ready()) is not None:
-            yield fetches[index]
+            yield self.fetches[index]
+        with self.lock:
+            self.ended = True
+
+    def refetch(self, step: Step) -> bool:
+        """A chunk an in-place check found wrong on the target (any disk not known to be blank: every
+        real deploy) joins the order's fetches, to be handed out when a peer can serve it, paced and
+        at most `parallel` at a time, like any; False once the order has ended (the caller fetches)."""
+        with self.lock:
+            if self.ended:
+                return False
+            self.fetches[step.chunk.index] = step
+            self.pending |= 1 << step.chunk.index
+            self.lock.notify_all()
+            return True
 
     def _next_ready(self) -> int | None:
         """The next chunk to fetch, once one is ready; any pending one once waiting no longer pays

@@ -51,6 +51,9 @@ class WriteOptions:
     # in place)
     order: Callable[[Iterator[Step]], Iterator[Step]] | None = None
     on_verified: Callable[[Chunk], None] | None = None
+    # a chunk an in-place check found wrong: True if the order takes it as a fetch step (a thread
+    # fetches it when the order hands it out), False if the thread that checked it fetches it now
+    refetch: Callable[[Step], bool] | None = None
 
 
 def thread_counts(options: WriteOptions, cores: int) -> tuple[int, int]:
@@ -323,6 +326,9 @@ class Writer:
                 return None
             if action is Action.FETCH and self._restored(chunk, raw, timing):
                 return self._hand_over(chunk, raw[: chunk.length], False, timing)
+            refetch = self.options.refetch
+            if action is Action.FETCH and refetch is not None and refetch(Step(chunk, Action.FETCH)):
+                return None  # the order hands it out (peers: when one can serve it)
         if action is Action.SKIP:
             self.counters.add(done=step.size, skipped=step.count)
         elif action is Action.ZERO:

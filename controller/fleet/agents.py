@@ -177,6 +177,17 @@ class Fleet:
                 f"(image {image.ref})"
             )
 
+    def deploying(self) -> dict[str, frozenset[str]]:
+        """Manifest digest -> the machines running a deploy job of it: the swarms the tracker should
+        expect, whose agents may not have announced yet (controller.fleet.tracker)."""
+        with self.store.transaction() as tx:
+            running = tx.running_jobs()
+        found: dict[str, set[str]] = {}
+        for job in running:
+            if job.kind is JobKind.DEPLOY and job.params.manifest_digest:
+                found.setdefault(job.params.manifest_digest, set()).add(job.machine_id)
+        return {digest: frozenset(machines) for digest, machines in found.items()}
+
     def claim(self, machine_id: str) -> Assignment | None:
         """The machine's running job (handed again, e.g. to a restarted agent) or its oldest queued one."""
         now = self.clock()

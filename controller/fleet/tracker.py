@@ -8,7 +8,10 @@ announce is answered with:
 - a few peers that hold chunks the caller lacks: completed ones first, random among equals,
   about ln N of them and at most 10,
 - the caller's origin share: chunk i is the caller's to fetch from the sources when
-  i % seed_of == seed_slot, so that the origin serves about one copy and peers the rest;
+  i % seed_of == seed_slot, so that the origin serves about one copy and peers the rest. seed_of
+  counts the agents announced and, for `join_grace` seconds, the image's other running deploy
+  jobs (`deploying`, the fleet's): agents join seconds apart, and shares sized by the first
+  announces alone gave the first agents most of the image from the origin;
 - which chunks anyone in the swarm holds (swarm_have), by which agents pace their origin shares.
 Whether the caller may announce at all (a running deploy job for that image) is the fleet's
 check, done before (Fleet.check_deploying).
@@ -21,7 +24,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from agent.peer.bitmap import Have
@@ -43,6 +46,10 @@ class TrackerPolicy:
     epoch_seconds: float = 3600.0  # a fleet key's lifetime
     ticket_seconds: float = 600.0
     probes: int = 64  # holdings looked at per answer: the cost of an answer stays flat in N
+    # seconds a running deploy job of an image keeps a slot in its origin shares before its agent
+    # has announced: long enough for its manifest fetch and first announce, short enough that a
+    # job whose agent never joins (one without sledge.peers=1) holds back its chunks only briefly
+    join_grace: float = 5.0
 
 
 @dataclass
@@ -53,6 +60,21 @@ class Holding:
     complete: bool
     seen: float
     slot: int
+
+
+@dataclass
+class Expected:
+    """One image's running deploy jobs as the fleet last said, and which of their machines have not
+    announced yet while their grace runs (first counted first: expired ones leave from the front)."""
+
+    machines: frozenset[str]
+    first: dict[str, float]  # machine -> when the tracker first counted its job
+    pending: OrderedDict[str, None]
+
+
+# manifest digest -> machines running a deploy job of it (controller.fleet.agents.Fleet.deploying)
+Deploying = Callable[[], Mapping[str, frozenset[str]]]
+NONE: frozenset[str] = frozenset()
 
 
 def peer_count(n: int) -> int:
@@ -71,6 +93,7 @@ class Tracker:
         secret: bytes | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        deploying: Deploying | None = None,
     ) -> None:
         self.policy = policy
         self.secret = secret or secrets.token_bytes(32)  # a restart re-keys: agents get new keys
@@ -82,6 +105,12 @@ class Tracker:
         self.where: dict[str, str] = {}  # machine -> the digest it announced last
         self.lru: OrderedDict[str, None] = OrderedDict()  # machines, least recently seen first
         self.union: dict[str, int] = {}  # digest -> OR of its holdings' bitmaps
+        # the fleet's running deploy jobs, re-read at most once an interval (a store read of every
+        # running job: not per announce), and sooner when an agent announces that it did not list
+        self.deploying = deploying
+        self.running: Mapping[str, frozenset[str]] = {}
+        self.read_at = -math.inf
+        self.expected: dict[str, Expected] = {}  # digest -> its jobs whose agents may still join
 
     def __len__(self) -> int:
         return len(self.where)
@@ -139,10 +168,39 @@ class Tracker:
             self.grant(machine_id, digest),
             tuple(PeerInfo(h.machine_id, h.url, h.have.encode(), h.complete) for h in peers),
             seed_slot=holding.slot,
-            seed_of=len(swarm),
+            # the slots past the announced agents' are the joining ones': nobody fetches their
+            # chunks from the origin until they join or their grace ends (then shares close up)
+            seed_of=len(swarm) + self._vacant(digest, swarm, machine_id, now),
             interval=self.interval(empty=not have.bits),
             swarm_have=Have(have.count, self.union[digest]).encode(),
         )
+
+    def _vacant(self, digest: str, swarm: dict[str, Holding], machine_id: str, now: float) -> int:
+        """Slots kept for the image's running deploy jobs whose agents have not announced yet, each
+        for `join_grace` seconds after the tracker first counted it. Amortised O(1) an announce:
+        O(jobs) only when the fleet's list was read again."""
+        if self.deploying is None:
+            return 0
+        stale = now - self.read_at
+        if stale >= self.interval() or (
+            machine_id not in self.running.get(digest, NONE) and stale >= self.interval() / 4
+        ):
+            self.running, self.read_at = self.deploying(), now
+        machines = self.running.get(digest, NONE)
+        expected = self.expected.get(digest)
+        if expected is None or expected.machines is not machines:
+            old = expected.first if expected is not None else {}
+            first = {m: old.get(m, now) for m in machines}
+            waiting = sorted(
+                (m for m in machines if m not in swarm and now - first[m] < self.policy.join_grace),
+                key=first.__getitem__,
+            )
+            expected = self.expected[digest] = Expected(machines, first, OrderedDict.fromkeys(waiting))
+        expected.pending.pop(machine_id, None)  # it has joined
+        pending = expected.pending
+        while pending and now - expected.first[next(iter(pending))] >= self.policy.join_grace:
+            pending.popitem(last=False)
+        return len(pending)
 
     def _peers(self, swarm: dict[str, Holding], me: Holding) -> list[Holding]:
         members = list(swarm.values())
@@ -173,6 +231,7 @@ class Tracker:
         if not swarm:
             self.swarms.pop(digest, None)
             self.union.pop(digest, None)
+            self.expected.pop(digest, None)
             return
         union = 0
         for slot, h in enumerate(swarm.values()):

@@ -43,4 +43,3 @@ def rank(n: int, q: float) -> int:
 def floor(n: int, q: float, k: int, c: float) -> float:
     """The q-quantile's floor in multiples of S/B, for n agents, k pieces, origin cap c x B."""
     return floor_ticks(n, rank(n, q), k, c) / k
-

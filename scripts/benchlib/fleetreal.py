@@ -39,7 +39,7 @@ from typing import Any
 from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
-from benchlib.fleetbench import ANNOUNCE, Case, make_image, run_case, sha_of
+from benchlib.fleetbench import ANNOUNCE, WORKERS, Case, make_image, run_case, sha_of
 from benchlib.proc import BenchError
 
 MiB = 1 << 20
@@ -56,7 +56,11 @@ class FleetRealError(BenchError):
     """The real fleet could not be set up or run."""
 
 
-REAL_WORKERS = int(os.environ.get("REAL_WORKERS", "6"))  # each agent's fetching threads
+# each agent's fetching threads: the simulated twin's. (6 were needed while a real agent's in-place
+# checks bypassed the swarm's order: every chunk of a disk not known blank was fetched by the thread
+# that checked it, so more threads meant more fetches at once; at N = 10 p50 2.42 S/B with 3, 1.66
+# with 6. Since checked chunks join the order, 3 and 6 give 1.43 and 1.42.)
+REAL_WORKERS = int(os.environ.get("REAL_WORKERS", str(WORKERS)))
 
 
 def sh(*argv: str, check: bool = True) -> str:
@@ -257,9 +261,6 @@ def agent_env(linger: float, rate: float) -> dict[str, str]:
     return {
         "SLEDGE_PEERS": "1",
         "SLEDGE_PEER_LINGER": str(linger),
-        # a 4-core machine's default (cores + 2): at N = 10 the real agents finish at p50 2.42 S/B with
-        # fleetbench.WORKERS = 3 threads, 1.96 with 4, 1.66 with 6, while the simulated ones take 1.10,
-        # 1.08 and 1.08 (docs/peers.md), so the simulation keeps 3 (200 agents x 6 threads cost CPU)
         "SLEDGE_WORKERS": str(REAL_WORKERS),
         # each simulated peer server paces its uploads with the product's own cap at B (ServeLimits);
         # tc caps the link at the same payload rate, so the two agree on who sends when

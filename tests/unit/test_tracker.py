@@ -245,3 +245,103 @@ def test_an_agent_that_holds_nothing_announces_four_times_as_often() -> None:
     for i in range(2, 41):
         announce(t, i, (0,))
     assert announce(t, 1).interval == 40 / 50, "40 agents: past max_rate at a quarter of the interval"
+
+
+class Deploying:
+    """The fleet's running deploy jobs, as Fleet.deploying answers: counts its reads."""
+
+    def __init__(self, machines: dict[str, set[int]]) -> None:
+        self.machines = machines
+        self.reads = 0
+
+    def __call__(self) -> dict[str, frozenset[str]]:
+        self.reads += 1
+        return {digest: frozenset(mid(i) for i in ids) for digest, ids in self.machines.items()}
+
+
+def owners(replies: list) -> dict[int, list[int]]:  # type: ignore[type-arg]
+    """Chunk -> the indices of the replies whose origin share holds it."""
+    return {c: [i for i, r in enumerate(replies) if c % r.seed_of == r.seed_slot] for c in range(CHUNKS)}
+
+
+def test_shares_are_sized_by_the_running_deploy_jobs_not_by_the_agents_announced_so_far() -> None:
+    clock = Clock()
+    fleet = Deploying({IMAGE: set(range(10)), OTHER: {50, 51}})
+    t = Tracker(clock=clock, deploying=fleet)
+    first = announce(t, 0)
+    # alone in the swarm, but nine more jobs of the image run: a tenth of the image is its share
+    assert (first.seed_slot, first.seed_of) == (0, 10)
+    replies = [first]
+    for i in range(1, 10):
+        clock.now += 0.3  # agents join as their jobs start, seconds apart in all
+        replies.append(announce(t, i))
+    assert [r.seed_slot for r in replies] == list(range(10))
+    assert {r.seed_of for r in replies} == {10}, "a joining agent takes a kept slot: no share moves"
+    assert all(len(v) == 1 for v in owners(replies).values()), "every chunk is exactly one agent's"
+    assert announce(t, 50, digest=OTHER).seed_of == 2, "another image's jobs are another swarm's"
+
+
+def test_a_job_whose_agent_never_announces_keeps_its_slot_for_the_grace_only() -> None:
+    clock = Clock()
+    t = Tracker(TrackerPolicy(join_grace=5.0), clock=clock, deploying=Deploying({IMAGE: {0, 1, 2}}))
+    a = announce(t, 0)
+    clock.now += 1
+    b = announce(t, 1)
+    assert (a.seed_of, b.seed_of, b.seed_slot) == (3, 3, 1), "job 2's agent may still come"
+    assert not any(c % 3 == 2 for c in range(CHUNKS) if c % a.seed_of in (a.seed_slot, b.seed_slot))
+    clock.now += 4.5  # 5.5 s after the tracker first counted job 2: its agent (no peers?) is not waited for
+    replies = [announce(t, 0), announce(t, 1)]
+    assert [(r.seed_slot, r.seed_of) for r in replies] == [(0, 2), (1, 2)]
+    assert all(len(v) == 1 for v in owners(replies).values()), "its chunks are fetched by the others"
+    late = announce(t, 2)  # it joins after all: a slot of its own, as any newcomer
+    assert (late.seed_slot, late.seed_of) == (2, 3)
+
+
+def test_the_fleet_is_read_once_an_interval_and_sooner_for_a_job_it_did_not_list() -> None:
+    clock = Clock()
+    fleet = Deploying({IMAGE: {0, 1}})
+    t = Tracker(TrackerPolicy(interval=1.0), clock=clock, deploying=fleet)
+    for i in range(2):
+        announce(t, i)
+    for _ in range(5):  # announces of agents it listed: the list is not read again within an interval
+        clock.now += 0.04
+        announce(t, 0)
+    assert fleet.reads == 1
+    fleet.machines[IMAGE] |= {2, 3}  # two more jobs started
+    clock.now += 0.02
+    assert announce(t, 2).seed_of == 3, "not read again within a quarter interval, even for a newcomer"
+    assert fleet.reads == 1
+    clock.now += 0.1
+    reply = announce(t, 3)
+    assert fleet.reads == 2 and reply.seed_of == 4
+    clock.now += 1.0
+    announce(t, 0)
+    assert fleet.reads == 3, "and once an interval in any case"
+    del fleet.machines[IMAGE]  # the jobs ended: nothing is kept for them
+    clock.now += 1.0
+    announce(t, 0)
+    assert t.expected[IMAGE].machines == frozenset()
+    for i in range(4):
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 7000, CHUNKS, bits(), leaving=True))
+    assert IMAGE not in t.expected, "an image's expectation goes with its swarm"
+
+
+async def test_the_controller_keeps_slots_for_its_running_deploy_jobs(aiohttp_client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.unit.test_controller_kit import add_image, start
+
+    h = await start(aiohttp_client, tmp_path)
+    digest = add_image(h.config.store_dir, "tiny", "1")
+    machines = [await h.enroll(f"52:54:00:00:00:5{i}") for i in range(3)]
+    await h.client.post("/v1/images", json={"ref": "tiny:1"}, headers=h.op)
+    jobs = []
+    for m in machines:
+        r = await h.client.post(
+            "/v1/jobs", json={"machine": m, "kind": "deploy", "image": "tiny"}, headers=h.op
+        )
+        jobs.append((await r.json())["id"])
+    for m in machines[:2]:  # two agents took their jobs; the third machine's job is still queued
+        await h.client.get("/v1/agent/jobs/next?wait=0", headers=h.agent(m))
+    body = {"job_id": jobs[0], "manifest_digest": digest, "port": 7000, "chunks": 1, "have": ""}
+    r = await h.client.post("/v1/agent/peers", json=body, headers=h.agent(machines[0]))
+    reply = await r.json()
+    assert r.status == 200 and (reply["seed_slot"], reply["seed_of"]) == (0, 2), reply

@@ -1,0 +1,206 @@
+"""Kept connections between a peer source and a peer server (HTTP/1.1 keep-alive), on 127.0.0.1.
+
+A new connection per chunk paid a handshake and TCP's slow start on every chunk; the source keeps a
+few idle connections a peer for its next requests, and the server keeps them open unless crowded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.image.manifest import Manifest
+from agent.peer import ticket
+from agent.peer.bitmap import Have
+from agent.peer.server import PeerServer, ServeLimits
+from agent.peer.source import PeerOptions, PeerSource
+from agent.peer.swarm import Swarm
+from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
+from agent.writer.errors import FetchError
+from tests.images import MiB, random_image
+from tests.stores import import_store
+
+KEY = b"k" * 32
+FAST = PeerOptions(timeout=2.0, patience=30.0, max_wait=0.3, busy_backoff=0.05, max_backoff=0.05)
+
+
+class CountingServer(PeerServer):
+    """Counts the connections it accepted."""
+
+    accepted = 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        self.accepted += 1
+        return conn, addr
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, Manifest, str]:
+    src = random_image(tmp_path / "src.img", 6 * MiB, seed=5)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    return src, manifest, digest
+
+
+@contextlib.contextmanager
+def serving(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[CountingServer]:
+    src, manifest, digest = image
+    swarm = Swarm(
+        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
+    )
+    for chunk in manifest:
+        swarm.have.add(chunk.index)
+    swarm.keys[ticket.key_name("00000000", 0)] = KEY
+    fd = os.open(src, os.O_RDONLY)
+    server = CountingServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+        os.close(fd)
+
+
+def fetcher(port: int, manifest: Manifest, digest: str, options: PeerOptions) -> tuple[PeerSource, str]:
+    """A peer source whose one peer listens on `port`; chunk 0 is its origin share, the rest the peer's."""
+    url = f"http://127.0.0.1:{port}"
+    full = Have(len(manifest))
+    full.bits = (1 << len(manifest)) - 1
+    text = ticket.encode(ticket.Ticket(digest, "m-00000000000b", 0, 10**11), KEY)
+    grant = PeerGrant(0, KEY.hex(), text, 1e11)
+    reply = AnnounceReply(grant, (PeerInfo("m-00000000000e", url, full.encode(), True),), seed_of=1000)
+    swarm = Swarm(manifest, digest, "j-000000000002", lambda m: reply)
+    swarm.announce()
+    return PeerSource(swarm, options), url
+
+
+def fetch(source: PeerSource, src: Path, manifest: Manifest, index: int) -> None:
+    chunk = manifest.chunk(index)
+    buf = memoryview(bytearray(chunk.length))
+    assert source.fetch_into(chunk, buf) == chunk.length
+    with open(src, "rb") as f:
+        f.seek(chunk.offset)
+        assert bytes(buf) == f.read(chunk.length), f"chunk {index}: bytes differ from the image"
+
+
+def settle(predicate: Any, seconds: float = 2.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_one_connection_carries_a_peer_s_chunks_and_its_busy_answers(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    src, manifest, digest = image
+    with serving(image, ServeLimits(uploads=1, queue=0)) as server:  # no waiting: 503 at once
+        source, url = fetcher(server.port, manifest, digest, FAST)
+        for index in (1, 2, 3):
+            fetch(source, src, manifest, index)
+        assert server.gate.enter(0, may_wait=False)  # its one upload slot taken: it answers 503
+        try:
+            with pytest.raises(FetchError) as got:
+                fetch(source, src, manifest, 4)
+            assert got.value.missing
+            assert server.stats.busy >= 1
+        finally:
+            server.gate.leave()
+        time.sleep(0.1)  # the busy peer's back-off (0.05 s) ends
+        source.swarm.announce()  # and the tracker says again that it holds chunk 4
+        fetch(source, src, manifest, 4)
+        assert (source.connections, server.accepted) == (1, 1), "each request opened a connection"
+        assert url not in source.swarm.dropped
+        source.close()
+
+
+def test_a_connection_the_peer_closed_while_idle_is_replaced_without_a_strike(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    src, manifest, digest = image
+    # the peer cuts a connection idle for 0.3 s; this source would keep it 5 s
+    with serving(image, ServeLimits(timeout=0.3)) as server:
+        source, url = fetcher(server.port, manifest, digest, PeerOptions(timeout=2.0, keepalive=5.0))
+        fetch(source, src, manifest, 1)
+        assert settle(lambda: server.open == 0), "the server kept an idle connection past its timeout"
+        fetch(source, src, manifest, 2)  # the kept one is closed: one try on it, then a new one
+        assert (source.connections, server.accepted) == (2, 2)
+        assert url not in source.swarm.dropped and not source.swarm.busy, "the peer was held to blame"
+        source.close()
+
+
+def test_a_crowded_server_closes_each_connection_after_its_answer(image: tuple[Path, Manifest, str]) -> None:
+    src, manifest, digest = image
+    with serving(image, ServeLimits(keepalive=0)) as server:
+        source, _ = fetcher(server.port, manifest, digest, FAST)
+        for index in (1, 2, 3):
+            fetch(source, src, manifest, index)
+        assert (source.connections, server.accepted) == (3, 3)
+        assert settle(lambda: server.open == 0), "closed connections still count as open"
+        source.close()
+
+
+def test_kept_connections_end_with_the_source_with_a_dropped_peer_and_after_keepalive(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    src, manifest, digest = image
+    with serving(image, ServeLimits()) as server:
+        source, url = fetcher(server.port, manifest, digest, PeerOptions(timeout=2.0, keepalive=0.3))
+        fetch(source, src, manifest, 1)
+        assert server.open == 1
+        source.close()
+        assert settle(lambda: server.open == 0), "the source's close left its idle connection open"
+
+        source, url = fetcher(server.port, manifest, digest, PeerOptions(timeout=2.0, keepalive=0.3))
+        fetch(source, src, manifest, 1)
+        time.sleep(0.4)  # idle past keepalive: not used again
+        fetch(source, src, manifest, 2)
+        assert source.connections == 2
+        source.swarm.drop(url, "a test drops it")
+        source._checkout("http://127.0.0.1:9")  # any request prunes what leads to a dropped peer
+        assert settle(lambda: server.open == 0), "a dropped peer's idle connection is still open"
+        source.close()
+
+
+def test_a_refusal_whose_body_stalls_costs_its_connection_not_the_peer(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    _, manifest, digest = image
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\n")  # and never the body
+            held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        source, url = fetcher(port, manifest, digest, PeerOptions(timeout=5.0, patience=30.0, max_wait=0.3))
+        t0 = time.monotonic()
+        with pytest.raises(FetchError) as got:
+            source.fetch_into(manifest.chunk(1), memoryview(bytearray(manifest.chunk(1).length)))
+        assert got.value.missing
+        assert time.monotonic() - t0 < 3.0, "waited out the socket timeout for a refusal's body"
+        assert url not in source.swarm.dropped, "a busy answer dropped the peer"
+        source.close()
+    finally:
+        listener.close()
+        for c in held:
+            c.close()
