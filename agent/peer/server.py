@@ -290,13 +290,18 @@ class PeerServer(ThreadingHTTPServer):
             h._reply(503, "upload slots full\n", {"Retry-After": "1"})
             return
         t0 = time.monotonic()
+        with self.stats.lock:
+            served = self.stats.served_chunks
         try:
             self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
         finally:
             self.gate.leave()
-        rate = chunk.length / max(time.monotonic() - t0, 1e-6)
-        self.callers.note(holder, rate)
-        self.rates.add(rate)
+        with self.stats.lock:
+            whole = self.stats.served_chunks > served  # (or another upload's: close enough)
+        if whole:  # a chunk that read back wrong or an upload cut short says nothing of the caller's rate
+            rate = chunk.length / max(time.monotonic() - t0, 1e-6)
+            self.callers.note(holder, rate)
+            self.rates.add(rate)
 
     def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> None:
         data = bytearray(length)

@@ -387,12 +387,18 @@ class Swarm:
         """The lowest pending chunk of this agent's origin share, its own or passed on to it (called
         with the lock held)."""
         now = time.monotonic()
-        own = (i for i in range(self.slot, len(self.manifest), max(self.of, 1)) if pending >> i & 1)
-        passed = (i for i in self.lacking if pending >> i & 1 and self._owns(i, now))
-        return min(
-            (i for i in (next(own, None), *passed) if i is not None and not self._known_holder(i)),
-            default=None,
+        own = next(
+            (
+                i
+                for i in range(self.slot, len(self.manifest), max(self.of, 1))
+                if pending >> i & 1 and not self._known_holder(i)
+            ),
+            None,
         )
+        passed = [
+            i for i in self.lacking if pending >> i & 1 and self._owns(i, now) and not self._known_holder(i)
+        ]
+        return min([*passed, *([] if own is None else [own])], default=None)
 
     def _paced(self, index: int) -> bool:
         below = self.wanted & ((1 << index) - 1)

@@ -276,3 +276,15 @@ def test_a_peer_far_slower_than_the_others_is_dropped_though_above_the_fixed_flo
     took = time.monotonic() - t0
     assert url in swarm.dropped and "expected >= 2500000" in swarm.dropped[url], swarm.dropped
     assert took < 3.0, f"left after a grace of a second or so, not the chunk's deadline: {took:.1f} s"
+
+
+def test_the_origin_share_skips_a_chunk_a_known_peer_holds_and_takes_the_next(tmp_path: Path) -> None:
+    src = random_image(tmp_path / "src.img", 8 * MiB, seed=8)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    swarm = _swarm(manifest, digest, slot=1, of=3)  # its share: chunks 1, 4, 7
+    pending = (1 << len(manifest)) - 1
+    assert swarm._share(pending) == 1
+    swarm.peers["http://127.0.0.1:9"] = Have(len(manifest), 1 << 1)  # a peer holds chunk 1
+    assert swarm._share(pending) == 4, "chunk 1 comes from that peer; 4 is the next of its share"
+    swarm.lacking[0] = 0.0  # chunk 0 lacked for ages: passed on to every slot
+    assert swarm._share(pending) == 0, "a share passed on to it, lower than its own"
