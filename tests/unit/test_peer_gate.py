@@ -5,7 +5,6 @@ the binomial pipeline."""
 from __future__ import annotations
 
 import http.client
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from agent.peer.server import HELD_HEADER, PeerServer, ServeLimits, held_of
 from agent.peer.swarm import SHARE_WAIT, Swarm
 from agent.protocol import AnnounceReply, PeerGrant
 from tests.images import MiB, random_image
+from tests.peerkit import KEY, holding_all
 from tests.stores import import_store
-
-KEY = b"k" * 32
 
 
 def in_thread(gate: UploadGate, held: int, out: list[tuple[int, bool, float]]) -> threading.Thread:
@@ -153,17 +151,9 @@ def test_a_busy_peer_queues_an_agent_holding_nothing_and_turns_away_one_holding_
 ) -> None:
     src = random_image(tmp_path / "src.img", 4 * MiB, seed=5)
     _, manifest, digest = import_store(tmp_path / "store", src)
-    swarm = Swarm(
-        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
-    )
-    for chunk in manifest:
-        swarm.have.add(chunk.index)
-    swarm.keys[ticket.key_name("00000000", 0)] = KEY
-    fd = os.open(src, os.O_RDONLY)
     # one upload slot at 2 MiB/s: a 1 MiB chunk holds it for about half a second
     limits = ServeLimits(uploads=1, rate=2 * MiB, queue=2, queue_wait=3.0)
-    server = PeerServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None).start()
-    try:
+    with holding_all(src, manifest, digest, limits, PeerServer) as server:
         chunk = manifest.chunk(0).hex
         results: dict[str, tuple[int, float]] = {}
 
@@ -188,9 +178,6 @@ def test_a_busy_peer_queues_an_agent_holding_nothing_and_turns_away_one_holding_
         assert results["b"][1] > 0.2, "served once the first upload was done"
         assert results["a"][0] == 200
         assert server.stats.busy == 1
-    finally:
-        server.close()
-        os.close(fd)
 
 
 # -- a share the swarm lacks passes on --------------------------------------------------------------------

@@ -27,9 +27,8 @@ from agent.peer.swarm import Swarm
 from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
 from agent.writer.errors import FetchError
 from tests.images import MiB, random_image
+from tests.peerkit import KEY, holding_all
 from tests.stores import import_store
-
-KEY = b"k" * 32
 
 
 @pytest.fixture
@@ -48,22 +47,10 @@ class SmallBufferServer(PeerServer):
         return conn, addr
 
 
-@contextlib.contextmanager
-def running(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[PeerServer]:
-    src, manifest, digest = image
-    swarm = Swarm(
-        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
-    )
-    for chunk in manifest:
-        swarm.have.add(chunk.index)
-    swarm.keys[ticket.key_name("00000000", 0)] = KEY
-    fd = os.open(src, os.O_RDONLY)
-    srv = SmallBufferServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None).start()
-    try:
-        yield srv
-    finally:
-        srv.close()
-        os.close(fd)
+def running(
+    image: tuple[Path, Manifest, str], limits: ServeLimits
+) -> contextlib.AbstractContextManager[PeerServer]:
+    return holding_all(*image, limits, SmallBufferServer)
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ few idle connections a peer for its next requests, and the server keeps them ope
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +24,9 @@ from agent.peer.swarm import Swarm
 from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
 from agent.writer.errors import FetchError
 from tests.images import MiB, random_image
+from tests.peerkit import KEY, holding_all
 from tests.stores import import_store
 
-KEY = b"k" * 32
 FAST = PeerOptions(timeout=2.0, patience=30.0, max_wait=0.3, busy_backoff=0.05, max_backoff=0.05)
 
 
@@ -50,23 +48,10 @@ def image(tmp_path: Path) -> tuple[Path, Manifest, str]:
     return src, manifest, digest
 
 
-@contextlib.contextmanager
-def serving(image: tuple[Path, Manifest, str], limits: ServeLimits) -> Iterator[CountingServer]:
-    src, manifest, digest = image
-    swarm = Swarm(
-        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
-    )
-    for chunk in manifest:
-        swarm.have.add(chunk.index)
-    swarm.keys[ticket.key_name("00000000", 0)] = KEY
-    fd = os.open(src, os.O_RDONLY)
-    server = CountingServer(swarm, fd, "127.0.0.1", 0, limits, log=lambda _: None)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-        os.close(fd)
+def serving(
+    image: tuple[Path, Manifest, str], limits: ServeLimits
+) -> contextlib.AbstractContextManager[CountingServer]:
+    return holding_all(*image, limits, CountingServer)
 
 
 def fetcher(port: int, manifest: Manifest, digest: str, options: PeerOptions) -> tuple[PeerSource, str]:
