@@ -290,27 +290,24 @@ class PeerServer(ThreadingHTTPServer):
             h._reply(503, "upload slots full\n", {"Retry-After": "1"})
             return
         t0 = time.monotonic()
-        with self.stats.lock:
-            served = self.stats.served_chunks
         try:
-            self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
+            whole = self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
         finally:
             self.gate.leave()
-        with self.stats.lock:
-            whole = self.stats.served_chunks > served  # (or another upload's: close enough)
         if whole:  # a chunk that read back wrong or an upload cut short says nothing of the caller's rate
             rate = chunk.length / max(time.monotonic() - t0, 1e-6)
             self.callers.note(holder, rate)
             self.rates.add(rate)
 
-    def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> None:
+    def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> bool:
+        """Send the chunk; True once it went out whole."""
         data = bytearray(length)
         got = os.preadv(self.fd, [data], offset)
         if got != length or blake3.blake3(data).digest() != digest:
             self.swarm.forget(index)
             self.log(f"peer server: chunk {index} reads back wrong from the target; no longer offered")
             h._reply(404, "not held here\n")
-            return
+            return False
         h.send_response(200)
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(length))
@@ -326,7 +323,7 @@ class PeerServer(ThreadingHTTPServer):
             piece = view[start : start + SLICE]
             if not self.bucket.take(len(piece), self.stop_event):
                 h.close_connection = True
-                return
+                return False
             left = deadline - time.monotonic()
             if left <= 0:
                 self.log(
@@ -334,10 +331,11 @@ class PeerServer(ThreadingHTTPServer):
                     f"{allowed:.0f} s ({start} of {length} bytes)"
                 )
                 h.close_connection = True
-                return
+                return False
             h.connection.settimeout(min(self.limits.timeout, left))
             h.wfile.write(piece)
         h.connection.settimeout(self.limits.timeout)  # for the caller's next request on it
         with self.stats.lock:
             self.stats.served_bytes += length
             self.stats.served_chunks += 1
+        return True

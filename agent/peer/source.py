@@ -290,7 +290,6 @@ class PeerSource:
             raise
 
     def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
-        t0 = time.monotonic()
         conn: http.client.HTTPConnection | None = None
         keep = False  # the answer was read whole: the connection may carry the next request
         try:
