@@ -109,7 +109,7 @@ class PeerSession:
         self.log(
             f"peers: fetched {fetched} bytes from {len(self.source.bytes_by_peer)} peers; served "
             f"{stats.served_bytes} bytes in {stats.served_chunks} chunks; refused {stats.refused} requests; "
-            f"dropped {len(self.swarm.dropped)} peers"
+            f"dropped {len(self.swarm.dropped)} peers; {self.source.busy_answers} asks found a peer busy"
         )
 
     def __exit__(

@@ -94,6 +94,9 @@ class PeerSource:
         # its 404s are counted, and how long it has answered only 503
         self._missing: dict[str, int] = {}
         self._busy: dict[str, tuple[int, float]] = {}  # url -> (503s in a row, since when)
+        # asks a busy peer turned away, over the job: on a real link each cost a round trip through
+        # the capped links' queues (the real fleet case: 2-3 a chunk, 7-20% of a deploy; docs/peers.md)
+        self.busy_answers = 0
         self.rates = Rates()  # recent chunks' rates from peers: a peer far below them is slow
         self._idle: dict[str, list[_Idle]] = {}  # url -> connections kept for its next request
         self.connections = 0  # opened, over the job (a kept connection saves one)
@@ -183,6 +186,7 @@ class PeerSource:
                 why = f"answered 404 for {n} chunks it claimed (last {chunk.describe()})"
                 over = n >= self.options.strikes
             elif status == 503:
+                self.busy_answers += 1
                 count, since = self._busy.get(url, (0, now))
                 self._busy[url] = (count + 1, since)
                 # its slots are full: it is left alone a while, longer each time it says so in a

@@ -143,6 +143,7 @@ class SimAgent:
     bytes_by_peer: dict[str, int] = field(default_factory=dict)
     url: str = ""
     declined: dict[str, int] = field(default_factory=dict)
+    busy_answers: int = 0  # its asks that found a peer busy (503)
 
 
 def _announcer(
@@ -179,6 +180,7 @@ class Result:
     corrupt_dropped: int = 0  # ... and dropped it
     corrupt_bytes_kept: int = 0  # bytes from it that any writer took (must be 0)
     drops: dict[str, int] = field(default_factory=dict)  # why agents dropped peers, counted
+    busy_per_chunk: float = 0.0  # asks that found a peer busy, per chunk fetched from peers
 
 
 FleetResult = Result  # the name the other sections and the real case use
@@ -280,7 +282,9 @@ def run_case(
     for a in agents:
         for why, count in a.declined.items():
             drops["to origin: " + why] = drops.get("to origin: " + why, 0) + count
-    result = Result(case, origin.sent, times, failed, bad, drops=drops)
+    from_peers = sum(sum(a.bytes_by_peer.values()) for a in agents) / manifest.chunk_size
+    busy = sum(a.busy_answers for a in agents) / from_peers if from_peers else 0.0
+    result = Result(case, origin.sent, times, failed, bad, drops=drops, busy_per_chunk=busy)
     if case.corrupt:
         bad_url = agents[corrupt].url
         met = [a for a in agents if any(d.url == bad_url for d in a.dropped) or a.bytes_by_peer.get(bad_url)]
@@ -389,6 +393,7 @@ def _run_agent(
         if session is not None:
             a.bytes_by_peer = dict(session.source.bytes_by_peer)
             a.declined = dict(session.source.declined)
+            a.busy_answers = session.source.busy_answers
             if a.kill_at is not None:
                 session.close()  # killed: its server goes away with it
                 session = None

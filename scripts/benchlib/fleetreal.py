@@ -191,6 +191,7 @@ class RealAgent:
     started: float | None = None  # the job's first event, from the common start
     fetched_peers: int = 0
     served_peers: int = 0
+    busy_answers: int = 0  # its asks that found a peer busy (the job's `peers:` summary)
     dropped: int = 0
     error: str = ""
     top_down: float = 0.0  # bytes/s on the wire, towards the agent, best 2 s
@@ -208,6 +209,10 @@ class RealResult:
     top_down: list[float]  # per agent, payload bytes/s
     origin_top: float  # bytes/s out of the origin's port, best 2 s
     agents: list[RealAgent] = field(default_factory=list)
+
+    def busy_per_chunk(self, chunk_size: int) -> float:
+        chunks = sum(a.fetched_peers for a in self.agents) / chunk_size
+        return sum(a.busy_answers for a in self.agents) / chunks if chunks else 0.0
 
 
 class Origin:
@@ -282,6 +287,9 @@ def _job_figures(a: RealAgent, detail: dict[str, Any], t0: float, image_size: in
         m = re.search(r"peers: fetched (\d+) bytes from \d+ peers; served (\d+) bytes", e.get("message", ""))
         if m:
             a.fetched_peers, a.served_peers = int(m.group(1)), int(m.group(2))
+        m = re.search(r"; (\d+) asks found a peer busy", e.get("message", ""))
+        if m:
+            a.busy_answers = int(m.group(1))
         if re.match(r"peer \S+ dropped", e.get("message", "")):
             a.dropped += 1
     if detail.get("state") != "succeeded":
@@ -517,6 +525,13 @@ def run_real_bench(
         f" bytes from peers {med([r.peer_bytes / s for r in reals]):.2f} S,"
         f" top 2-s download rate of any agent {top / rate:.2f} B,"
         f" origin's top 2-s egress {max(r.origin_top for r in reals) / egress:.2f} x its cap."
+    )
+    busy_sim = med([r.busy_per_chunk for r in sims])
+    busy_real = med([r.busy_per_chunk(manifest.chunk_size) for r in reals])
+    lines.append(
+        f"Asks that found a peer busy (503), per chunk fetched from peers: simulated {busy_sim:.1f},"
+        f" real {busy_real:.1f}"
+        " (a real one costs a round trip through two capped links' queues, a simulated one next to nothing)."
     )
     return lines
 

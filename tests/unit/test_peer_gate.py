@@ -275,3 +275,55 @@ def test_the_origin_share_skips_a_chunk_a_known_peer_holds_and_takes_the_next(tm
     assert swarm._share(pending) == 4, "chunk 1 comes from that peer; 4 is the next of its share"
     swarm.lacking[0] = 0.0  # chunk 0 lacked for ages: passed on to every slot
     assert swarm._share(pending) == 0, "a share passed on to it, lower than its own"
+
+
+# -- asks that found a peer busy are counted (the job's peers summary; the real fleet case's figure) ----
+
+
+def test_asks_a_busy_peer_turned_away_are_counted(tmp_path: Path) -> None:
+    import socket
+
+    from agent.peer.source import PeerOptions, PeerSource
+    from agent.protocol import PeerInfo
+    from agent.writer.errors import FetchError
+
+    src = random_image(tmp_path / "src.img", 4 * MiB, seed=8)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    listener = socket.create_server(("127.0.0.1", 0))
+    asked: list[float] = []
+
+    def serve() -> None:  # every request on every connection: 503
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while more := conn.recv(4096):
+                    data += more
+                    while b"\r\n\r\n" in data:
+                        _, data = data.split(b"\r\n\r\n", 1)
+                        asked.append(time.monotonic())
+                        conn.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    full = Have(len(manifest))
+    full.bits = (1 << len(manifest)) - 1
+    reply = AnnounceReply(
+        PeerGrant(0, "00" * 32, "t", 1e11), (PeerInfo("m-00000000000e", url, full.encode(), True),), 0, 2
+    )
+    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: reply)
+    swarm.announce()
+    source = PeerSource(swarm, PeerOptions(timeout=5.0, max_wait=1.0, busy_backoff=0.05, max_backoff=0.05))
+    try:
+        for index in (1, 3):
+            chunk = manifest.chunk(index)
+            with pytest.raises(FetchError):
+                source.fetch_into(chunk, memoryview(bytearray(chunk.length)))
+            swarm.announce()  # the tracker says again that it holds every chunk
+    finally:
+        listener.close()
+    assert len(asked) >= 2 and source.busy_answers == len(asked), (source.busy_answers, asked)
+    assert url not in swarm.dropped, "busy is no reason to drop a peer"
