@@ -181,11 +181,10 @@ class Fleet:
         """Manifest digest -> the machines running a deploy job of it: the swarms the tracker should
         expect, whose agents may not have announced yet (controller.fleet.tracker)."""
         with self.store.transaction() as tx:
-            running = tx.running_jobs()
+            running = tx.running_deploys()
         found: dict[str, set[str]] = {}
-        for job in running:
-            if job.kind is JobKind.DEPLOY and job.params.manifest_digest:
-                found.setdefault(job.params.manifest_digest, set()).add(job.machine_id)
+        for machine_id, digest in running:
+            found.setdefault(digest, set()).add(machine_id)
         return {digest: frozenset(machines) for digest, machines in found.items()}
 
     def claim(self, machine_id: str) -> Assignment | None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+from agent.protocol import JobKind
 from controller.jobs import JobState, MachineState
 from controller.state.model import (
     BmcRecord,
@@ -145,6 +146,13 @@ class MemoryTx:
 
     def running_jobs(self) -> list[Job]:
         return [self.t.jobs[k] for k in self.t.job_order if self.t.jobs[k].state is JobState.RUNNING]
+
+    def running_deploys(self) -> list[tuple[str, str]]:
+        return [
+            (j.machine_id, j.params.manifest_digest)
+            for j in self.running_jobs()
+            if j.kind is JobKind.DEPLOY and j.params.manifest_digest
+        ]
 
     def add_event(self, event: EventRecord) -> bool:
         if event.seq is not None:

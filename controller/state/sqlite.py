@@ -331,6 +331,14 @@ class SqliteTx:
     def running_jobs(self) -> list[Job]:
         return [_job(r) for r in self._all("SELECT * FROM jobs WHERE state = 'running' ORDER BY number")]
 
+    def running_deploys(self) -> list[tuple[str, str]]:
+        rows = self._all(
+            "SELECT machine_id, json_extract(params, '$.manifest_digest') AS digest FROM jobs"
+            " WHERE state = 'running' AND kind = ?",
+            JobKind.DEPLOY.value,
+        )
+        return [(r["machine_id"], r["digest"]) for r in rows if isinstance(r["digest"], str) and r["digest"]]
+
     def add_event(self, e: EventRecord) -> bool:
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO events (job_id, machine_id, seq, at, source, kind, message, done, total)"

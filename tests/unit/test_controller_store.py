@@ -122,6 +122,29 @@ def test_next_job_prefers_running_then_oldest_queued(store: Store) -> None:
         assert tx.counts().jobs[JobState.QUEUED] == 2
 
 
+def test_running_deploys_are_machine_and_digest_of_running_deploy_jobs_only(store: Store) -> None:
+    a, b = "ab" * 32, "cd" * 32
+
+    def deploy(jid: str, mid: str, digest: str, state: JobState, kind: JobKind = JobKind.DEPLOY) -> Job:
+        return Job(jid, mid, kind, JobParams(manifest_digest=digest), JobStatus(state), 1.0, 1.0)
+
+    with store.transaction() as tx:
+        for i in range(1, 5):
+            tx.put_machine(machine(f"m-00000000000{i}", f"52:54:00:00:00:0{i}"))
+        tx.put_job(deploy("j-000000000001", "m-000000000001", a, JobState.RUNNING))
+        tx.put_job(deploy("j-000000000002", "m-000000000002", b, JobState.RUNNING))
+        tx.put_job(deploy("j-000000000003", "m-000000000003", a, JobState.QUEUED))  # not yet running
+        tx.put_job(deploy("j-000000000004", "m-000000000004", a, JobState.SUCCEEDED))  # over
+        tx.put_job(deploy("j-000000000005", "m-000000000004", a, JobState.RUNNING, JobKind.VERIFY))
+        tx.put_job(job("j-000000000006", "m-000000000003", JobState.RUNNING))  # inventory: no image
+    with store.transaction() as tx:
+        assert sorted(tx.running_deploys()) == [("m-000000000001", a), ("m-000000000002", b)]
+        expected = sorted(
+            (j.machine_id, j.params.manifest_digest) for j in tx.running_jobs() if j.kind is JobKind.DEPLOY
+        )
+        assert sorted(tx.running_deploys()) == expected, "what decoding the whole jobs finds"
+
+
 def test_deleting_a_machine_takes_its_jobs_events_tokens_and_inventory(store: Store) -> None:
     with store.transaction() as tx:
         tx.put_machine(machine())
