@@ -154,7 +154,8 @@ class PeerSource:
                 self.swarm.wait_change(0.1)
                 tried.clear()  # a holder that was busy (503) may have a slot now
                 continue
-            url = self.swarm.rng.choice(holders)
+            after = self.swarm.after(chunk.index)
+            url = after if after in holders else self.swarm.rng.choice(holders)
             tried.add(url)
             try:
                 n = self._get(url, chunk, buf)
@@ -174,6 +175,7 @@ class PeerSource:
                 continue
             with self._lock:
                 self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
+            self.swarm.served_by(url)
             return n
         raise FetchError(self.name, "interrupted")
 

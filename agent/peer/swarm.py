@@ -106,6 +106,11 @@ class Swarm:
         self.chunk_seconds = 0.0  # how long a chunk from a peer takes here lately (the source's)
         self.fetches: dict[int, Step] = {}  # the order's fetch steps, by chunk
         self.ended = False  # the order handed out its last step: a refetch is the thread's own
+        # the peer that has just served a chunk here: its upload slot is free now, so the next chunk
+        # is one it holds if it holds any wanted (asking a random holder found it busy 2-3 times a
+        # chunk in the real fleet case, each a round trip), and the chunk handed out for it
+        self.last: str | None = None
+        self.follow: dict[int, str] = {}
 
     # -- the tracker -----------------------------------------------------------------------------------
 
@@ -352,7 +357,16 @@ class Swarm:
                     share = None
                 free = [h.bits for url, h in self.peers.items() if self.busy.get(url, 0.0) <= now]
                 known = [h.bits for h in self.peers.values()]
-                index: int | None = choose(self.pending, share, free, known, self.rng, chunks)
+                index: int | None = None
+                last = self.last
+                if share is None and last is not None:
+                    self.last = None
+                    if last in self.peers and self.busy.get(last, 0.0) <= now:
+                        index = choose(self.pending, None, [self.peers[last].bits], known, self.rng, chunks)
+                        if index is not None:
+                            self.follow[index] = last
+                if index is None:
+                    index = choose(self.pending, share, free, known, self.rng, chunks)
                 if index is None and (
                     self.halted.is_set()
                     or (not self.peers and self.of - len(self.dropped) <= 1)
@@ -375,6 +389,17 @@ class Swarm:
             self.pending |= 1 << index
             self.lock.notify_all()
             return True
+
+    def served_by(self, url: str) -> None:
+        """A peer has just served a chunk here whole: its slot is ours to ask for again first."""
+        with self.lock:
+            self.last = url
+            self.lock.notify_all()
+
+    def after(self, index: int) -> str | None:
+        """The peer the order handed this chunk out for (it had just served one here), if any."""
+        with self.lock:
+            return self.follow.pop(index, None)
 
     def settled(self, index: int) -> None:
         """The chunk left the peer source (fetched, or on to the sources): no longer in flight here."""

@@ -327,3 +327,38 @@ def test_asks_a_busy_peer_turned_away_are_counted(tmp_path: Path) -> None:
         listener.close()
     assert len(asked) >= 2 and source.busy_answers == len(asked), (source.busy_answers, asked)
     assert url not in swarm.dropped, "busy is no reason to drop a peer"
+
+
+def test_the_peer_that_just_served_is_asked_for_the_chunk_handed_out_for_it(tmp_path: Path) -> None:
+    import socket
+
+    from agent.peer.source import PeerOptions, PeerSource
+    from agent.protocol import PeerInfo
+
+    src = random_image(tmp_path / "src.img", 4 * MiB, seed=9)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    busy = socket.create_server(("127.0.0.1", 0))  # a second holder that accepts and never answers
+    other = f"http://127.0.0.1:{busy.getsockname()[1]}"
+    full = Have(len(manifest))
+    full.bits = (1 << len(manifest)) - 1
+    with holding_all(src, manifest, digest, ServeLimits(), PeerServer) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        text = ticket.encode(ticket.Ticket(digest, "m-000000000001", 0, 10**11), KEY)
+        grant = PeerGrant(0, "00" * 32, text, 1e11, next_key="")
+        peers = (
+            PeerInfo("m-00000000000a", url, full.encode(), True),
+            PeerInfo("m-00000000000b", other, full.encode(), True),
+        )
+        swarm = Swarm(manifest, digest, "j-000000000001", lambda m: AnnounceReply(grant, peers, 0, 2))
+        swarm.announce()
+        swarm.keys[ticket.key_name("00000000", 0)] = KEY
+        source = PeerSource(swarm, PeerOptions(timeout=1.0))
+        for index in (1, 3, 1):
+            swarm.follow[index] = url  # the order handed it out after `url` served one here
+            chunk = manifest.chunk(index)
+            buf = bytearray(chunk.length)
+            assert source.fetch_into(chunk, memoryview(buf)) == chunk.length
+            assert swarm.last == url, "served whole: followed next"
+            swarm.last = None
+    busy.close()
+    assert other not in source.bytes_by_peer and source.connections == 1, "the silent holder never asked"

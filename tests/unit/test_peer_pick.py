@@ -202,3 +202,36 @@ def test_a_share_chunk_the_swarm_already_holds_comes_from_a_peer() -> None:
     assert swarm._next_ready() == 5  # ready because p1 holds it, not as a share
     swarm.drop("http://p1", "served bad bytes")
     assert swarm.mine(5)  # a dropped peer's claims count for nothing
+
+
+def test_after_a_peer_served_a_chunk_the_next_is_one_it_holds_and_goes_to_it() -> None:
+    # p1 holds the common chunks 0-3, p2 alone the rare 4-5 (and 0): the rarest ready chunk is one
+    # of p2's, unless p1 has just served us (its slot is free now: p2's is likely busy)
+    peers = {"http://p1": bits(0, 1, 2, 3), "http://p2": bits(0, 4, 5), "http://p3": bits(1, 2, 3)}
+    swarm = swarm_of(8, peers, slot=7, of=8)
+    swarm.parallel = 1
+    order = swarm.order(iter(fetch_steps(swarm.manifest)))
+    first = next(order).chunk.index
+    assert first in (4, 5), "the rarest first"
+    assert swarm.after(first) is None, "no peer to follow yet"
+    swarm.served_by("http://p1")  # whatever served it: say p1 did
+    swarm.settled(first)
+    second = next(order).chunk.index
+    assert second in (0, 1, 2, 3), f"one p1 holds, though { ({4, 5} - {first}) } is rarer: {second}"
+    assert swarm.after(second) == "http://p1", "and the peer source asks p1 for it"
+    assert swarm.after(second) is None, "said once"
+    swarm.settled(second)
+    third = next(order).chunk.index
+    assert third == ({4, 5} - {first}).pop(), "nobody just served: the rarest again"
+
+
+def test_a_peer_that_just_served_but_is_now_backed_off_is_not_followed() -> None:
+    swarm = swarm_of(4, {"http://p1": bits(0, 1), "http://p2": bits(0, 1, 2)}, slot=7, of=8)
+    swarm.parallel = 1
+    order = swarm.order(iter(fetch_steps(swarm.manifest)))
+    assert next(order).chunk.index == 2, "the rarest"
+    swarm.served_by("http://p1")
+    swarm.backoff("http://p1", 30.0)  # it answered 503 to another thread meanwhile
+    swarm.settled(2)
+    second = next(order).chunk.index
+    assert second in (0, 1) and swarm.after(second) is None, "asked of a free holder, p2"
