@@ -7,7 +7,8 @@ So a thread takes a chunk only once it is *ready*: this agent's own origin share
 (the origin's one copy should enter the swarm as early as it can), else the rarest of the chunks
 that a peer not busy right now holds (random among equals, as BitTorrent's rarest first: the
 copies spread evenly and no chunk is left to the last). Nothing ready: the caller waits for the
-swarm to change.
+swarm to change. (Right after a peer served this agent a chunk, the swarm calls this with that
+peer's bitmap alone as `free`: its slot has just freed, Swarm.served_by.)
 """
 
 from __future__ import annotations
