@@ -217,11 +217,24 @@ def _swarm(manifest: Manifest, digest: str, slot: int, of: int) -> Swarm:
 # -- the peer source: a peer far below the recent median is left after a short grace -----------------
 
 
+def _swarm_with_peer(manifest: Manifest, digest: str, url: str) -> Swarm:
+    """A swarm whose tracker names one peer, at `url`, holding every chunk (and 2 origin shares)."""
+    from agent.protocol import PeerInfo
+
+    full = Have(len(manifest))
+    full.bits = (1 << len(manifest)) - 1
+    reply = AnnounceReply(
+        PeerGrant(0, "00" * 32, "t", 1e11), (PeerInfo("m-00000000000e", url, full.encode(), True),), 0, 2
+    )
+    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: reply)
+    swarm.announce()
+    return swarm
+
+
 def test_a_peer_far_slower_than_the_others_is_dropped_though_above_the_fixed_floor(tmp_path: Path) -> None:
     import socket
 
     from agent.peer.source import PeerOptions, PeerSource
-    from agent.protocol import PeerInfo
     from agent.writer.errors import FetchError
 
     src = random_image(tmp_path / "src.img", 4 * MiB, seed=7)
@@ -243,13 +256,7 @@ def test_a_peer_far_slower_than_the_others_is_dropped_though_above_the_fixed_flo
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    full = Have(len(manifest))
-    full.bits = (1 << len(manifest)) - 1
-    reply = AnnounceReply(
-        PeerGrant(0, "00" * 32, "t", 1e11), (PeerInfo("m-00000000000e", url, full.encode(), True),), 0, 2
-    )
-    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: reply)
-    swarm.announce()
+    swarm = _swarm_with_peer(manifest, digest, url)
     source = PeerSource(swarm, PeerOptions(timeout=5.0))
     for _ in range(4):
         source.rates.add(10e6)  # what peers served here lately
@@ -284,7 +291,6 @@ def test_asks_a_busy_peer_turned_away_are_counted(tmp_path: Path) -> None:
     import socket
 
     from agent.peer.source import PeerOptions, PeerSource
-    from agent.protocol import PeerInfo
     from agent.writer.errors import FetchError
 
     src = random_image(tmp_path / "src.img", 4 * MiB, seed=8)
@@ -309,13 +315,7 @@ def test_asks_a_busy_peer_turned_away_are_counted(tmp_path: Path) -> None:
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    full = Have(len(manifest))
-    full.bits = (1 << len(manifest)) - 1
-    reply = AnnounceReply(
-        PeerGrant(0, "00" * 32, "t", 1e11), (PeerInfo("m-00000000000e", url, full.encode(), True),), 0, 2
-    )
-    swarm = Swarm(manifest, digest, "j-000000000001", lambda m: reply)
-    swarm.announce()
+    swarm = _swarm_with_peer(manifest, digest, url)
     source = PeerSource(swarm, PeerOptions(timeout=5.0, max_wait=1.0, busy_backoff=0.05, max_backoff=0.05))
     try:
         for index in (1, 3):
