@@ -282,8 +282,8 @@ def run_case(
     for a in agents:
         for why, count in a.declined.items():
             drops["to origin: " + why] = drops.get("to origin: " + why, 0) + count
-    from_peers = sum(sum(a.bytes_by_peer.values()) for a in agents) / manifest.chunk_size
-    busy = sum(a.busy_answers for a in agents) / from_peers if from_peers else 0.0
+    from_peers = sum(sum(a.bytes_by_peer.values()) for a in agents)
+    busy = busy_per_chunk(sum(a.busy_answers for a in agents), from_peers, manifest.chunk_size)
     result = Result(case, origin.sent, times, failed, bad, drops=drops, busy_per_chunk=busy)
     if case.corrupt:
         bad_url = agents[corrupt].url
@@ -292,6 +292,12 @@ def run_case(
         result.corrupt_dropped = sum(1 for a in met if any(d.url == bad_url for d in a.dropped))
         result.corrupt_bytes_kept = sum(a.bytes_by_peer.get(bad_url, 0) for a in agents)
     return result
+
+
+def busy_per_chunk(busy: int, peer_bytes: int, chunk_size: int) -> float:
+    """Asks that found a peer busy (503), per chunk fetched from peers (the real case's too)."""
+    chunks = peer_bytes / chunk_size
+    return busy / chunks if chunks else 0.0
 
 
 def sha_of(path: Path, size: int) -> str:

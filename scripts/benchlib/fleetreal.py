@@ -39,7 +39,7 @@ from typing import Any
 from netlab import Lan
 
 from agent.image.manifest import ChunkKind, Manifest
-from benchlib.fleetbench import ANNOUNCE, WORKERS, Case, make_image, run_case, sha_of
+from benchlib.fleetbench import ANNOUNCE, WORKERS, Case, busy_per_chunk, make_image, run_case, sha_of
 from benchlib.proc import BenchError
 
 MiB = 1 << 20
@@ -209,10 +209,6 @@ class RealResult:
     top_down: list[float]  # per agent, payload bytes/s
     origin_top: float  # bytes/s out of the origin's port, best 2 s
     agents: list[RealAgent] = field(default_factory=list)
-
-    def busy_per_chunk(self, chunk_size: int) -> float:
-        chunks = sum(a.fetched_peers for a in self.agents) / chunk_size
-        return sum(a.busy_answers for a in self.agents) / chunks if chunks else 0.0
 
 
 class Origin:
@@ -527,7 +523,10 @@ def run_real_bench(
         f" origin's top 2-s egress {max(r.origin_top for r in reals) / egress:.2f} x its cap."
     )
     busy_sim = med([r.busy_per_chunk for r in sims])
-    busy_real = med([r.busy_per_chunk(manifest.chunk_size) for r in reals])
+    chunk_size = manifest.chunk_size
+    busy_real = med(
+        [busy_per_chunk(sum(a.busy_answers for a in r.agents), r.peer_bytes, chunk_size) for r in reals]
+    )
     lines.append(
         f"Asks that found a peer busy (503), per chunk fetched from peers: simulated {busy_sim:.1f},"
         f" real {busy_real:.1f}"
