@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import blake3
 
 from agent.peer import ticket
 from agent.peer.bucket import TokenBucket
+from agent.peer.deadline import DeadlineSocket
 from agent.peer.errors import KeyUnknown, TicketInvalid
 from agent.peer.gate import UploadGate
 from agent.peer.rates import Callers, Rates
@@ -52,7 +53,9 @@ class ServeLimits:
     uploads: int = 1  # concurrent uploads: one, at the whole link (a chunk served
     # sooner is held, and served on, sooner)
     rate: float = 0.0  # bytes/s over all uploads; 0: no cap
-    timeout: float = 10.0  # a caller silent this long (headers, reading, or idle between requests) is cut off
+    # a caller silent this long (reading, or idle between requests) is cut off, and so is one whose
+    # request has not come whole this long after it connected or had its last answer
+    timeout: float = 10.0
     connections: int = 32  # open connections (one thread each); more are closed at once
     # open connections past which an answer closes its connection instead of keeping it for the
     # caller's next request: idle keep-alive connections never take the last slots from new callers
@@ -124,6 +127,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.request.settimeout(self.server.limits.timeout)
         super().setup()
 
+    def handle_one_request(self) -> None:
+        # ... and one that trickles it a byte at a time, each within the timeout, is cut off too
+        cast(DeadlineSocket, self.request).within(self.server.limits.timeout, "a whole request")
+        super().handle_one_request()
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # refusals are logged on purpose below; the rest is not worth a line
 
@@ -186,6 +194,10 @@ class PeerServer(ThreadingHTTPServer):
         self.port = self.server_address[1]
         swarm.port = self.port
         self._thread: threading.Thread | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, addr = super().get_request()
+        return DeadlineSocket.of(conn), addr
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a caller that hangs up (it dropped us, or was cancelled) is no error of ours

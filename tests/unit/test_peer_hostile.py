@@ -95,6 +95,31 @@ def test_silent_connections_are_capped_and_cut_off_after_the_timeout(server: Pee
     assert status == 200
 
 
+def test_a_caller_trickling_its_request_a_byte_at_a_time_is_cut_off_after_the_timeout(
+    server: PeerServer,
+) -> None:
+    # each byte comes within the timeout (0.5 s): only a deadline for the whole request ends it
+    threads = threading.active_count()
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /v1/peer/ HTTP/1.1\r\n")
+        t0, cut = time.monotonic(), set()
+        while len(cut) < len(socks) and time.monotonic() - t0 < 3:
+            for i, s in enumerate(socks):
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    cut.add(i)
+            time.sleep(0.2)
+        assert len(cut) == len(socks), f"{len(socks) - len(cut)} trickling callers held past 3 s"
+        assert _settles(threads)
+    finally:
+        for s in socks:
+            s.close()
+    assert _get_status(server, authorised=True) == 200  # the connections are free again
+
+
 def _settles(threads: int) -> bool:
     end = time.monotonic() + 2
     while time.monotonic() < end:

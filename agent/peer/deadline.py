@@ -1,0 +1,49 @@
+"""A socket whose reads end by a deadline, whatever its per-read timeout.
+
+A per-read timeout alone lets the other side hold a connection for ever by sending a byte at a
+time, each within it: a caller trickling its request's headers held one of the peer server's few
+connections (a handful of such callers, with no ticket, took them all), and a peer trickling its
+answer's headers, or a '100 Continue' after another, held a fetch thread past every bound the
+source sets on a chunk's body.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from typing import Any
+
+
+class DeadlineSocket(socket.socket):
+    deadline = math.inf  # time.monotonic(): reads past it raise TimeoutError
+    what = "data"
+    seconds = math.inf
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> DeadlineSocket:
+        """The same connection (its descriptor and timeout) as a DeadlineSocket."""
+        timeout = sock.gettimeout()
+        new = cls(sock.family, sock.type, sock.proto, sock.detach())
+        new.settimeout(timeout)
+        return new
+
+    def within(self, seconds: float, what: str) -> None:
+        """Reads from now on end `seconds` from now (`what`: what is read, for the error)."""
+        self.deadline, self.seconds, self.what = time.monotonic() + seconds, seconds, what
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        step = self.gettimeout()
+        left = self.deadline - time.monotonic()
+        if step is not None and step <= left:
+            return super().recv_into(buffer, nbytes, flags)
+        late = TimeoutError(f"expected {self.what} within {self.seconds:.1f} s; it had not all come")
+        if left <= 0:
+            raise late
+        self.settimeout(left)
+        try:
+            return super().recv_into(buffer, nbytes, flags)
+        except TimeoutError:
+            raise late from None
+        finally:
+            self.settimeout(step)
