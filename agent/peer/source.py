@@ -20,6 +20,7 @@ from a peer took 5.1 s at p50 where the link's share allows 2-4 s).
 from __future__ import annotations
 
 import http.client
+import math
 import threading
 import time
 import urllib.parse
@@ -29,6 +30,7 @@ import blake3
 
 from agent.image.manifest import Chunk
 from agent.peer.bucket import TokenBucket
+from agent.peer.deadline import DeadlineSocket
 from agent.peer.rates import SLOWER, Rates
 from agent.peer.server import HELD_HEADER, KEY_HEADER, PEER_PATH
 from agent.peer.swarm import Swarm
@@ -64,6 +66,21 @@ class PeerOptions:
     keepalive: float = 3.0
 
 
+class _Connection(http.client.HTTPConnection):
+    """A connection to a peer whose answers' heads (and refusals' bodies) must come by a deadline."""
+
+    # its socket, also once an answer that closes the connection took it over (getresponse)
+    reads: DeadlineSocket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self.reads = DeadlineSocket.of(self.sock)
+
+    def answer_within(self, seconds: float, what: str) -> None:
+        if self.reads is not None:
+            self.reads.within(seconds, what)
+
+
 class _Failed(Exception):
     def __init__(self, reason: str, drop: bool, status: int = 0) -> None:
         super().__init__(reason)
@@ -73,7 +90,7 @@ class _Failed(Exception):
 
 @dataclass
 class _Idle:
-    conn: http.client.HTTPConnection
+    conn: _Connection
     since: float  # monotonic
 
 
@@ -209,7 +226,7 @@ class PeerSource:
 
     # -- connections ----------------------------------------------------------------------------------
 
-    def _checkout(self, url: str) -> tuple[http.client.HTTPConnection, bool]:
+    def _checkout(self, url: str) -> tuple[_Connection, bool]:
         """A kept connection to the peer (True), else a new one (False, not yet connected)."""
         now = time.monotonic()
         with self._lock:
@@ -222,13 +239,13 @@ class PeerSource:
             return idle.conn, True
         return self._new(url), False
 
-    def _new(self, url: str) -> http.client.HTTPConnection:
+    def _new(self, url: str) -> _Connection:
         parts = urllib.parse.urlsplit(url)
         with self._lock:
             self.connections += 1
-        return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.options.timeout)
+        return _Connection(parts.hostname or "", parts.port, timeout=self.options.timeout)
 
-    def _checkin(self, url: str, conn: http.client.HTTPConnection) -> None:
+    def _checkin(self, url: str, conn: _Connection) -> None:
         """Keep a connection whose answer was read whole for the peer's next request."""
         with self._lock:
             kept = self._idle.setdefault(url, [])
@@ -242,7 +259,7 @@ class PeerSource:
                 return
         conn.close()
 
-    def _prune(self, now: float) -> list[http.client.HTTPConnection]:
+    def _prune(self, now: float) -> list[_Connection]:
         """Take out the kept connections that idled too long or lead to a dropped peer (lock held)."""
         old = []
         for url in list(self._idle):
@@ -262,15 +279,19 @@ class PeerSource:
         for c in old:
             c.close()
 
-    def _ask(self, conn: http.client.HTTPConnection, chunk: Chunk) -> http.client.HTTPResponse:
+    def _ask(self, conn: _Connection, chunk: Chunk) -> http.client.HTTPResponse:
         conn.request(
             "GET",
             f"{PEER_PATH}{self.swarm.digest}/{chunk.hex}",
             headers={"Authorization": f"Ticket {self.swarm.ticket()}", HELD_HEADER: str(self.swarm.held())},
         )
+        # the head within the timeout (a peer's upload gate answers within its shorter wait), and a
+        # refusal's body too: a peer trickling them a byte, or a '100 Continue', at a time holds
+        # this thread no longer; a 200's body has the chunk's own bounds (_get)
+        conn.answer_within(self.options.timeout, f"the head of the answer for chunk {chunk.index}")
         return conn.getresponse()
 
-    def _open(self, url: str, chunk: Chunk) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _open(self, url: str, chunk: Chunk) -> tuple[_Connection, http.client.HTTPResponse]:
         """Send the request (on a kept connection if there is one) and read the status and headers."""
         conn, kept = self._checkout(url)
         if kept:
@@ -296,7 +317,7 @@ class PeerSource:
             raise
 
     def _get(self, url: str, chunk: Chunk, buf: memoryview) -> int:
-        conn: http.client.HTTPConnection | None = None
+        conn: _Connection | None = None
         keep = False  # the answer was read whole: the connection may carry the next request
         try:
             conn, resp = self._open(url, chunk)
@@ -314,6 +335,7 @@ class PeerSource:
                 raise _Failed(f"HTTP {resp.status}", drop=False, status=resp.status)
             if resp.status != 200:
                 raise _Failed(f"HTTP {resp.status}", drop=True)
+            conn.answer_within(math.inf, "")
             length = resp.getheader("Content-Length", "")
             if length != str(chunk.length):
                 raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)

@@ -183,7 +183,8 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
 
 class FakePeer:
     """A 'peer' on 127.0.0.1 that claims every chunk and answers with `behaviour` (one connection
-    at a time): 'trickle' sends the right header then a byte every 0.3 s; '404' and '503' refuse."""
+    at a time): 'trickle' sends the right header then a byte every 0.3 s, 'trickle-head' a header
+    byte every 0.3 s, 'continue' a '100 Continue' every 0.3 s; '404' and '503' refuse."""
 
     def __init__(self, behaviour: str, length: int) -> None:
         self.behaviour, self.length = behaviour, length
@@ -207,6 +208,13 @@ class FakePeer:
                         conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {self.length}\r\n\r\n".encode())
                         while not self.done.wait(0.3):
                             conn.sendall(b"x")
+                    elif self.behaviour == "trickle-head":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+                        while not self.done.wait(0.3):
+                            conn.sendall(b"x")
+                    elif self.behaviour == "continue":
+                        while not self.done.wait(0.3):
+                            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                     else:
                         status = {
                             "404": "404 Not Found",
@@ -266,6 +274,25 @@ def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path
         thread.join(6)
         assert not thread.is_alive(), "the fetch is still held by a peer sending a byte every 0.3 s"
         assert peer.url in swarm.dropped and "trickled" in swarm.dropped[peer.url], swarm.dropped
+        assert isinstance(out[0], FetchError) and out[0].missing  # on to the origin
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("behaviour", ["trickle-head", "continue"])
+def test_a_peer_trickling_its_answer_s_head_is_dropped_within_the_timeout(
+    image: tuple[Path, Manifest, str], behaviour: str
+) -> None:
+    _, manifest, digest = image
+    peer = FakePeer(behaviour, manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=512 << 10, patience=30.0, max_wait=8.0))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(4)
+        assert not thread.is_alive(), f"the fetch is still held by a peer sending {behaviour} slowly"
+        assert peer.url in swarm.dropped, swarm.dropped
+        assert "expected the head of the answer for chunk 1 within 1.0 s" in swarm.dropped[peer.url]
         assert isinstance(out[0], FetchError) and out[0].missing  # on to the origin
     finally:
         peer.close()
