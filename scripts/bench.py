@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "fleet"):
             sizes = [int(x) for x in args.fleet_sizes.split(",") if x.strip()]
             # 16 MiB at 0.5 MiB/s per agent (S/B = 32 s), the origin at 4 B: N = 200 agents move
-            # 100 MiB/s through this one process, which two shared cores can still carry (64 chunks
-            # at 2 MiB/s could not: 4 S/B at N = 200, CPU-bound; docs/peers.md)
+            # 100 MiB/s through the bench's processes, which two shared cores can still carry on a
+            # quiet machine (64 chunks at 2 MiB/s could not: 4 S/B at N = 200, CPU-bound; docs/peers.md)
             size = args.fleet_chunks * MiB
             rate, egress = size / 32, 4 * size / 32
             fleet_lines = run_fleet_bench(

@@ -1,8 +1,10 @@
-"""Section G (issue 15): a simulated fleet deploying one image at once, in this one process.
+"""Section G (issue 15): a simulated fleet deploying one image at once, its agents spread over a few
+worker processes (PROCS, one per core by default), the tracker and the origin in this one.
 
 Every agent runs the product's own code: the writer's pipeline (fetch, verify, write) into a
 sparse file of its own, its PeerSession (peer server, peer source, swarm order, announces), and
-the controller's Tracker (called in-process, one call at a time, as one controller answers).
+the controller's Tracker (called through a pipe from each worker, one call at a time, as one
+controller answers).
 Each agent has its own download cap and upload cap (token buckets in its sources and its peer
 server), the origin's egress is capped by a token bucket too, and the origin counts what it sends.
 Cases: origin only, peers, peers with 5% of agents slowed to a tenth of the cap, peers with 10% of
@@ -13,6 +15,7 @@ agents killed halfway, peers with one agent serving corrupted bytes. Printed as 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import random
 import re
@@ -22,6 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Barrier as MpBarrier
+from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
 from agent.image.manifest import ChunkKind, Manifest
@@ -53,6 +62,10 @@ ANNOUNCE = float(os.environ.get("ANNOUNCE", str(Config.announce_seconds)))
 # the product's defaults (ServeLimits.uploads, PeerOptions.parallel); UPLOADS=, PARALLEL= in development
 UPLOADS = int(os.environ.get("UPLOADS", str(ServeLimits.uploads)))
 PARALLEL = int(os.environ.get("PARALLEL", str(PeerOptions.parallel)))
+# worker processes the simulated agents are spread over: one process's threads share one
+# interpreter lock, so one process never used more than ~1.3 cores however many the machine has
+# (two processes of 50 agents each, side by side, ran as fast as one alone). PROCS=... to try others
+PROCS = int(os.environ.get("PROCS", str(os.cpu_count() or 1)))
 _CHUNK = re.compile(r"/chunks/[0-9a-f]{2}/[0-9a-f]{64}")
 
 
@@ -146,16 +159,6 @@ class SimAgent:
     busy_answers: int = 0  # its asks that found a peer busy (503)
 
 
-def _announcer(
-    tracker: Tracker, lock: threading.Lock, machine_id: str
-) -> Callable[[Announce], AnnounceReply]:
-    def call(message: Announce) -> AnnounceReply:
-        with lock:
-            return tracker.announce(machine_id, "127.0.0.1", message)
-
-    return call
-
-
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -217,44 +220,74 @@ def run_case(
         )
         for i in range(n)
     ]
+    # the agents run in PROCS worker processes (spawned, not forked: a fork copies whatever lock
+    # another thread of this process holds at that moment), the tracker and the origin here; each
+    # worker's announces come through a pipe (_RemoteTracker)
+    ctx = multiprocessing.get_context("spawn")
+    procs = max(1, min(PROCS, n))
+    start_gate = ctx.Barrier(n + 1)
+    go = ctx.Event()
+    t0 = ctx.Value("d", 0.0)
+    countdown = Countdown(ctx, sum(1 for a in agents if not a.corrupt and not a.slow))
+    workers: list[tuple[BaseProcess, Connection, Connection]] = []
+    for w in range(procs):
+        here, there = ctx.Pipe()  # the origin's url in, the agents' results out
+        tracker_here, tracker_there = ctx.Pipe()  # announces in, replies out
+        worker = ctx.Process(
+            target=_worker,
+            args=(
+                agents[w::procs],
+                there,
+                tracker_there,
+                manifest,
+                digest,
+                start_gate,
+                go,
+                countdown,
+                t0,
+                rate,
+            ),
+            daemon=True,
+        )
+        worker.start()
+        there.close()
+        tracker_there.close()
+        workers.append((worker, here, tracker_here))
     tracker = Tracker(TrackerPolicy(interval=ANNOUNCE))  # the default ttl, 30 s: killed agents say they leave
     lock = threading.Lock()
     origin = Origin(store, egress)
     mirror = None
     source_url = origin.url
-    if case.mirror:
-        from benchlib.fleetmirror import Mirror  # scripts/ on the path: bench.py's, not this file's
+    try:
+        if case.mirror:
+            from benchlib.fleetmirror import Mirror  # scripts/ on the path: bench.py's, not this file's
 
-        mirror = Mirror(work / "mirror", origin.url, egress)
-        try:
+            mirror = Mirror(work / "mirror", origin.url, egress)
             mirror.__enter__()
-        except BaseException:
-            origin.close()
-            raise
-        source_url = mirror.url
-    start_gate = threading.Barrier(n + 1)
-    go = threading.Event()
-    countdown = Countdown(sum(1 for a in agents if not a.corrupt and not a.slow))
-    t0 = [0.0]
-    threads = []
-    for a in agents:
-        threads.append(
-            threading.Thread(
-                target=_run_agent,
-                args=(a, manifest, digest, source_url, tracker, lock, start_gate, go, countdown, t0, rate),
-                daemon=True,
-            )
-        )
-    for t in threads:
-        t.start()
-    start_gate.wait()  # every agent has its session up and has announced once
-    t0[0] = time.monotonic()
-    go.set()
-    for t in threads:
-        t.join(3600)
-    if mirror is not None:
-        mirror.__exit__(None, None, None)
-    origin.close()
+            source_url = mirror.url
+        for _, here, tracker_here in workers:
+            threading.Thread(target=_serve_tracker, args=(tracker, lock, tracker_here), daemon=True).start()
+            here.send(source_url)
+        start_gate.wait(600)  # every agent has its session up and has announced once
+        t0.value = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+        go.set()
+        by_index = {a.index: a for a in agents}
+        for proc, here, _ in workers:
+            if not here.poll(3600):
+                raise RuntimeError(f"fleet worker {proc.pid}: no results in an hour")
+            for done in here.recv():
+                by_index[done.index] = done
+            proc.join(10)  # its agents are done; a thread that lingers is killed below
+        agents = [by_index[i] for i in range(n)]
+    finally:
+        for proc, here, tracker_here in workers:
+            if proc.is_alive():
+                proc.kill()
+            here.close()
+            tracker_here.close()
+        if mirror is not None:
+            mirror.__exit__(None, None, None)
+        origin.close()
     # the others' times: not the killed, the corrupting, nor the slowed agents (the issue's targets
     # are about what a few bad agents do to everyone else)
     times = [
@@ -319,18 +352,19 @@ def _run_agent(
     manifest: Manifest,
     digest: str,
     origin: str,
-    tracker: Tracker,
-    lock: threading.Lock,
-    gate: threading.Barrier,
-    go: threading.Event,
+    announcer: Callable[[str], Callable[[Announce], AnnounceReply]],
+    gate: MpBarrier,
+    go: MpEvent,
     countdown: Countdown,
-    t0: list[float],
+    t0: Synchronized[float],
     full_rate: float,
 ) -> None:
     target = open_target(str(a.path), manifest.image_size)
     # a slowed agent would take 10 S/B: it is stopped once the measured agents are done (the
     # issue's target is about what it does to the others)
-    cancel = countdown.done if a.slow else threading.Event()
+    cancel = threading.Event()
+    if a.slow:
+        threading.Thread(target=_set_when, args=(countdown.done, cancel), daemon=True).start()
     session: PeerSession | None = None
     waited = False
     counted = a.corrupt or a.slow  # the corrupting agent writes nothing; the slowed are not waited for
@@ -357,7 +391,7 @@ def _run_agent(
                 manifest,
                 digest,
                 f"j-{a.index:012x}",
-                _announcer(tracker, lock, mid),
+                announcer(mid),
                 target.buffered_fd,
                 config,
                 lambda _: None,
@@ -379,7 +413,7 @@ def _run_agent(
             sources = [CappedSource(HttpSource(origin, PATIENT_HTTP), TokenBucket(a.rate))]
         gate.wait()
         waited = True
-        go.wait()  # the main thread has set t0
+        go.wait()  # the main process has set t0
         if session is not None:
             session.swarm.announce()  # every agent has joined: the origin shares are final
         if a.corrupt:
@@ -392,7 +426,7 @@ def _run_agent(
         writer = Writer(manifest, digest, sources, target, options, None, cancel)
         try:
             writer.run()
-            a.seconds = time.monotonic() - t0[0]
+            a.seconds = time.monotonic() - t0.value
         except Exception as exc:
             if a.kill_at is None and not a.slow:
                 a.error = f"{type(exc).__name__}: {exc}"[:300]
@@ -422,20 +456,94 @@ def _run_agent(
 
 
 class Countdown:
-    """Set once every writing agent is done (finished, failed or killed)."""
+    """Set once every writing agent is done (finished, failed or killed), over every worker process."""
 
-    def __init__(self, n: int) -> None:
-        self.left = n
-        self.lock = threading.Lock()
-        self.done = threading.Event()
+    def __init__(self, ctx: BaseContext, n: int) -> None:
+        self.left = ctx.Value("i", n)
+        self.done = ctx.Event()
         if n <= 0:
             self.done.set()
 
     def one_done(self) -> None:
-        with self.lock:
-            self.left -= 1
-            if self.left <= 0:
+        with self.left.get_lock():
+            self.left.value -= 1
+            if self.left.value <= 0:
                 self.done.set()
+
+
+def _set_when(done: MpEvent, cancel: threading.Event) -> None:
+    done.wait(3600)
+    cancel.set()
+
+
+def _serve_tracker(tracker: Tracker, lock: threading.Lock, conn: Connection) -> None:
+    """Answer one worker's announces (machine id, Announce) with (True, AnnounceReply), or (False,
+    the error's text), until the worker goes."""
+    while True:
+        try:
+            machine_id, message = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            with lock:
+                reply: tuple[bool, object] = (True, tracker.announce(machine_id, "127.0.0.1", message))
+        except Exception as exc:  # the agent's announce fails with it, as a controller's 4xx would
+            reply = (False, f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+
+
+class _RemoteTracker:
+    """A worker's way to the tracker in the main process: one announce at a time over its pipe."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def announcer(self, machine_id: str) -> Callable[[Announce], AnnounceReply]:
+        def call(message: Announce) -> AnnounceReply:
+            with self.lock:
+                self.conn.send((machine_id, message))
+                ok, reply = self.conn.recv()
+            if not ok:
+                raise RuntimeError(f"tracker: {reply}")
+            assert isinstance(reply, AnnounceReply)
+            return reply
+
+        return call
+
+
+def _worker(
+    agents: list[SimAgent],
+    conn: Connection,
+    tracker_conn: Connection,
+    manifest: Manifest,
+    digest: str,
+    gate: MpBarrier,
+    go: MpEvent,
+    countdown: Countdown,
+    t0: Synchronized[float],
+    full_rate: float,
+) -> None:
+    """One worker process: its agents, each on a thread of its own, then their results to the main
+    process."""
+    origin = conn.recv()
+    remote = _RemoteTracker(tracker_conn)
+    threads = [
+        threading.Thread(
+            target=_run_agent,
+            args=(a, manifest, digest, origin, remote.announcer, gate, go, countdown, t0, full_rate),
+            daemon=True,
+        )
+        for a in agents
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3600)
+    conn.send(agents)
 
 
 # -- the section -------------------------------------------------------------------------------------
