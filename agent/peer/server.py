@@ -143,7 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def end_headers(self) -> None:
         # HTTP/1.1 keeps the connection for the caller's next request (a new one per chunk paid a
@@ -153,10 +154,13 @@ class _Handler(BaseHTTPRequestHandler):
         super().end_headers()
 
     def do_GET(self) -> None:
+        if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # its body is not read: it is no request of the caller's
         self.server.serve_chunk(self)
 
     def do_POST(self) -> None:
-        self._reply(405, "only GET\n")
+        self.close_connection = True  # as in do_GET
+        self._reply(405, "only GET\n", {"Allow": "GET"})
 
     do_PUT = do_DELETE = do_HEAD = do_POST
 

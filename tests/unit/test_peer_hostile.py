@@ -120,6 +120,30 @@ def test_a_caller_trickling_its_request_a_byte_at_a_time_is_cut_off_after_the_ti
     assert _get_status(server, authorised=True) == 200  # the connections are free again
 
 
+def _answers(server: PeerServer, raw: bytes) -> bytes:
+    """Everything the server sends on one connection for `raw`, until it closes it."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(raw)
+        sock.settimeout(3)
+        out = b""
+        while data := sock.recv(65536):
+            out += data
+        return out
+
+
+def test_a_request_body_is_never_taken_for_the_next_request_and_head_gets_no_body(
+    server: PeerServer,
+) -> None:
+    path = f"/v1/peer/{server.swarm.digest}/{'0' * 64}"
+    inner = f"GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+    for method in ("POST", "PUT", "GET"):
+        raw = f"{method} {path} HTTP/1.1\r\nContent-Length: {len(inner)}\r\n\r\n".encode() + inner
+        out = _answers(server, raw)
+        assert out.count(b"HTTP/1.1 ") == 1, (method, out)
+    out = _answers(server, f"HEAD {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 405") and out.endswith(b"\r\n\r\n"), out
+
+
 def _settles(threads: int) -> bool:
     end = time.monotonic() + 2
     while time.monotonic() < end:
