@@ -307,15 +307,15 @@ class PeerServer(ThreadingHTTPServer):
             return
         t0 = time.monotonic()
         try:
-            whole = self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
+            whole = self._send(h, holder, chunk.index, chunk.offset, chunk.length, chunk.digest)
         finally:
             self.gate.leave()
-        if whole:  # a chunk that read back wrong or an upload cut short says nothing of the caller's rate
+        if whole:  # a chunk that read back wrong or an upload cut short (_send) says nothing of the median
             rate = chunk.length / max(time.monotonic() - t0, 1e-6)
             self.callers.note(holder, rate)
             self.rates.add(rate)
 
-    def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> bool:
+    def _send(self, h: _Handler, holder: str, index: int, offset: int, length: int, digest: bytes) -> bool:
         """Send the chunk; True once it went out whole."""
         data = bytearray(length)
         got = os.preadv(self.fd, [data], offset)
@@ -334,7 +334,8 @@ class PeerServer(ThreadingHTTPServer):
         allowed = self.limits.upload_seconds
         if self.limits.rate > 0:
             allowed += length * self.limits.uploads / self.limits.rate  # its share of the cap
-        deadline = time.monotonic() + allowed
+        began = time.monotonic()
+        deadline = began + allowed
         for start in range(0, length, SLICE):
             piece = view[start : start + SLICE]
             if not self.bucket.take(len(piece), self.stop_event):
@@ -346,10 +347,17 @@ class PeerServer(ThreadingHTTPServer):
                     f"peer server: upload of chunk {index} to {h.client_address[0]} cut off after "
                     f"{allowed:.0f} s ({start} of {length} bytes)"
                 )
+                # the rate it read at: it is not queued for a slot again (one cut off each time, and
+                # so never noted, waited in the queue and held the slot for `allowed` again and again)
+                self.callers.note(holder, start / allowed)
                 h.close_connection = True
                 return False
             h.connection.settimeout(min(self.limits.timeout, left))
-            h.wfile.write(piece)
+            try:
+                h.wfile.write(piece)
+            except TimeoutError:
+                self.callers.note(holder, start / (time.monotonic() - began))  # as above
+                raise
         h.connection.settimeout(self.limits.timeout)  # for the caller's next request on it
         with self.stats.lock:
             self.stats.served_bytes += length

@@ -181,6 +181,13 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
     # (1 s) stops a reader this slow from holding the slot for the whole chunk
     limits = ServeLimits(uploads=1, timeout=2.0, upload_seconds=1.0)
     with running(image, limits) as server, contextlib.ExitStack() as stack:
+        for _ in range(4):  # the rates of a few whole uploads, which a slow one is judged against
+            other = ticket.encode(ticket.Ticket(server.swarm.digest, "m-00000000000c", 0, 10**11), KEY)
+            sock, request = _request(server, authorised=True, text=other)
+            with sock:
+                sock.sendall(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+                while sock.recv(1 << 20):
+                    pass
         sock, request = _request(server, authorised=True, rcvbuf=65536)
         stack.enter_context(sock)
         sock.sendall(request)
@@ -203,6 +210,9 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
         assert got < MiB
         assert server.gate.enter(0, may_wait=False), "the upload slot is still held"
         server.gate.leave()
+        # and its next ask is not queued for a slot (an upload cut off each time was never noted)
+        last = server.callers.rate("m-00000000000b")
+        assert last is not None and server.rates.slow(last), (last, server.rates.expected())
 
 
 class FakePeer:
