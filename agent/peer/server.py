@@ -120,6 +120,7 @@ def held_of(text: str, chunks: int) -> int:
 class _Handler(BaseHTTPRequestHandler):
     server: PeerServer
     protocol_version = "HTTP/1.1"
+    holder = ""  # the machine the request's ticket names, once it verified
 
     def setup(self) -> None:
         # the timeout covers the request line and headers too: a caller that opens a connection and
@@ -289,6 +290,7 @@ class PeerServer(ThreadingHTTPServer):
         except TicketInvalid as exc:
             self._refuse(h, 403, str(exc))
             return
+        h.holder = holder
         chunk = self.swarm.lookup(digest, chunk_hex)
         if chunk is None:
             h._reply(404, "not held here\n")
@@ -307,7 +309,7 @@ class PeerServer(ThreadingHTTPServer):
             return
         t0 = time.monotonic()
         try:
-            whole = self._send(h, holder, chunk.index, chunk.offset, chunk.length, chunk.digest)
+            whole = self._send(h, chunk.index, chunk.offset, chunk.length, chunk.digest)
         finally:
             self.gate.leave()
         if whole:  # a chunk that read back wrong or an upload cut short (_send) says nothing of the median
@@ -315,7 +317,7 @@ class PeerServer(ThreadingHTTPServer):
             self.callers.note(holder, rate)
             self.rates.add(rate)
 
-    def _send(self, h: _Handler, holder: str, index: int, offset: int, length: int, digest: bytes) -> bool:
+    def _send(self, h: _Handler, index: int, offset: int, length: int, digest: bytes) -> bool:
         """Send the chunk; True once it went out whole."""
         data = bytearray(length)
         got = os.preadv(self.fd, [data], offset)
@@ -349,14 +351,14 @@ class PeerServer(ThreadingHTTPServer):
                 )
                 # the rate it read at: it is not queued for a slot again (one cut off each time, and
                 # so never noted, waited in the queue and held the slot for `allowed` again and again)
-                self.callers.note(holder, start / allowed)
+                self.callers.note(h.holder, start / allowed)
                 h.close_connection = True
                 return False
             h.connection.settimeout(min(self.limits.timeout, left))
             try:
                 h.wfile.write(piece)
             except TimeoutError:
-                self.callers.note(holder, start / (time.monotonic() - began))  # as above
+                self.callers.note(h.holder, start / (time.monotonic() - began))  # as above
                 raise
         h.connection.settimeout(self.limits.timeout)  # for the caller's next request on it
         with self.stats.lock:
