@@ -339,6 +339,11 @@ class PeerSource:
             length = resp.getheader("Content-Length", "")
             if length != str(chunk.length):
                 raise _Failed(f"Content-Length {length[:20]!r}, expected {chunk.length}", drop=True)
+            coding = resp.getheader("Transfer-Encoding")
+            if coding is not None:
+                # peer servers send Content-Length bodies; a chunked one's size lines are read whole
+                # inside read1, past the rate checks below (one trickled held the fetch for days)
+                raise _Failed(f"Transfer-Encoding {coding[:20]!r}, expected none", drop=True)
             t0 = time.monotonic()  # rates from the answer on: a caller that held nothing may have
             # waited for the peer's slot (agent.peer.gate) before it, within the socket's timeout
             got = 0

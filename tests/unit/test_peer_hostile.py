@@ -218,7 +218,8 @@ def test_a_ticket_holder_reading_slowly_loses_its_upload_slot(image: tuple[Path,
 class FakePeer:
     """A 'peer' on 127.0.0.1 that claims every chunk and answers with `behaviour` (one connection
     at a time): 'trickle' sends the right header then a byte every 0.3 s, 'trickle-head' a header
-    byte every 0.3 s, 'continue' a '100 Continue' every 0.3 s; '404' and '503' refuse."""
+    byte every 0.3 s, 'continue' a '100 Continue' every 0.3 s, 'chunked-trickle' a chunked body's
+    size line a byte every 0.3 s; '404' and '503' refuse."""
 
     def __init__(self, behaviour: str, length: int) -> None:
         self.behaviour, self.length = behaviour, length
@@ -246,6 +247,11 @@ class FakePeer:
                         conn.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: ")
                         while not self.done.wait(0.3):
                             conn.sendall(b"x")
+                    elif self.behaviour == "chunked-trickle":
+                        head = f"HTTP/1.1 200 OK\r\nContent-Length: {self.length}\r\n"
+                        conn.sendall(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
+                        while not self.done.wait(0.3):
+                            conn.sendall(b"0")  # a chunk-size line that never ends
                     elif self.behaviour == "continue":
                         while not self.done.wait(0.3):
                             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -309,6 +315,23 @@ def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path
         assert not thread.is_alive(), "the fetch is still held by a peer sending a byte every 0.3 s"
         assert peer.url in swarm.dropped and "trickled" in swarm.dropped[peer.url], swarm.dropped
         assert isinstance(out[0], FetchError) and out[0].missing  # on to the origin
+    finally:
+        peer.close()
+
+
+def test_a_chunked_answer_is_refused_its_size_lines_would_be_read_with_no_rate_check(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    _, manifest, digest = image
+    peer = FakePeer("chunked-trickle", manifest.chunk(1).length)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=512 << 10, patience=30.0, max_wait=8.0))
+        thread, out = fetch_in_thread(source, manifest, 1)
+        thread.join(4)
+        assert not thread.is_alive(), "the fetch is still held by a chunk-size line sent a byte at a time"
+        assert "Transfer-Encoding 'chunked', expected none" in swarm.dropped.get(peer.url, ""), swarm.dropped
+        assert isinstance(out[0], FetchError) and out[0].missing
     finally:
         peer.close()
 
