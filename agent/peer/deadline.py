@@ -35,7 +35,7 @@ class DeadlineSocket(socket.socket):
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         step = self.gettimeout()
         left = self.deadline - time.monotonic()
-        if step is not None and step <= left:
+        if left == math.inf or (step is not None and step <= left):
             return super().recv_into(buffer, nbytes, flags)
         late = TimeoutError(f"expected {self.what} within {self.seconds:.1f} s; it had not all come")
         if left <= 0:

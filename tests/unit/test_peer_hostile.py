@@ -526,3 +526,19 @@ def test_a_peer_with_every_connection_taken_is_busy_not_dropped(
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_a_deadline_socket_reads_freely_without_a_deadline_and_not_past_one(timeout: float | None) -> None:
+    from agent.peer.deadline import DeadlineSocket
+
+    mine, theirs = socket.socketpair()
+    mine.settimeout(timeout)
+    with DeadlineSocket.of(mine) as sock, theirs, sock.makefile("rb") as reader:
+        theirs.sendall(b"hi")
+        assert reader.read1(10) == b"hi"  # no deadline set: as a plain socket, blocking or not
+        sock.within(0.3, "a test answer")
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"expected a test answer within 0\.3 s"):
+            reader.read1(10)
+        assert time.monotonic() - t0 < 1.0 and sock.gettimeout() == timeout
