@@ -225,28 +225,22 @@ def run_case(
     # worker's announces come through a pipe (_RemoteTracker)
     ctx = multiprocessing.get_context("spawn")
     procs = max(1, min(PROCS, n))
-    start_gate = ctx.Barrier(n + 1)
-    go = ctx.Event()
-    t0 = ctx.Value("d", 0.0)
-    countdown = Countdown(ctx, sum(1 for a in agents if not a.corrupt and not a.slow))
+    run = Run(
+        manifest,
+        digest,
+        rate,
+        ctx.Barrier(n + 1),
+        ctx.Event(),
+        ctx.Value("d", 0.0),
+        Countdown(ctx, sum(1 for a in agents if not a.corrupt and not a.slow)),
+    )
     workers: list[tuple[BaseProcess, Connection, Connection]] = []
     for w in range(procs):
         here, there = ctx.Pipe()  # the origin's url in, the agents' results out
         tracker_here, tracker_there = ctx.Pipe()  # announces in, replies out
         worker = ctx.Process(
             target=_worker,
-            args=(
-                agents[w::procs],
-                there,
-                tracker_there,
-                manifest,
-                digest,
-                start_gate,
-                go,
-                countdown,
-                t0,
-                rate,
-            ),
+            args=(agents[w::procs], there, tracker_there, run),
             daemon=True,
         )
         worker.start()
@@ -268,9 +262,9 @@ def run_case(
         for _, here, tracker_here in workers:
             threading.Thread(target=_serve_tracker, args=(tracker, lock, tracker_here), daemon=True).start()
             here.send(source_url)
-        start_gate.wait(600)  # every agent has its session up and has announced once
-        t0.value = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
-        go.set()
+        run.gate.wait(600)  # every agent has its session up and has announced once
+        run.t0.value = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+        run.go.set()
         by_index = {a.index: a for a in agents}
         for proc, here, _ in workers:
             if not here.poll(3600):
@@ -349,16 +343,11 @@ def sha_of(path: Path, size: int) -> str:
 
 def _run_agent(
     a: SimAgent,
-    manifest: Manifest,
-    digest: str,
+    run: Run,
     origin: str,
     announcer: Callable[[str], Callable[[Announce], AnnounceReply]],
-    gate: MpBarrier,
-    go: MpEvent,
-    countdown: Countdown,
-    t0: Synchronized[float],
-    full_rate: float,
 ) -> None:
+    manifest, digest, countdown = run.manifest, run.digest, run.countdown
     target = open_target(str(a.path), manifest.image_size)
     # a slowed agent would take 10 S/B: it is stopped once the measured agents are done (the
     # issue's target is about what it does to the others)
@@ -383,7 +372,11 @@ def _run_agent(
                 # the fixed floor: B/10; a peer at a tenth of the cap is caught by the relative one
                 # (below a quarter of what peers served lately: agent.peer.rates)
                 fetch=PeerOptions(
-                    patience=20.0, timeout=10.0, min_rate=full_rate / 10, download=a.rate, parallel=PARALLEL
+                    patience=20.0,
+                    timeout=10.0,
+                    min_rate=run.full_rate / 10,
+                    download=a.rate,
+                    parallel=PARALLEL,
                 ),
             )
             mid = f"m-{a.index:012x}"
@@ -411,9 +404,9 @@ def _run_agent(
             options = session.options(options)
         else:
             sources = [CappedSource(HttpSource(origin, PATIENT_HTTP), TokenBucket(a.rate))]
-        gate.wait()
+        run.gate.wait()
         waited = True
-        go.wait()  # the main process has set t0
+        run.go.wait()  # the main process has set t0
         if session is not None:
             session.swarm.announce()  # every agent has joined: the origin shares are final
         if a.corrupt:
@@ -426,7 +419,7 @@ def _run_agent(
         writer = Writer(manifest, digest, sources, target, options, None, cancel)
         try:
             writer.run()
-            a.seconds = time.monotonic() - t0.value
+            a.seconds = time.monotonic() - run.t0.value
         except Exception as exc:
             if a.kill_at is None and not a.slow:
                 a.error = f"{type(exc).__name__}: {exc}"[:300]
@@ -446,7 +439,7 @@ def _run_agent(
     except Exception as exc:
         a.error = f"{type(exc).__name__}: {exc}"[:300]
         if not waited:
-            gate.abort()
+            run.gate.abort()
     finally:
         if not counted:
             countdown.one_done()
@@ -469,6 +462,20 @@ class Countdown:
             self.left.value -= 1
             if self.left.value <= 0:
                 self.done.set()
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every agent of one run shares, over every worker process: the image, the full cap, the
+    start (a barrier, then `go` once the main process has set `t0`) and the countdown of writers."""
+
+    manifest: Manifest
+    digest: str
+    full_rate: float  # B: a peer below a tenth of it is slow
+    gate: MpBarrier
+    go: MpEvent
+    t0: Synchronized[float]  # time.monotonic() at the start
+    countdown: Countdown
 
 
 def _set_when(done: MpEvent, cancel: threading.Event) -> None:
@@ -515,18 +522,7 @@ class _RemoteTracker:
         return call
 
 
-def _worker(
-    agents: list[SimAgent],
-    conn: Connection,
-    tracker_conn: Connection,
-    manifest: Manifest,
-    digest: str,
-    gate: MpBarrier,
-    go: MpEvent,
-    countdown: Countdown,
-    t0: Synchronized[float],
-    full_rate: float,
-) -> None:
+def _worker(agents: list[SimAgent], conn: Connection, tracker_conn: Connection, run: Run) -> None:
     """One worker process: its agents, each on a thread of its own, then their results to the main
     process."""
     origin = conn.recv()
@@ -534,7 +530,7 @@ def _worker(
     threads = [
         threading.Thread(
             target=_run_agent,
-            args=(a, manifest, digest, origin, remote.announcer, gate, go, countdown, t0, full_rate),
+            args=(a, run, origin, remote.announcer),
             daemon=True,
         )
         for a in agents

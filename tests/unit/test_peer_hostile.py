@@ -319,26 +319,21 @@ def test_a_trickling_peer_is_dropped_within_the_chunk_deadline(image: tuple[Path
         peer.close()
 
 
-def test_a_chunked_answer_is_refused_its_size_lines_would_be_read_with_no_rate_check(
-    image: tuple[Path, Manifest, str],
-) -> None:
-    _, manifest, digest = image
-    peer = FakePeer("chunked-trickle", manifest.chunk(1).length)
-    try:
-        swarm = swarm_with(peer, manifest, digest)
-        source = PeerSource(swarm, PeerOptions(timeout=1.0, min_rate=512 << 10, patience=30.0, max_wait=8.0))
-        thread, out = fetch_in_thread(source, manifest, 1)
-        thread.join(4)
-        assert not thread.is_alive(), "the fetch is still held by a chunk-size line sent a byte at a time"
-        assert "Transfer-Encoding 'chunked', expected none" in swarm.dropped.get(peer.url, ""), swarm.dropped
-        assert isinstance(out[0], FetchError) and out[0].missing
-    finally:
-        peer.close()
+HEAD_LATE = "expected the head of the answer for chunk 1 within 1.0 s"
 
 
-@pytest.mark.parametrize("behaviour", ["trickle-head", "continue"])
-def test_a_peer_trickling_its_answer_s_head_is_dropped_within_the_timeout(
-    image: tuple[Path, Manifest, str], behaviour: str
+@pytest.mark.parametrize(
+    ("behaviour", "why"),
+    [
+        ("trickle-head", HEAD_LATE),
+        ("continue", HEAD_LATE),  # one '100 Continue' after another
+        # a chunked 200 whose size line comes a byte at a time: read inside read1, past every rate
+        # check, so any Transfer-Encoding is refused (a peer server always sends Content-Length)
+        ("chunked-trickle", "Transfer-Encoding 'chunked', expected none"),
+    ],
+)
+def test_a_peer_trickling_its_answer_s_head_or_framing_is_dropped_within_the_timeout(
+    image: tuple[Path, Manifest, str], behaviour: str, why: str
 ) -> None:
     _, manifest, digest = image
     peer = FakePeer(behaviour, manifest.chunk(1).length)
@@ -348,8 +343,7 @@ def test_a_peer_trickling_its_answer_s_head_is_dropped_within_the_timeout(
         thread, out = fetch_in_thread(source, manifest, 1)
         thread.join(4)
         assert not thread.is_alive(), f"the fetch is still held by a peer sending {behaviour} slowly"
-        assert peer.url in swarm.dropped, swarm.dropped
-        assert "expected the head of the answer for chunk 1 within 1.0 s" in swarm.dropped[peer.url]
+        assert why in swarm.dropped.get(peer.url, ""), swarm.dropped
         assert isinstance(out[0], FetchError) and out[0].missing  # on to the origin
     finally:
         peer.close()
