@@ -269,7 +269,15 @@ def run_case(
         for proc, here, _ in workers:
             if not here.poll(3600):
                 raise RuntimeError(f"fleet worker {proc.pid}: no results in an hour")
-            for done in here.recv():
+            try:
+                results: list[SimAgent] = here.recv()
+            except EOFError:
+                proc.join(10)
+                raise RuntimeError(
+                    f"fleet worker {proc.pid} ended (exit code {proc.exitcode}) without its agents'"
+                    " results, expected one per agent (its traceback is above)"
+                ) from None
+            for done in results:
                 by_index[done.index] = done
             proc.join(10)  # its agents are done; a thread that lingers is killed below
         agents = [by_index[i] for i in range(n)]
