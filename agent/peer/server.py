@@ -8,7 +8,8 @@ each served chunk and one blake3 (~5 GB/s a core), and memory of one chunk per u
 Uploads are capped in number (more get 503 with Retry-After) and in bytes/s (a token bucket
 shared by all of them), so the agent's own deploy keeps its share of the link and the disk.
 Connections are kept between a caller's requests (HTTP/1.1) while at most `keepalive` are open,
-each for at most `timeout` idle; at most `connections` are open at once.
+each for at most `timeout` idle; at most `connections` are open at once, `per_address` of them from
+one address.
 A request without a ticket gets 401, one with a ticket that does not verify 403; both are logged.
 A ticket under a key this agent was not handed yet gets 403 with `X-Sledge-Key: unknown`.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +59,9 @@ class ServeLimits:
     # request has not come whole this long after it connected or had its last answer
     timeout: float = 10.0
     connections: int = 32  # open connections (one thread each); more are closed at once
+    # open connections from one address: an agent holds one or two to a peer (its fetch, and a kept
+    # one); a host alone cannot take all `connections` and keep the fleet's asks out
+    per_address: int = 4
     # open connections past which an answer closes its connection instead of keeping it for the
     # caller's next request: idle keep-alive connections never take the last slots from new callers
     keepalive: int = 16
@@ -193,12 +198,20 @@ class PeerServer(ThreadingHTTPServer):
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
         self.open = 0  # connections open now (each holds one of `conns`)
+        self.by_address: dict[str, int] = {}  # connections open now from each address
         self._open_lock = threading.Lock()
         self.refusals = RefusalLog()
         self.stop_event = threading.Event()
         self.port = self.server_address[1]
         swarm.port = self.port
         self._thread: threading.Thread | None = None
+
+    def server_bind(self) -> None:
+        # HTTPServer's own also looks its address up in reverse (socket.getfqdn), for a name nothing
+        # here uses: a DNS query from the live image at every deploy's start, and 5 s lost to the
+        # resolver's timeout when it does not answer (the simulated fleet's agents started 5 s late)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
     def get_request(self) -> tuple[Any, Any]:
         conn, addr = super().get_request()
@@ -209,33 +222,51 @@ class PeerServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # a cap on connections, not only on uploads: each one is a thread and a file descriptor
-        if not self.conns.acquire(blocking=False):
-            with self.stats.lock:
-                self.stats.busy += 1
-            try:  # a few bytes into an empty send buffer: never blocks the accepting thread
-                request.setblocking(False)
-                request.send(_FULL)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+        ip = str(client_address[0])
         with self._open_lock:
-            self.open += 1
+            mine = self.by_address.get(ip, 0)
+            if mine < self.limits.per_address and self.conns.acquire(blocking=False):
+                self.open += 1
+                self.by_address[ip] = mine + 1
+                mine = -1
+        if mine >= 0:
+            self._turn_away(request, ip, mine)
+            return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._closed()
+            self._closed(ip)
             raise
+
+    def _turn_away(self, request: Any, ip: str, mine: int) -> None:
+        """A bare 503 and close: every connection slot is taken, or `ip`'s share of them (`mine`)."""
+        with self.stats.lock:
+            self.stats.busy += 1
+        if mine >= self.limits.per_address:
+            why = f"{mine} connections open from it, at most {self.limits.per_address} per address"
+            for line in self.refusals.note(ip, f"(503) {why}", time.monotonic()):
+                self.log(line)
+        try:  # a few bytes into an empty send buffer: never blocks the accepting thread
+            request.setblocking(False)
+            request.send(_FULL)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._closed()  # the thread's shutdown_request closed the socket
+            self._closed(str(client_address[0]))  # the thread's shutdown_request closed the socket
 
-    def _closed(self) -> None:
+    def _closed(self, ip: str) -> None:
         with self._open_lock:
             self.open -= 1
+            left = self.by_address[ip] - 1
+            if left:
+                self.by_address[ip] = left
+            else:
+                del self.by_address[ip]
         self.conns.release()
 
     def crowded(self) -> bool:

@@ -64,6 +64,9 @@ class PeerOptions:
     # seconds an idle connection to a peer is kept for the next request: under the peer server's
     # own idle timeout (ServeLimits.timeout, 10 s), so that it is rarely closed under us
     keepalive: float = 3.0
+    # the local address connections to peers come from ("": the system's choice); an agent with
+    # one provisioning interface needs none, the simulated fleet gives each agent its own
+    source_address: str = ""
 
 
 class _Connection(http.client.HTTPConnection):
@@ -243,7 +246,9 @@ class PeerSource:
         parts = urllib.parse.urlsplit(url)
         with self._lock:
             self.connections += 1
-        return _Connection(parts.hostname or "", parts.port, timeout=self.options.timeout)
+        bind = (self.options.source_address, 0) if self.options.source_address else None
+        timeout = self.options.timeout
+        return _Connection(parts.hostname or "", parts.port, timeout=timeout, source_address=bind)
 
     def _checkin(self, url: str, conn: _Connection) -> None:
         """Keep a connection whose answer was read whole for the peer's next request."""

@@ -158,6 +158,11 @@ class SimAgent:
     declined: dict[str, int] = field(default_factory=dict)
     busy_answers: int = 0  # its asks that found a peer busy (503)
 
+    @property
+    def host(self) -> str:
+        """Its own loopback address, as a real agent has its own: peers count connections by it."""
+        return f"127.1.{(self.index + 1) >> 8 & 255}.{(self.index + 1) & 255}"
+
 
 @dataclass(frozen=True)
 class Case:
@@ -353,7 +358,7 @@ def _run_agent(
     a: SimAgent,
     run: Run,
     origin: str,
-    announcer: Callable[[str], Callable[[Announce], AnnounceReply]],
+    announcer: Callable[[str, str], Callable[[Announce], AnnounceReply]],
 ) -> None:
     manifest, digest, countdown = run.manifest, run.digest, run.countdown
     target = open_target(str(a.path), manifest.image_size)
@@ -375,7 +380,7 @@ def _run_agent(
         sources: list[ChunkSource]
         if a.peers:
             config = PeerConfig(
-                host="127.0.0.1",
+                host=a.host,
                 serve=ServeLimits(rate=a.rate, uploads=UPLOADS),
                 # the fixed floor: B/10; a peer at a tenth of the cap is caught by the relative one
                 # (below a quarter of what peers served lately: agent.peer.rates)
@@ -385,6 +390,7 @@ def _run_agent(
                     min_rate=run.full_rate / 10,
                     download=a.rate,
                     parallel=PARALLEL,
+                    source_address=a.host,
                 ),
             )
             mid = f"m-{a.index:012x}"
@@ -392,7 +398,7 @@ def _run_agent(
                 manifest,
                 digest,
                 f"j-{a.index:012x}",
-                announcer(mid),
+                announcer(mid, a.host),
                 target.buffered_fd,
                 config,
                 lambda _: None,
@@ -400,14 +406,12 @@ def _run_agent(
             )
             if a.corrupt:
                 session.server.server_close()
-                session.server = CorruptingServer(
-                    session.swarm, target.buffered_fd, "127.0.0.1", 0, config.serve
-                )
+                session.server = CorruptingServer(session.swarm, target.buffered_fd, a.host, 0, config.serve)
                 for chunk in manifest:  # it claims to hold every chunk: the worst case for the others
                     if chunk.kind is ChunkKind.DATA:
                         session.swarm.on_verified(chunk)
             session.__enter__()
-            a.url = f"http://127.0.0.1:{session.server.port}"
+            a.url = f"http://{a.host}:{session.server.port}"
             sources = session.sources([HttpSource(origin, PATIENT_HTTP)])
             options = session.options(options)
         else:
@@ -492,16 +496,16 @@ def _set_when(done: MpEvent, cancel: threading.Event) -> None:
 
 
 def _serve_tracker(tracker: Tracker, lock: threading.Lock, conn: Connection) -> None:
-    """Answer one worker's announces (machine id, Announce) with (True, AnnounceReply), or (False,
-    the error's text), until the worker goes."""
+    """Answer one worker's announces (machine id, its address, Announce) with (True,
+    AnnounceReply), or (False, the error's text), until the worker goes."""
     while True:
         try:
-            machine_id, message = conn.recv()
+            machine_id, host, message = conn.recv()
         except (EOFError, OSError):
             return
         try:
             with lock:
-                reply: tuple[bool, object] = (True, tracker.announce(machine_id, "127.0.0.1", message))
+                reply: tuple[bool, object] = (True, tracker.announce(machine_id, host, message))
         except Exception as exc:  # the agent's announce fails with it, as a controller's 4xx would
             reply = (False, f"{type(exc).__name__}: {exc}")
         try:
@@ -517,10 +521,10 @@ class _RemoteTracker:
         self.conn = conn
         self.lock = threading.Lock()
 
-    def announcer(self, machine_id: str) -> Callable[[Announce], AnnounceReply]:
+    def announcer(self, machine_id: str, host: str) -> Callable[[Announce], AnnounceReply]:
         def call(message: Announce) -> AnnounceReply:
             with self.lock:
-                self.conn.send((machine_id, message))
+                self.conn.send((machine_id, host, message))
                 ok, reply = self.conn.recv()
             if not ok:
                 raise RuntimeError(f"tracker: {reply}")

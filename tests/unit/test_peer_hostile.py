@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,45 @@ def test_a_caller_trickling_its_request_a_byte_at_a_time_is_cut_off_after_the_ti
     assert _get_status(server, authorised=True) == 200  # the connections are free again
 
 
+def test_one_address_holds_at_most_its_share_of_the_connections(image: tuple[Path, Manifest, str]) -> None:
+    # a host without a ticket kept every slot (32) with connections reopened every `timeout`; now
+    # it gets `per_address` of them, and the fleet's callers from other addresses still get in
+    limits = ServeLimits(timeout=2.0, connections=8, per_address=3)
+    with running(image, limits) as server:
+        lines: list[str] = []
+        server.log = lines.append
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+        try:
+            for s in socks:
+                s.send(b"GET /v1/peer/")  # a request that never ends: each holds its connection
+            held = [s for s in socks if not closed_within(s, 0.3)]
+            assert len(held) == 3, f"{len(held)} connections held from one address, expected 3"
+            sock, request = _request(server, authorised=True, source="127.0.0.2")
+            with sock:
+                sock.sendall(request)
+                sock.settimeout(5)
+                assert sock.recv(64).split()[1] == b"200", "another address was turned away"
+            assert any("refused 127.0.0.1" in line and "at most 3 per address" in line for line in lines), (
+                lines
+            )
+            held[0].close()  # a connection it closes frees its share for its next one
+            assert _settles_to(lambda: server.by_address.get("127.0.0.1") == 2)
+            assert _get_status(server, authorised=True) == 200
+        finally:
+            for s in socks:
+                s.close()
+        assert _settles_to(lambda: not server.by_address and server.open == 0), server.by_address
+
+
+def _settles_to(done: Callable[[], bool]) -> bool:
+    end = time.monotonic() + 3
+    while not done():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _answers(server: PeerServer, raw: bytes) -> bytes:
     """Everything the server sends on one connection for `raw`, until it closes it."""
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -154,7 +193,7 @@ def _settles(threads: int) -> bool:
 
 
 def _request(
-    server: PeerServer, authorised: bool, rcvbuf: int = 0, text: str = ""
+    server: PeerServer, authorised: bool, rcvbuf: int = 0, text: str = "", source: str = ""
 ) -> tuple[socket.socket, bytes]:
     chunk = next(c for c in server.swarm.manifest if c.kind is ChunkKind.DATA)
     text = text or ticket.encode(ticket.Ticket(server.swarm.digest, "m-00000000000b", 0, 10**11), KEY)
@@ -162,6 +201,8 @@ def _request(
     sock = socket.socket()
     if rcvbuf:  # before connecting: the window is agreed then
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source:  # another host's connection (loopback: nothing leaves the machine)
+        sock.bind((source, 0))
     sock.connect(("127.0.0.1", server.port))
     request = f"GET /v1/peer/{server.swarm.digest}/{chunk.hex} HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
     return sock, request.encode()

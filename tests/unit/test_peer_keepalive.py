@@ -10,6 +10,7 @@ import contextlib
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,15 @@ FAST = PeerOptions(timeout=2.0, patience=30.0, max_wait=0.3, busy_backoff=0.05, 
 
 
 class CountingServer(PeerServer):
-    """Counts the connections it accepted."""
+    """Counts the connections it accepted, and where they came from."""
 
     accepted = 0
+    came_from: tuple[str, ...] = ()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = super().get_request()
         self.accepted += 1
+        self.came_from += (addr[0],)
         return conn, addr
 
 
@@ -189,3 +192,34 @@ def test_a_refusal_whose_body_stalls_costs_its_connection_not_the_peer(
         listener.close()
         for c in held:
             c.close()
+
+
+def test_connections_come_from_the_source_address_it_is_given(image: tuple[Path, Manifest, str]) -> None:
+    # the simulated fleet gives each agent its own loopback address, as real agents have their own:
+    # peers count connections per address
+    src, manifest, digest = image
+    with serving(image, ServeLimits()) as server:
+        source, _ = fetcher(server.port, manifest, digest, replace(FAST, source_address="127.0.0.3"))
+        fetch(source, src, manifest, 1)
+        source.close()
+        assert server.came_from == ("127.0.0.3",)
+        plain, _ = fetcher(server.port, manifest, digest, FAST)
+        fetch(plain, src, manifest, 2)
+        plain.close()
+        assert server.came_from == ("127.0.0.3", "127.0.0.1")
+
+
+def test_the_server_starts_without_looking_its_address_up_in_dns(
+    image: tuple[Path, Manifest, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # http.server's own server_bind asks socket.getfqdn for a name nothing uses: a reverse DNS query
+    # at every deploy's start, 5 s when the resolver does not answer (100 agents on 127.1.0.x here)
+    asked: list[str] = []
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": asked.append(name) or name)
+    monkeypatch.setattr(socket, "gethostbyaddr", lambda name: asked.append(name) or (name, [], [name]))
+    src, manifest, digest = image
+    with serving(image, ServeLimits()) as server:
+        source, _ = fetcher(server.port, manifest, digest, FAST)
+        fetch(source, src, manifest, 1)
+        source.close()
+    assert asked == []
