@@ -223,20 +223,25 @@ class PeerServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         # a cap on connections, not only on uploads: each one is a thread and a file descriptor
         ip = str(client_address[0])
-        with self._open_lock:
-            mine = self.by_address.get(ip, 0)
-            if mine < self.limits.per_address and self.conns.acquire(blocking=False):
-                self.open += 1
-                self.by_address[ip] = mine + 1
-                mine = -1
-        if mine >= 0:
-            self._turn_away(request, ip, mine)
+        turned = self._admit(ip)
+        if turned is not None:
+            self._turn_away(request, ip, turned)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._closed(ip)
             raise
+
+    def _admit(self, ip: str) -> int | None:
+        """Take a connection slot for `ip`: None once taken, else the connections `ip` has open."""
+        with self._open_lock:
+            mine = self.by_address.get(ip, 0)
+            if mine >= self.limits.per_address or not self.conns.acquire(blocking=False):
+                return mine
+            self.open += 1
+            self.by_address[ip] = mine + 1
+            return None
 
     def _turn_away(self, request: Any, ip: str, mine: int) -> None:
         """A bare 503 and close: every connection slot is taken, or `ip`'s share of them (`mine`)."""
