@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,3 +39,13 @@ def holding_all(
     finally:
         server.close()
         os.close(fd)
+
+
+def settle(predicate: Callable[[], object], seconds: float = 2.0) -> bool:
+    """The predicate came true within `seconds` (the server's threads finish on their own time)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())

@@ -197,8 +197,9 @@ class PeerServer(ThreadingHTTPServer):
         self.conns = threading.BoundedSemaphore(limits.connections)
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
-        self.open = 0  # connections open now (each holds one of `conns`)
-        self.by_address: dict[str, int] = {}  # connections open now from each address
+        self.by_address: dict[
+            str, int
+        ] = {}  # connections open now from each address (each holds one of `conns`)
         self._open_lock = threading.Lock()
         self.refusals = RefusalLog()
         self.stop_event = threading.Event()
@@ -239,7 +240,6 @@ class PeerServer(ThreadingHTTPServer):
             mine = self.by_address.get(ip, 0)
             if mine >= self.limits.per_address or not self.conns.acquire(blocking=False):
                 return mine
-            self.open += 1
             self.by_address[ip] = mine + 1
             return None
 
@@ -266,7 +266,6 @@ class PeerServer(ThreadingHTTPServer):
 
     def _closed(self, ip: str) -> None:
         with self._open_lock:
-            self.open -= 1
             left = self.by_address[ip] - 1
             if left:
                 self.by_address[ip] = left
@@ -274,10 +273,19 @@ class PeerServer(ThreadingHTTPServer):
                 del self.by_address[ip]
         self.conns.release()
 
+    @property
+    def open(self) -> int:
+        """Connections open now."""
+        with self._open_lock:
+            return self._open()
+
+    def _open(self) -> int:
+        return sum(self.by_address.values())  # at most `connections` addresses: called with the lock held
+
     def crowded(self) -> bool:
         """Too many connections open to keep this one for its caller's next request."""
         with self._open_lock:
-            return self.open > self.limits.keepalive
+            return self._open() > self.limits.keepalive
 
     def start(self) -> PeerServer:
         self._thread = threading.Thread(

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from agent.peer.swarm import Swarm
 from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
 from agent.writer.errors import FetchError
 from tests.images import MiB, random_image
-from tests.peerkit import KEY, holding_all
+from tests.peerkit import KEY, holding_all, settle
 from tests.stores import import_store
 
 
@@ -142,21 +142,12 @@ def test_one_address_holds_at_most_its_share_of_the_connections(image: tuple[Pat
                 lines
             )
             held[0].close()  # a connection it closes frees its share for its next one
-            assert _settles_to(lambda: server.by_address.get("127.0.0.1") == 2)
+            assert settle(lambda: server.by_address.get("127.0.0.1") == 2, 3.0)
             assert _get_status(server, authorised=True) == 200
         finally:
             for s in socks:
                 s.close()
-        assert _settles_to(lambda: not server.by_address and server.open == 0), server.by_address
-
-
-def _settles_to(done: Callable[[], bool]) -> bool:
-    end = time.monotonic() + 3
-    while not done():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
+        assert settle(lambda: not server.by_address and server.open == 0, 3.0), server.by_address
 
 
 def _answers(server: PeerServer, raw: bytes) -> bytes:

@@ -25,7 +25,7 @@ from agent.peer.swarm import Swarm
 from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
 from agent.writer.errors import FetchError
 from tests.images import MiB, random_image
-from tests.peerkit import KEY, holding_all
+from tests.peerkit import KEY, holding_all, settle
 from tests.stores import import_store
 
 FAST = PeerOptions(timeout=2.0, patience=30.0, max_wait=0.3, busy_backoff=0.05, max_backoff=0.05)
@@ -77,15 +77,6 @@ def fetch(source: PeerSource, src: Path, manifest: Manifest, index: int) -> None
     with open(src, "rb") as f:
         f.seek(chunk.offset)
         assert bytes(buf) == f.read(chunk.length), f"chunk {index}: bytes differ from the image"
-
-
-def settle(predicate: Any, seconds: float = 2.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def test_one_connection_carries_a_peer_s_chunks_and_its_busy_answers(
