@@ -329,6 +329,9 @@ class Announce(Message):
     have: Bitmap = ""
     complete: bool = False
     leaving: bool = False  # the job's sharing ends: the tracker forgets this agent at once
+    # peers this agent dropped since its last announce because bytes they served failed the
+    # manifest's digest (their urls as the tracker gave them): enough reports remove that peer
+    bad: Urls = ()
 
 
 @dataclass(frozen=True)
@@ -368,3 +371,6 @@ class AnnounceReply(Message):
     seed_of: Annotated[int, Bound(lo=1, hi=10**6)] = 1
     interval: Seconds = 2.0
     swarm_have: Bitmap = ""  # every chunk someone in the swarm holds: paces the origin shares
+    # peers the tracker removed from the swarm (several agents got bad bytes from them), newest
+    # last: drop them, though another answer named them before
+    shunned: Urls = ()

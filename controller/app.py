@@ -177,7 +177,9 @@ def make_app(
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
         presign=_presigner(config),
-        tracker=Tracker(TrackerPolicy(interval=config.announce_seconds), deploying=fleet.deploying),
+        tracker=Tracker(
+            TrackerPolicy(interval=config.announce_seconds), deploying=fleet.deploying, on_shun=fleet.shunned
+        ),
         power=Power(
             store,
             config.data_dir,

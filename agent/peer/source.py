@@ -191,7 +191,7 @@ class PeerSource:
             with self._lock:
                 self._busy.pop(url, None)
             if n != chunk.length or blake3.blake3(buf[:n]).digest() != chunk.digest:
-                self.swarm.drop(url, f"served bad bytes for {chunk.describe()}")
+                self.swarm.drop(url, f"served bad bytes for {chunk.describe()}", bad=True)
                 continue
             with self._lock:
                 self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n

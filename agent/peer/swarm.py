@@ -34,6 +34,7 @@ EARLY = 8  # an agent's first chunks are announced as soon as they are held (see
 # Fleet keys kept: this and the next epoch's, and the two before them (peers that announced before
 # an epoch ended or before the controller restarted still sign with those for a while).
 KEYS_KEPT = 4
+MAX_REPORTS = 16  # peers reported for bad bytes in one announce (the wire's bound)
 
 
 def remember_keys(keys: dict[str, bytes], grant: p.PeerGrant) -> None:
@@ -85,6 +86,10 @@ class Swarm:
         self.lock = threading.Condition()
         self.peers: dict[str, Have] = {}  # url -> what it held when the tracker last said
         self.dropped: dict[str, str] = {}  # url -> why
+        # peers dropped for bytes that failed verification, to be told to the tracker at the next
+        # announce (it removes a peer several agents report: a peer claiming every chunk fills the
+        # union, and until then no agent could pace its share or see the swarm move)
+        self.bad: list[str] = []
         self.slot, self.of = 0, 1
         self.grant: p.PeerGrant | None = None
         self.offset = 0.0  # the controller's clock minus ours, learned at each announce
@@ -125,11 +130,15 @@ class Swarm:
                 self.have.encode(),
                 self.have.complete(self.wanted),
                 leaving,
+                tuple(self.bad[:MAX_REPORTS]),
             )
         reply = self.announcer(message)
         if leaving:
             return
+        for url in reply.shunned:
+            self.drop(url, "removed from the swarm by the controller: other agents got bad bytes from it")
         with self.lock:
+            del self.bad[: len(message.bad)]  # told (a failed announce keeps them for the next)
             self.grant = reply.grant
             remember_keys(self.keys, reply.grant)
             if reply.grant.now > 0:
@@ -266,11 +275,14 @@ class Swarm:
         with self.lock:
             self.lock.wait(timeout)
 
-    def drop(self, url: str, reason: str) -> None:
+    def drop(self, url: str, reason: str, bad: bool = False) -> None:
+        """Stop asking the peer; `bad`: it served bytes that failed verification (told to the tracker)."""
         with self.lock:
             if url in self.dropped:
                 return
             self.dropped[url] = reason
+            if bad:
+                self.bad.append(url)
             self.peers.pop(url, None)
             self.busy.pop(url, None)
         self.on_drop(PeerDropped(url, reason))

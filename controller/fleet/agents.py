@@ -27,6 +27,7 @@ from agent.protocol import (
 )
 from controller import auth, jobs
 from controller.fleet.errors import Conflict, Denied, Invalid, NotFound
+from controller.fleet.tracker import Shun
 from controller.jobs import JobState
 from controller.state.model import EventRecord, InventoryRecord, Job, Machine, Source
 from controller.state.store import Store, Tx
@@ -176,6 +177,23 @@ class Fleet:
                 f"job {job_id}: announced a bitmap of {chunks} chunks, expected {image.chunks} "
                 f"(image {image.ref})"
             )
+
+    def shunned(self, shun: Shun) -> None:
+        """The tracker removed a machine from an image's swarm: say so in the machine's events."""
+        with self.store.transaction() as tx:
+            if tx.machine(shun.machine_id) is None:
+                return
+            machine_event(
+                tx,
+                shun.machine_id,
+                self.clock(),
+                EventKind.WARNING,
+                f"removed from the peer swarm of manifest {shun.digest[:16]}: {len(shun.reporters)} agents"
+                f" ({', '.join(shun.reporters)}) got chunks from it ({shun.url}) that failed verification;"
+                " expected bytes that match the manifest (a bad disk, bad memory or a hostile agent);"
+                " its deploy goes on from its own sources",
+            )
+        self.notify(shun.machine_id)
 
     def deploying(self) -> dict[str, frozenset[str]]:
         """Manifest digest -> the machines running a deploy job of it: the swarms the tracker should

@@ -12,7 +12,13 @@ announce is answered with:
   counts the agents announced and, for `join_grace` seconds, the image's other running deploy
   jobs (`deploying`, the fleet's): agents join seconds apart, and shares sized by the first
   announces alone gave the first agents most of the image from the origin;
-- which chunks anyone in the swarm holds (swarm_have), by which agents pace their origin shares.
+- which chunks anyone in the swarm holds (swarm_have), by which agents pace their origin shares;
+- the peers it removed from the swarm (shunned): an agent reports a peer whose bytes failed the
+  manifest's digest in its next announce, and once `shun_after` agents have reported one, it is
+  forgotten (its claims leave the union, its slot the shares) and its later announces get no peers,
+  no slot in the shares and no place in others' answers. A peer claiming every chunk and serving
+  garbage made the union whole at its first announce: no agent paced its share, no chunk counted as
+  lacking, the swarm never looked like it moved, and half of 100 agents went to the origin.
 Whether the caller may announce at all (a running deploy job for that image) is the fleet's
 check, done before (Fleet.check_deploying).
 """
@@ -50,6 +56,23 @@ class TrackerPolicy:
     # has announced: long enough for its manifest fetch and first announce, short enough that a
     # job whose agent never joins (one without sledge.peers=1) holds back its chunks only briefly
     join_grace: float = 5.0
+    # distinct agents that must report a peer for bad bytes before it is shunned: one hostile agent
+    # alone cannot remove an honest peer (two can: they cost the swarm that peer's uploads only)
+    shun_after: int = 2
+
+
+SHUNNED_KEPT = 64  # shunned machines remembered per swarm, the oldest forgotten first
+SHUNNED_SAID = 16  # the newest of them named in each answer (the wire's bound on a list of urls)
+
+
+@dataclass(frozen=True)
+class Shun:
+    """A machine removed from an image's swarm: agents got bytes from it that failed verification."""
+
+    machine_id: str
+    url: str
+    digest: str
+    reporters: tuple[str, ...]
 
 
 @dataclass
@@ -94,6 +117,7 @@ class Tracker:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         deploying: Deploying | None = None,
+        on_shun: Callable[[Shun], None] = lambda _: None,
     ) -> None:
         self.policy = policy
         self.secret = secret or secrets.token_bytes(32)  # a restart re-keys: agents get new keys
@@ -111,6 +135,10 @@ class Tracker:
         self.running: Mapping[str, frozenset[str]] = {}
         self.read_at = -math.inf
         self.expected: dict[str, Expected] = {}  # digest -> its jobs whose agents may still join
+        self.at: dict[str, dict[str, str]] = {}  # digest -> url -> the machine serving there
+        self.reports: dict[str, dict[str, set[str]]] = {}  # digest -> accused machine -> reporters
+        self.shunned: dict[str, OrderedDict[str, str]] = {}  # digest -> machine -> its url, newest last
+        self.on_shun = on_shun
 
     def __len__(self) -> int:
         return len(self.where)
@@ -150,6 +178,18 @@ class Tracker:
         previous = self.where.get(machine_id)
         if previous is not None and previous != digest:
             self._forget(machine_id)
+        shunned = self.shunned.get(digest)
+        if shunned is not None and machine_id in shunned:
+            # its deploy goes on from its own sources: it owns every chunk, knows no peer, and
+            # nobody is told of it
+            return AnnounceReply(
+                self.grant(machine_id, digest),
+                seed_slot=0,
+                seed_of=1,
+                interval=self.interval(),
+                swarm_have=Have(have.count, self.union.get(digest, 0)).encode(),
+                shunned=self._said(digest),
+            )
         swarm = self.swarms.setdefault(digest, {})
         holding = swarm.get(machine_id)
         if holding is None:
@@ -158,11 +198,19 @@ class Tracker:
             holding = Holding(machine_id, "", have, False, now, len(swarm))
             swarm[machine_id] = holding
             self.where[machine_id] = digest
-        holding.url = url_of(host, message.port)
+        url = url_of(host, message.port)
+        if holding.url != url:
+            at = self.at.setdefault(digest, {})
+            if at.get(holding.url) == machine_id:
+                del at[holding.url]
+            at[url] = machine_id
+            holding.url = url
         holding.have, holding.complete, holding.seen = have, message.complete, now
         self.lru[machine_id] = None
         self.lru.move_to_end(machine_id)
         self.union[digest] = self.union.get(digest, 0) | have.bits
+        if message.bad:
+            self._report(digest, machine_id, message.bad)
         peers = self._peers(swarm, holding)
         return AnnounceReply(
             self.grant(machine_id, digest),
@@ -173,7 +221,33 @@ class Tracker:
             seed_of=len(swarm) + self._vacant(digest, swarm, machine_id, now),
             interval=self.interval(empty=not have.bits),
             swarm_have=Have(have.count, self.union[digest]).encode(),
+            shunned=self._said(digest),
         )
+
+    def _report(self, digest: str, reporter: str, urls: tuple[str, ...]) -> None:
+        """The reporter got bytes that failed verification from the peers at these urls."""
+        at = self.at.get(digest, {})
+        accused = self.reports.setdefault(digest, {})
+        for url in urls:
+            machine_id = at.get(url)
+            if machine_id is None or machine_id == reporter:
+                continue  # gone, shunned already, or not of this swarm
+            reporters = accused.setdefault(machine_id, set())
+            reporters.add(reporter)
+            if len(reporters) >= self.policy.shun_after:
+                self._shun(digest, machine_id, url, tuple(sorted(reporters)))
+
+    def _shun(self, digest: str, machine_id: str, url: str, reporters: tuple[str, ...]) -> None:
+        shunned = self.shunned.setdefault(digest, OrderedDict())
+        shunned[machine_id] = url
+        while len(shunned) > SHUNNED_KEPT:
+            shunned.popitem(last=False)
+        self._forget(machine_id)  # its claims leave the union, its slot the shares
+        self.on_shun(Shun(machine_id, url, digest, reporters))
+
+    def _said(self, digest: str) -> tuple[str, ...]:
+        shunned = self.shunned.get(digest)
+        return tuple(shunned.values())[-SHUNNED_SAID:] if shunned else ()
 
     def _vacant(self, digest: str, swarm: dict[str, Holding], machine_id: str, now: float) -> int:
         """Slots kept for the image's running deploy jobs whose agents have not announced yet, each
@@ -220,7 +294,11 @@ class Tracker:
         if digest is None:
             return None
         swarm = self.swarms.get(digest, {})
-        swarm.pop(machine_id, None)
+        gone = swarm.pop(machine_id, None)
+        at = self.at.get(digest, {})
+        if gone is not None and at.get(gone.url) == machine_id:
+            del at[gone.url]
+        self.reports.get(digest, {}).pop(machine_id, None)
         if rebuild:
             self._rebuild(digest)
         return digest
@@ -232,6 +310,9 @@ class Tracker:
             self.swarms.pop(digest, None)
             self.union.pop(digest, None)
             self.expected.pop(digest, None)
+            self.at.pop(digest, None)
+            self.reports.pop(digest, None)
+            self.shunned.pop(digest, None)  # nobody is left to be told of them
             return
         union = 0
         for slot, h in enumerate(swarm.values()):

@@ -260,6 +260,58 @@ def test_swarm_order_puts_the_origin_share_first() -> None:
     assert sorted(order[:2]) == [1, 5] and sorted(order) == list(range(chunks))
 
 
+def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_tracker_shunned() -> None:
+    """A pure check of the swarm's side of shunning (no sockets): a bad-bytes drop is told to the
+    tracker once (again after a failed announce); a shunned peer stops being a holder of anything,
+    so this agent's share goes to the origin again."""
+    from agent.peer.bitmap import Have
+    from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
+    from tests.unit.test_tracker import IMAGE
+
+    chunks = 8
+    full = (1 << chunks) - 1
+    liar, slow, honest = "http://127.0.0.9:4000", "http://127.0.0.8:4000", "http://127.0.0.10:4000"
+    sent: list[Announce] = []
+    answers: list[AnnounceReply | Exception] = []
+
+    def announcer(message: Announce) -> AnnounceReply:
+        sent.append(message)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def reply(*shunned: str) -> AnnounceReply:
+        peers = (
+            PeerInfo("m-000000000009", liar, Have(chunks, full).encode(), True),
+            PeerInfo("m-00000000000a", honest, Have(chunks, 0b10).encode(), False),
+        )
+        grant = PeerGrant(0, "00" * 32, "t", 0.0)
+        return AnnounceReply(grant, peers, 0, 2, swarm_have=Have(chunks, full).encode(), shunned=shunned)
+
+    swarm = Swarm(_fake_manifest(chunks), IMAGE, "j-000000000001", announcer)
+    answers.append(reply())
+    swarm.announce()
+    assert not swarm.mine(0), "the liar claims chunk 0: a known holder, so no origin fetch"
+    swarm.drop(slow, "slow: 10 bytes/s")  # not for bad bytes: not reported
+    swarm.drop(honest, "served bad bytes for chunk 1", bad=True)
+    answers += [RuntimeError("the controller is away"), reply(), reply()]
+    with pytest.raises(RuntimeError):
+        swarm.announce()
+    swarm.announce()
+    swarm.announce()
+    assert [m.bad for m in sent] == [(), (honest,), (honest,), ()], "told until an announce got through"
+
+    answers.append(reply(liar))
+    swarm.announce()
+    assert swarm.dropped[liar].startswith("removed from the swarm by the controller")
+    assert liar not in swarm.peers and swarm.mine(0), "the share is the origin's again"
+    answers.append(reply(liar))
+    swarm.announce()
+    assert liar not in swarm.peers, "a later answer naming it as a peer does not bring it back"
+    assert [m.bad for m in sent[-2:]] == [(), ()], "a peer the tracker shunned is not reported again"
+
+
 def _fake_manifest(n: int) -> Manifest:
     from agent.image.manifest import ChunkEntry, Encoding, Metadata
 

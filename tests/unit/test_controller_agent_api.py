@@ -239,3 +239,40 @@ async def test_inventory_updates_go_to_the_agents_own_machine(
     assert r.status == 409 and "inventory.system.uuid is uuid-a, expected uuid-b" in (await r.json())["error"]
     other = await (await h.client.get(f"/v1/machines/{b}", headers=h.op)).json()
     assert other["hostname"] == "node2" and len(other["inventory_history"]) == 1
+
+
+async def test_a_peer_two_agents_report_for_bad_bytes_is_shunned_and_its_machine_says_so(
+    aiohttp_client: AioClient, tmp_path: Path
+) -> None:
+    """Through the API: the reports ride on announces, the tracker shuns the peer, and the
+    operator reads why in the machine's events."""
+    from agent.peer.bitmap import Have
+    from agent.protocol import PEERS_PATH, Announce, AnnounceReply
+
+    h = await start(aiohttp_client, tmp_path)
+    digest = add_image(h.config.store_dir)
+    machines, jobs = [], []
+    for i in range(3):
+        machine_id = await h.enroll(f"52:54:00:00:01:0{i}", hostname=f"n{i}")
+        jobs.append((await h.create_job(machine_id, "deploy", image="tiny:1"))["id"])
+        assert await h.claim(machine_id) is not None
+        machines.append(machine_id)
+
+    async def announce(i: int, *bad: str) -> AnnounceReply:
+        message = Announce(jobs[i], digest, 7100 + i, 1, Have(1, 1).encode(), True, bad=bad)
+        r = await h.client.post(PEERS_PATH, json=message.to_wire(), headers=h.agent(machines[i]))
+        assert r.status == 200, await r.text()
+        return AnnounceReply.from_wire(await r.json())
+
+    for i in range(3):
+        await announce(i)
+    liar = "http://127.0.0.1:7102"
+    assert (await announce(0, liar)).shunned == ()
+    reply = await announce(1, liar)
+    assert reply.shunned == (liar,)
+    machine = await (await h.client.get(f"/v1/machines/{machines[2]}", headers=h.op)).json()
+    said = [e["message"] for e in machine["events"]]
+    shunned = [m for m in said if "removed from the peer swarm" in m]
+    assert len(shunned) == 1 and all(word in shunned[0] for word in (machines[0], machines[1], liar)), said
+    again = await announce(2)
+    assert (again.seed_slot, again.seed_of, again.shunned) == (0, 1, (liar,))

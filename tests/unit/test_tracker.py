@@ -345,3 +345,68 @@ async def test_the_controller_keeps_slots_for_its_running_deploy_jobs(aiohttp_cl
     r = await h.client.post("/v1/agent/peers", json=body, headers=h.agent(machines[0]))
     reply = await r.json()
     assert r.status == 200 and (reply["seed_slot"], reply["seed_of"]) == (0, 2), reply
+
+
+def report(t: Tracker, i: int, held: tuple[int, ...], *bad: int):  # type: ignore[no-untyped-def]
+    """Agent i announces, reporting agents `bad` (by their urls) for bytes that failed verification."""
+    urls = tuple(f"http://127.0.0.1:{7000 + b}" for b in bad)
+    message = Announce(f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, bits(*held), bad=urls)
+    return t.announce(mid(i), "127.0.0.1", message)
+
+
+def test_a_peer_two_agents_report_for_bad_bytes_leaves_the_union_the_shares_and_the_answers() -> None:
+    from controller.fleet.tracker import Shun
+
+    shuns: list[Shun] = []
+    t = Tracker(rng=random.Random(3), on_shun=shuns.append)
+    announce(t, 9, tuple(range(CHUNKS)), complete=True)  # claims every chunk
+    for i in range(1, 5):
+        announce(t, i, (i,))
+    assert Have.decode(announce(t, 1, (1,)).swarm_have, CHUNKS).bits == (1 << CHUNKS) - 1
+    assert announce(t, 1, (1,)).seed_of == 5
+
+    report(t, 1, (1,), 9)
+    reply = report(t, 1, (1,), 9)  # the same agent twice is one report
+    assert mid(9) in [p.machine_id for p in reply.peers] and not reply.shunned and not shuns
+
+    reply = report(t, 2, (2,), 9)
+    assert shuns == [Shun(mid(9), "http://127.0.0.1:7009", IMAGE, (mid(1), mid(2)))]
+    assert reply.shunned == ("http://127.0.0.1:7009",)
+    assert Have.decode(reply.swarm_have, CHUNKS).bits == 0b11110, "the liar's claims left the union"
+    assert reply.seed_of == 4 and mid(9) not in [p.machine_id for p in reply.peers]
+    slots = sorted(announce(t, i, (i,)).seed_slot for i in range(1, 5))
+    assert slots == [0, 1, 2, 3], "the shares closed up over its slot"
+    assert all(announce(t, i, (i,)).shunned == ("http://127.0.0.1:7009",) for i in range(1, 5))
+
+    # it announces on: it is answered (its deploy fetches from its own sources) and not recorded
+    again = announce(t, 9, tuple(range(CHUNKS)), complete=True)
+    assert (again.peers, again.seed_slot, again.seed_of) == ((), 0, 1)
+    assert len(t) == 4 and mid(9) not in [p.machine_id for p in announce(t, 3, (3,)).peers]
+    assert Have.decode(announce(t, 3, (3,)).swarm_have, CHUNKS).bits == 0b11110
+
+
+def test_one_agent_alone_cannot_shun_a_peer_nor_report_itself_or_a_stranger() -> None:
+    shuns: list[object] = []
+    t = Tracker(rng=random.Random(4), on_shun=shuns.append)
+    for i in range(1, 4):
+        announce(t, i, (i,))
+    for _ in range(5):
+        report(t, 1, (1,), 2, 1, 77)  # an honest peer, itself, and nobody's url
+    assert not shuns and len(t) == 3
+    assert sorted(p.machine_id for p in announce(t, 3, (3,)).peers) == [mid(1), mid(2)]
+    assert t.reports[IMAGE] == {mid(2): {mid(1)}}
+
+    # a peer reported by two is shunned once, and its state leaves with the swarm
+    t2 = Tracker(TrackerPolicy(shun_after=3), rng=random.Random(5), on_shun=shuns.append)
+    for i in range(1, 5):
+        announce(t2, i, (i,))
+    report(t2, 1, (1,), 4)
+    report(t2, 2, (2,), 4)
+    assert not shuns, "shun_after=3: two reports are not enough"
+    report(t2, 3, (3,), 4)
+    report(t2, 3, (3,), 4)
+    assert len(shuns) == 1
+    for i in range(1, 4):
+        leaving = Announce(f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, bits(i), leaving=True)
+        t2.announce(mid(i), "127.0.0.1", leaving)
+    assert not t2.swarms and not t2.shunned and not t2.reports and not t2.at
