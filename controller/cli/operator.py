@@ -221,6 +221,9 @@ def progress(job: views.JobView) -> str:
     return ""
 
 
+MACHINE_EVENTS_SHOWN = 10  # of the 20 the view carries (`--json` has them all)
+
+
 def event_line(e: views.EventView) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
     seq = f"#{e.seq}" if e.seq is not None else "ctl"
@@ -298,6 +301,8 @@ def machine(c: Client, args: argparse.Namespace) -> int:
     jobs_ = [(j.id, j.kind, j.state, j.attempts, j.reason) for j in m.jobs]
     if jobs_:
         lines += ["", table(jobs_, ("JOB", "KIND", "STATE", "ATTEMPTS", "REASON"))]
+    if m.events:  # its own, outside any job: quarantine, accept, BMC, removal from a peer swarm
+        lines += ["", "events (newest last)", *(event_line(e) for e in m.events[-MACHINE_EVENTS_SHOWN:])]
     return emit(args, reply, "\n".join(lines))
 
 

@@ -94,6 +94,9 @@ def test_closed_discovery_stolen_token_and_quarantine_on_a_real_server(
     assert "  change  disk serial=S2 removed\n  change  disk serial=S3 added\n" in out
     rc, out, err = sledge(capsys, closed, "machine", "accept", MAC)
     assert rc == 0 and f"{machine_id}: accepted, now ready" in out and "serial=S3" in out, err
+    rc, out, err = sledge(capsys, closed, "machine", "show", MAC)
+    said = out.split("events (newest last)\n", 1)[-1]
+    assert " accepted by operator: " in said and said.index("quarantined") < said.index("accepted"), out
     rc, _, err = sledge(capsys, closed, "machine", "accept", MAC)
     assert rc == 1 and "expected a quarantined machine to accept, but it is ready" in err
 
