@@ -332,6 +332,9 @@ class Announce(Message):
     # peers this agent dropped since its last announce because bytes they served failed the
     # manifest's digest (their urls as the tracker gave them): enough reports remove that peer
     bad: Urls = ()
+    # peers that served this agent a chunk that verified since its last announce: the tracker
+    # counts a holding's claims once another agent vouches for it (controller.fleet.tracker)
+    served: Urls = ()
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,9 @@ class Swarm:
         # announce (it removes a peer several agents report: a peer claiming every chunk fills the
         # union, and until then no agent could pace its share or see the swarm move)
         self.bad: list[str] = []
+        # peers that served a chunk that verified since the last announce, told to the tracker: it
+        # counts a peer's claims in the union once another agent vouched for it
+        self.vouch: list[str] = []
         self.slot, self.of = 0, 1
         self.grant: p.PeerGrant | None = None
         self.offset = 0.0  # the controller's clock minus ours, learned at each announce
@@ -131,6 +134,7 @@ class Swarm:
                 self.have.complete(self.wanted),
                 leaving,
                 tuple(self.bad[:MAX_REPORTS]),
+                tuple(self.vouch[:MAX_REPORTS]),
             )
         reply = self.announcer(message)
         if leaving:
@@ -139,6 +143,7 @@ class Swarm:
             self.drop(url, "removed from the swarm by the controller: other agents got bad bytes from it")
         with self.lock:
             del self.bad[: len(message.bad)]  # told (a failed announce keeps them for the next)
+            del self.vouch[: len(message.served)]
             self.grant = reply.grant
             remember_keys(self.keys, reply.grant)
             if reply.grant.now > 0:
@@ -234,9 +239,12 @@ class Swarm:
                 self.lacking[index] = now
 
     def _known_holder(self, index: int) -> bool:
-        """A peer this agent knows and has not dropped holds the chunk (not the tracker's union: a
-        peer claiming every chunk would keep every share from the origin)."""
-        return any(have.bits >> index & 1 for have in self.peers.values())
+        """A peer this agent knows and has not dropped holds the chunk, and the tracker counts the
+        chunk as held (its union counts a peer's claims once another agent has been served by it:
+        a peer claiming every chunk would keep every share from the origin)."""
+        return bool(self.union.bits >> index & 1) and any(
+            have.bits >> index & 1 for have in self.peers.values()
+        )
 
     def paced(self, index: int) -> bool:
         """The origin may be asked for this chunk now: the swarm holds all but WINDOW of those below."""
@@ -406,6 +414,8 @@ class Swarm:
         """A peer has just served a chunk here whole: its slot is ours to ask for again first."""
         with self.lock:
             self.last = url
+            if url not in self.vouch:
+                self.vouch.append(url)
             self.lock.notify_all()
 
     def after(self, index: int) -> str | None:

@@ -12,7 +12,11 @@ announce is answered with:
   counts the agents announced and, for `join_grace` seconds, the image's other running deploy
   jobs (`deploying`, the fleet's): agents join seconds apart, and shares sized by the first
   announces alone gave the first agents most of the image from the origin;
-- which chunks anyone in the swarm holds (swarm_have), by which agents pace their origin shares;
+- which chunks someone in the swarm credibly holds (swarm_have), by which agents pace their origin
+  shares and see the swarm move: a holding's whole bitmap once another agent has said it served it
+  a chunk that verified (`Announce.served`), and until then only the chunks of its own origin
+  share, for `prove_within` seconds at most. An agent's claims cost nothing to make: one that
+  claimed every chunk made the union whole, and the whole swarm waited on it (see `shunned`);
 - the peers it removed from the swarm (shunned): an agent reports a peer whose bytes failed the
   manifest's digest in its next announce, and once `shun_after` agents have reported one, it is
   forgotten (its claims leave the union, its slot the shares) and its later announces get no peers,
@@ -59,6 +63,11 @@ class TrackerPolicy:
     # distinct agents that must report a peer for bad bytes before it is shunned: one hostile agent
     # alone cannot remove an honest peer (two can: they cost the swarm that peer's uploads only)
     shun_after: int = 2
+    # seconds an agent's claims to its own origin share count without another agent saying it was
+    # served by it (at least 3 announce intervals): an honest owner is asked for its share's chunks
+    # as soon as others learn of them, and serves one within a chunk's time; one that does not
+    # (a claim it cannot back, a peer port nobody reaches) has its share passed on
+    prove_within: float = 10.0
 
 
 SHUNNED_KEPT = 64  # shunned machines remembered per swarm, the oldest forgotten first
@@ -83,6 +92,8 @@ class Holding:
     complete: bool
     seen: float
     slot: int
+    proven: bool = False  # another agent said it served it a chunk that verified
+    since: float | None = None  # when it first claimed a chunk of its share, unproven
 
 
 @dataclass
@@ -103,6 +114,18 @@ NONE: frozenset[str] = frozenset()
 def peer_count(n: int) -> int:
     """About ln N peers for a swarm of N, at least 4, at most MAX_PEERS."""
     return max(4, min(MAX_PEERS, math.ceil(2 * math.log(max(n, 1)))))
+
+
+def share_mask(slot: int, of: int, count: int) -> int:
+    """The chunks of an origin share: i % of == slot, below count (O(log(count / of)) big-int steps)."""
+    of = max(of, 1)
+    if slot >= min(of, count):
+        return 0
+    mask, width = 1, of
+    while width < count:
+        mask |= mask << width
+        width *= 2
+    return (mask << slot) & ((1 << count) - 1)
 
 
 def url_of(host: str, port: int) -> str:
@@ -139,6 +162,8 @@ class Tracker:
         self.reports: dict[str, dict[str, set[str]]] = {}  # digest -> accused machine -> reporters
         self.shunned: dict[str, OrderedDict[str, str]] = {}  # digest -> machine -> its url, newest last
         self.on_shun = on_shun
+        # digest -> when the first unproven claim it counts runs out: its union is OR-ed again then
+        self.lapse: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.where)
@@ -208,21 +233,53 @@ class Tracker:
         holding.have, holding.complete, holding.seen = have, message.complete, now
         self.lru[machine_id] = None
         self.lru.move_to_end(machine_id)
-        self.union[digest] = self.union.get(digest, 0) | have.bits
+        if message.served:
+            self._vouch(digest, machine_id, message.served)
         if message.bad:
-            self._report(digest, machine_id, message.bad)
+            self._report(digest, machine_id, message.bad)  # a peer shunned: the shares close up
+        # the slots past the announced agents' are the joining ones': nobody fetches their chunks
+        # from the origin until they join or their grace ends (then shares close up)
+        of = len(swarm) + self._vacant(digest, swarm, machine_id, now)
+        if now >= self.lapse.get(digest, math.inf):
+            self._rebuild(digest, now)  # claims whose time to be proven ran out leave the union
+        else:
+            self.union[digest] = self.union.get(digest, 0) | self._credible(digest, holding, of, now)
         peers = self._peers(swarm, holding)
         return AnnounceReply(
             self.grant(machine_id, digest),
             tuple(PeerInfo(h.machine_id, h.url, h.have.encode(), h.complete) for h in peers),
             seed_slot=holding.slot,
-            # the slots past the announced agents' are the joining ones': nobody fetches their
-            # chunks from the origin until they join or their grace ends (then shares close up)
-            seed_of=len(swarm) + self._vacant(digest, swarm, machine_id, now),
+            seed_of=of,
             interval=self.interval(empty=not have.bits),
             swarm_have=Have(have.count, self.union[digest]).encode(),
             shunned=self._said(digest),
         )
+
+    def _credible(self, digest: str, h: Holding, of: int, now: float) -> int:
+        """What of a holding's bitmap the union counts: all of it once proven, else its own share's
+        chunks for `prove_within` seconds from its first claim to one."""
+        if h.proven:
+            return h.have.bits
+        mine = h.have.bits & share_mask(h.slot, of, h.have.count)
+        if not mine:
+            return 0
+        if h.since is None:
+            h.since = now
+        ends = h.since + max(self.policy.prove_within, 3 * self.interval())
+        if ends < now:
+            return 0
+        self.lapse[digest] = min(self.lapse.get(digest, math.inf), ends)
+        return mine
+
+    def _vouch(self, digest: str, reporter: str, urls: tuple[str, ...]) -> None:
+        """The reporter got chunks that verified from the peers at these urls: their claims count."""
+        at, swarm = self.at.get(digest, {}), self.swarms[digest]
+        for url in urls:
+            machine_id = at.get(url)
+            holding = swarm.get(machine_id) if machine_id is not None and machine_id != reporter else None
+            if holding is not None and not holding.proven:
+                holding.proven = True
+                self.union[digest] = self.union.get(digest, 0) | holding.have.bits
 
     def _report(self, digest: str, reporter: str, urls: tuple[str, ...]) -> None:
         """The reporter got bytes that failed verification from the peers at these urls."""
@@ -284,7 +341,9 @@ class Tracker:
             h for h in probes if h is not me and h.have.count == me.have.count and h.have.bits & lacking
         ]
         self.rng.shuffle(useful)
-        useful.sort(key=lambda h: not h.complete)  # stable: completed first, random among equals
+        # stable: completed first (and proven: a claim to be complete costs nothing), random among
+        # equals
+        useful.sort(key=lambda h: not (h.complete and h.proven))
         return useful[: peer_count(len(swarm))]
 
     def _forget(self, machine_id: str, rebuild: bool = True) -> str | None:
@@ -303,7 +362,7 @@ class Tracker:
             self._rebuild(digest)
         return digest
 
-    def _rebuild(self, digest: str) -> None:
+    def _rebuild(self, digest: str, now: float | None = None) -> None:
         """Shares close up over the gaps; the union is OR-ed again (one pass over the swarm)."""
         swarm = self.swarms.get(digest)
         if not swarm:
@@ -313,12 +372,19 @@ class Tracker:
             self.at.pop(digest, None)
             self.reports.pop(digest, None)
             self.shunned.pop(digest, None)  # nobody is left to be told of them
+            self.lapse.pop(digest, None)
             return
+        now = self.clock() if now is None else now
+        expected = self.expected.get(digest)
+        of = len(swarm) + (len(expected.pending) if expected is not None else 0)
         union = 0
+        self.lapse.pop(digest, None)  # set again by the claims that still count unproven
         for slot, h in enumerate(swarm.values()):
             h.slot = slot
-            union |= h.have.bits
+            union |= self._credible(digest, h, of, now)
         self.union[digest] = union
+        if digest in self.lapse:  # at most one pass an interval, however the claims' ends are spread
+            self.lapse[digest] = max(self.lapse[digest], now + self.interval())
 
     def _expire(self, now: float) -> None:
         # every expired holding first, then each swarm it left rebuilt once: expiring k agents of a

@@ -261,9 +261,9 @@ def test_swarm_order_puts_the_origin_share_first() -> None:
 
 
 def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_tracker_shunned() -> None:
-    """A pure check of the swarm's side of shunning (no sockets): a bad-bytes drop is told to the
-    tracker once (again after a failed announce); a shunned peer stops being a holder of anything,
-    so this agent's share goes to the origin again."""
+    """A pure check of the swarm's side of shunning and vouching (no sockets): a bad-bytes drop is
+    told to the tracker once (again after a failed announce); a shunned peer stops being a holder of
+    anything, so this agent's share goes to the origin again; a peer that served is vouched for."""
     from agent.peer.bitmap import Have
     from agent.protocol import AnnounceReply, PeerGrant, PeerInfo
     from tests.unit.test_tracker import IMAGE
@@ -310,6 +310,15 @@ def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_track
     swarm.announce()
     assert liar not in swarm.peers, "a later answer naming it as a peer does not bring it back"
     assert [m.bad for m in sent[-2:]] == [(), ()], "a peer the tracker shunned is not reported again"
+
+    # a peer that served a chunk that verified is vouched for once, at the next announce
+    swarm.served_by(honest)
+    swarm.served_by(honest)
+    swarm.served_by(slow)
+    answers += [reply(), reply()]
+    swarm.announce()
+    swarm.announce()
+    assert [m.served for m in sent[-2:]] == [(honest, slow), ()]
 
 
 def _fake_manifest(n: int) -> Manifest:

@@ -279,6 +279,7 @@ def test_the_origin_share_skips_a_chunk_a_known_peer_holds_and_takes_the_next(tm
     pending = (1 << len(manifest)) - 1
     assert swarm._share(pending) == 1
     swarm.peers["http://127.0.0.1:9"] = Have(len(manifest), 1 << 1)  # a peer holds chunk 1
+    swarm.union = Have(len(manifest), 1 << 1)  # ... and the tracker counts it
     assert swarm._share(pending) == 4, "chunk 1 comes from that peer; 4 is the next of its share"
     swarm.lacking[0] = 0.0  # chunk 0 lacked for ages: passed on to every slot
     assert swarm._share(pending) == 0, "a share passed on to it, lower than its own"

@@ -195,6 +195,8 @@ def test_an_agent_s_first_chunks_are_announced_soon_later_ones_at_the_interval()
 def test_a_share_chunk_the_swarm_already_holds_comes_from_a_peer() -> None:
     # shares move when agents leave: the new owner of a chunk others hold does not ask the origin
     swarm = swarm_of(8, {"http://p1": bits(5)}, slot=1, of=4)
+    assert swarm.mine(5), "p1's claim alone: the tracker does not count it (nobody was served by p1)"
+    swarm.union = Have(8, bits(5))  # ... now it does
     assert swarm.mine(1) and not swarm.mine(5)
     swarm.pending = bits(5)
     swarm.parallel = 4

@@ -37,8 +37,22 @@ def bits(*held: int, n: int = CHUNKS) -> str:
     return have.encode()
 
 
-def announce(t: Tracker, i: int, held: tuple[int, ...] = (), digest: str = IMAGE, complete: bool = False):  # type: ignore[no-untyped-def]
-    message = Announce(f"j-{i:012x}", digest, 7000 + i, CHUNKS, bits(*held), complete)
+def url(i: int) -> str:
+    return f"http://127.0.0.1:{7000 + i}"
+
+
+def announce(  # type: ignore[no-untyped-def]
+    t: Tracker,
+    i: int,
+    held: tuple[int, ...] = (),
+    digest: str = IMAGE,
+    complete: bool = False,
+    served: tuple[int, ...] = (),
+):
+    """Agent i announces what it holds; `served`: the agents that served it chunks that verified."""
+    message = Announce(
+        f"j-{i:012x}", digest, 7000 + i, CHUNKS, bits(*held), complete, served=tuple(map(url, served))
+    )
     return t.announce(mid(i), "127.0.0.1", message)
 
 
@@ -47,10 +61,10 @@ def test_peers_hold_what_the_caller_lacks_completed_first() -> None:
     announce(t, 1, tuple(range(CHUNKS)), complete=True)
     announce(t, 2, (0, 1))
     announce(t, 3, (5,))
-    announce(t, 4, ())  # holds nothing: useless to anyone
+    announce(t, 4, (), served=(1,))  # holds nothing: useless to anyone; it was served by 1
     reply = announce(t, 5, (0, 1))
     ids = [p.machine_id for p in reply.peers]
-    assert ids[0] == mid(1), "the completed peer comes first"
+    assert ids[0] == mid(1), "the completed peer comes first (another agent vouched for it)"
     assert set(ids) == {mid(1), mid(3)}, "peer 2 holds nothing peer 5 lacks, peer 4 nothing at all"
     assert reply.peers[0].url == "http://127.0.0.1:7001" and reply.peers[0].complete
 
@@ -159,7 +173,7 @@ def test_a_leaving_agent_is_forgotten_at_once_and_its_share_passes_on() -> None:
         announce(t, i, (i,))
     t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, bits(1), leaving=True))
     assert mid(1) not in t.where
-    a, c = announce(t, 0, (0,)), announce(t, 2, (2,))
+    c, a = announce(t, 2, (2,)), announce(t, 0, (0,), served=(2,))  # 0 vouches for 2
     assert (a.seed_of, c.seed_slot) == (2, 1)
     assert Have.decode(a.swarm_have, CHUNKS).bits == 0b101, "the union forgets what the leaver held"
 
@@ -359,11 +373,14 @@ def test_a_peer_two_agents_report_for_bad_bytes_leaves_the_union_the_shares_and_
 
     shuns: list[Shun] = []
     t = Tracker(rng=random.Random(3), on_shun=shuns.append)
-    announce(t, 9, tuple(range(CHUNKS)), complete=True)  # claims every chunk
-    for i in range(1, 5):
-        announce(t, i, (i,))
-    assert Have.decode(announce(t, 1, (1,)).swarm_have, CHUNKS).bits == (1 << CHUNKS) - 1
-    assert announce(t, 1, (1,)).seed_of == 5
+    for _ in range(2):  # all join, then each says the others served it
+        for i in range(1, 5):
+            announce(t, i, (i,), served=tuple(j for j in range(1, 5) if j != i))
+    announce(t, 9, tuple(range(CHUNKS)), complete=True)  # claims every chunk: slot 4 of 5
+    reply = announce(t, 1, (1,))
+    assert reply.seed_of == 5 and mid(9) in [p.machine_id for p in reply.peers]
+    liar_share = sum(1 << i for i in (4, 9, 14))  # what of its claims the union counts, unproven
+    assert Have.decode(reply.swarm_have, CHUNKS).bits == 0b11110 | liar_share
 
     report(t, 1, (1,), 9)
     reply = report(t, 1, (1,), 9)  # the same agent twice is one report
@@ -410,3 +427,63 @@ def test_one_agent_alone_cannot_shun_a_peer_nor_report_itself_or_a_stranger() ->
         leaving = Announce(f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, bits(i), leaving=True)
         t2.announce(mid(i), "127.0.0.1", leaving)
     assert not t2.swarms and not t2.shunned and not t2.reports and not t2.at
+
+
+def test_the_union_counts_a_claim_to_its_own_share_for_a_while_and_all_of_it_once_vouched_for() -> None:
+    """A claim costs nothing to make: the union (which paces the shares and says the swarm moves)
+    counts what another agent was served, and an unproven agent's own share for `prove_within`."""
+    clock = Clock()
+    t = Tracker(TrackerPolicy(interval=1.0, prove_within=10.0), clock=clock, rng=random.Random(6))
+
+    def union() -> int:
+        return Have.decode(announce(t, 0, ()).swarm_have, CHUNKS).bits
+
+    for i in range(4):
+        announce(t, i)
+    liar = announce(t, 4, tuple(range(CHUNKS)), complete=True)  # slot 4 of 5: chunks 4, 9, 14
+    assert (liar.seed_slot, liar.seed_of) == (4, 5)
+    assert union() == 1 << 4 | 1 << 9 | 1 << 14, "its own share only"
+    reply = announce(t, 1, (1, 2))  # slot 1: chunk 1 is its share's, chunk 2 is not
+    assert Have.decode(reply.swarm_have, CHUNKS).bits == 1 << 1 | 1 << 4 | 1 << 9 | 1 << 14
+    firsts = {announce(t, 0, ()).peers[0].machine_id for _ in range(20)}
+    assert firsts == {mid(1), mid(4)}, "its claim to be complete, unproven, does not put it first"
+
+    clock.now += 6
+    announce(t, 2, (1,), served=(1,))  # 2 got chunk 1 from 1: all of 1's claims count from now on
+    assert union() == 0b110 | 1 << 4 | 1 << 9 | 1 << 14
+    clock.now += 5  # the liar's 10 s ran out, and nobody said it served a chunk
+    assert union() == 0b110
+    clock.now += 15  # the proven claim stays
+    assert union() == 0b110
+
+    announce(t, 3, (3,), served=(4,))  # one agent vouches for it: all it claims counts
+    assert union() == (1 << CHUNKS) - 1
+    assert announce(t, 0, ()).peers[0].machine_id == mid(4), "completed and proven: first"
+
+
+def test_the_union_is_or_ed_again_only_when_a_claim_runs_out() -> None:
+    # an announce costs O(1) big-int steps: the one pass over the swarm is due only when a claim that
+    # counted unproven runs out (or when holdings leave)
+    clock = Clock()
+    t = Tracker(TrackerPolicy(interval=1.0, prove_within=10.0), clock=clock)
+    for i in range(3):
+        announce(t, i, (i,))
+    assert t.lapse[IMAGE] == clock.now + 10
+    passes = 0
+    rebuild = t._rebuild
+
+    def counted(digest: str, now: float | None = None) -> None:
+        nonlocal passes
+        passes += 1
+        rebuild(digest, now)
+
+    t._rebuild = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        clock.now += 1
+        announce(t, 0, (0,))
+    assert passes == 0
+    clock.now += 6
+    announce(t, 0, (0,))
+    assert passes == 1 and IMAGE not in t.lapse, "the three claims ran out together; none is left"
+    announce(t, 1, (1,), served=(0,))
+    assert passes == 1 and Have.decode(announce(t, 2, (2,)).swarm_have, CHUNKS).bits == 0b1
