@@ -16,13 +16,15 @@ announce is answered with:
   shares and see the swarm move: a holding's whole bitmap once another agent has said it served it
   a chunk that verified (`Announce.served`), and until then only the chunks of its own origin
   share, for `prove_within` seconds at most. An agent's claims cost nothing to make: one that
-  claimed every chunk made the union whole, and the whole swarm waited on it (see `shunned`);
+  claimed every chunk made the union whole at its first announce, so no agent paced its share, no
+  chunk counted as lacking, the swarm never looked like it moved, and 54-72 of 100 agents went to
+  the origin. (The union is OR-ed at each announce and again over the swarm when a claim runs out:
+  bits counted under an older, smaller `seed_of` last until then.)
 - the peers it removed from the swarm (shunned): an agent reports a peer whose bytes failed the
   manifest's digest in its next announce, and once `shun_after` agents have reported one, it is
   forgotten (its claims leave the union, its slot the shares) and its later announces get no peers,
-  no slot in the shares and no place in others' answers. A peer claiming every chunk and serving
-  garbage made the union whole at its first announce: no agent paced its share, no chunk counted as
-  lacking, the swarm never looked like it moved, and half of 100 agents went to the origin.
+  no slot in the shares and no place in others' answers: the agents that have not met it yet do
+  not each spend a chunk's time on it, nor wait on its share.
 Whether the caller may announce at all (a running deploy job for that image) is the fleet's
 check, done before (Fleet.check_deploying).
 """
