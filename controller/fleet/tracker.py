@@ -96,6 +96,7 @@ class Holding:
     slot: int
     proven: bool = False  # another agent said it served it a chunk that verified
     since: float | None = None  # when it first claimed a chunk of its share, unproven
+    lapsed: bool = False  # that claim ran out, unproven
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Tracker:
         self.on_shun = on_shun
         # digest -> when the first unproven claim it counts runs out: its union is OR-ed again then
         self.lapse: dict[str, float] = {}
+        self.lapsed = 0  # holdings whose unproven claims ran out, ever (honest ones should not)
 
     def __len__(self) -> int:
         return len(self.where)
@@ -269,6 +271,9 @@ class Tracker:
             h.since = now
         ends = h.since + max(self.policy.prove_within, 3 * self.interval())
         if ends < now:
+            if not h.lapsed:
+                h.lapsed = True
+                self.lapsed += 1
             return 0
         self.lapse[digest] = min(self.lapse.get(digest, math.inf), ends)
         return mine

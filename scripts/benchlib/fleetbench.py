@@ -62,6 +62,9 @@ ANNOUNCE = float(os.environ.get("ANNOUNCE", str(Config.announce_seconds)))
 # the product's defaults (ServeLimits.uploads, PeerOptions.parallel); UPLOADS=, PARALLEL= in development
 UPLOADS = int(os.environ.get("UPLOADS", str(ServeLimits.uploads)))
 PARALLEL = int(os.environ.get("PARALLEL", str(PeerOptions.parallel)))
+# seconds without progress before an agent's fetches go to the origin (stalled); 20 s, not the
+# product's 30, at S/B = 32 s; PATIENCE=... (read by each worker process too, as it is spawned)
+PATIENCE = float(os.environ.get("PATIENCE", "20"))
 # worker processes the simulated agents are spread over: one process's threads share one
 # interpreter lock, so one process never used more than ~1.3 cores however many the machine has
 # (two processes of 50 agents each, side by side, ran as fast as one alone). PROCS=... to try others
@@ -126,6 +129,15 @@ class Origin(ThreadingHTTPServer):
         self.server_close()
 
 
+class SilentServer(PeerServer):
+    """A peer that claims every chunk and serves none: every ask gets 503 (a disturbed case, not
+    product code). Before the tracker counted only claims other agents vouched for, it stalled the
+    swarm: origin 5.19 S, p50 3.1-3.3 S/B at N = 100."""
+
+    def _send(self, h, index, offset, length, digest):  # type: ignore[no-untyped-def]
+        h._reply(503, "upload slots full\n", {"Retry-After": "1"})
+
+
 class CorruptingServer(PeerServer):
     """A peer that flips one byte of every chunk it sends (the disturbed case, not product code)."""
 
@@ -148,6 +160,7 @@ class SimAgent:
     rate: float  # download and upload cap, bytes/s
     peers: bool
     corrupt: bool = False
+    silent: bool = False  # (with corrupt) it answers 503 instead of serving flipped bytes
     kill_at: float | None = None  # seconds after the start
     slow: bool = False  # at a tenth of the cap: stopped once the others are done (not measured)
     seconds: float | None = None
@@ -173,6 +186,7 @@ class Case:
     killed: float = 0.0  # share of agents killed halfway
     corrupt: bool = False
     mirror: bool = False  # the agents' source is one nginx caching mirror in front of the origin
+    silent: bool = False  # the corrupting agent serves nothing instead: every ask gets 503
 
 
 @dataclass
@@ -189,6 +203,7 @@ class Result:
     corrupt_bytes_kept: int = 0  # bytes from it that any writer took (must be 0)
     drops: dict[str, int] = field(default_factory=dict)  # why agents dropped peers, counted
     busy_per_chunk: float = 0.0  # asks that found a peer busy, per chunk fetched from peers
+    lapsed: int = 0  # agents whose claims the tracker stopped counting: no agent vouched for them
 
 
 FleetResult = Result  # the name the other sections and the real case use
@@ -220,6 +235,7 @@ def run_case(
             rate / 10 if i in slow else rate,
             case.peers,
             corrupt=i == corrupt,
+            silent=i == corrupt and case.silent,
             slow=i in slow,
             kill_at=s_over_b / 2 if i in killed else None,
         )
@@ -317,14 +333,16 @@ def run_case(
     drops: dict[str, int] = {}
     for a in agents:
         for d in a.dropped:
-            why = d.reason.split(":")[0].split(" for ")[0]
+            why = re.sub(r"\d[\d.]*", "N", d.reason.split(":")[0].split(" for ")[0])
             drops[why] = drops.get(why, 0) + 1
     for a in agents:
         for why, count in a.declined.items():
             drops["to origin: " + why] = drops.get("to origin: " + why, 0) + count
     from_peers = sum(sum(a.bytes_by_peer.values()) for a in agents)
     busy = busy_per_chunk(sum(a.busy_answers for a in agents), from_peers, manifest.chunk_size)
-    result = Result(case, origin.sent, times, failed, bad, drops=drops, busy_per_chunk=busy)
+    result = Result(
+        case, origin.sent, times, failed, bad, drops=drops, busy_per_chunk=busy, lapsed=tracker.lapsed
+    )
     if case.corrupt:
         bad_url = agents[corrupt].url
         met = [a for a in agents if any(d.url == bad_url for d in a.dropped) or a.bytes_by_peer.get(bad_url)]
@@ -385,7 +403,7 @@ def _run_agent(
                 # the fixed floor: B/10; a peer at a tenth of the cap is caught by the relative one
                 # (below a quarter of what peers served lately: agent.peer.rates)
                 fetch=PeerOptions(
-                    patience=20.0,
+                    patience=PATIENCE,
                     timeout=10.0,
                     min_rate=run.full_rate / 10,
                     download=a.rate,
@@ -406,7 +424,8 @@ def _run_agent(
             )
             if a.corrupt:
                 session.server.server_close()
-                session.server = CorruptingServer(session.swarm, target.buffered_fd, a.host, 0, config.serve)
+                liar = SilentServer if a.silent else CorruptingServer
+                session.server = liar(session.swarm, target.buffered_fd, a.host, 0, config.serve)
                 for chunk in manifest:  # it claims to hold every chunk: the worst case for the others
                     if chunk.kind is ChunkKind.DATA:
                         session.swarm.on_verified(chunk)
@@ -600,6 +619,7 @@ def fleet_cases(sizes: list[int], disturbed: bool, baseline_n: int) -> list[Case
             Case("peers, 5% slow", n, True, slow=0.05),
             Case("peers, 10% killed halfway", n, True, killed=0.10),
             Case("peers, one corrupting", n, True, corrupt=True),
+            Case("peers, one claiming all, serving none", n, True, corrupt=True, silent=True),
         ]
     return cases
 
@@ -650,7 +670,8 @@ def _log_run(r: Result, s: int, s_over_b: float, log: Callable[[str], None]) -> 
     log(
         f"fleet:   origin {r.origin_bytes / s:.2f} S, p50 {_pct(r.times, 0.5) / s_over_b:.2f} S/B,"
         f" p99 {_pct(r.times, 0.99) / s_over_b:.2f} S/B, max {worst:.2f} S/B,"
-        f" failed {len(r.failed)} {r.failed[:2]}, peers dropped {r.drops or 'none'}"
+        f" failed {len(r.failed)} {r.failed[:2]}, peers dropped {r.drops or 'none'},"
+        f" claims unvouched {r.lapsed}"
     )
 
 
@@ -702,6 +723,13 @@ def _target(case: Case, f: Figures, rs: list[Result], base: dict[int, Figures]) 
             f"survivors' p99 <= 1.3 x undisturbed ({ref.p99 * 1.3:.2f}): {_ok(f.p99 <= ref.p99 * 1.3)}"
             if ref
             else ""
+        )
+    if case.silent:
+        stalled = max(r.drops.get("to origin: stalled", 0) for r in rs)
+        ref_p99 = f" (undisturbed {ref.p99:.2f})" if ref else ""
+        return (
+            f"origin <= 1.2 S: {_ok(f.egress <= 1.2)}; agents that waited it out (to origin: stalled):"
+            f" up to {stalled}{ref_p99}"
         )
     if case.corrupt:
         met = max(r.corrupt_met for r in rs)

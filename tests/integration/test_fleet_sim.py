@@ -70,3 +70,21 @@ def test_killed_agents_leave_the_others_to_finish(
     assert r.failed == []
     assert r.bad_targets == 0
     assert len(r.times) == 4  # 2 of 6 killed halfway: the survivors' times only
+
+
+def test_a_peer_claiming_every_chunk_and_serving_none_does_not_stall_the_others(
+    tmp_path: Path, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # its claims count for its own share's chunks only, until an agent vouches for it (nobody
+    # does): the others pace their shares and see the swarm move; before, they all waited out
+    # `patience` and went to the origin as stalled. Its own share's chunks wait for its claim to run
+    # out (10 s) and pass on (5 s): patience 45 s leaves that a margin on a loaded machine
+    monkeypatch.setattr(fleetbench, "PROCS", 2)
+    monkeypatch.setenv("PATIENCE", "45")  # the spawned workers read it
+    store, manifest, digest, sha = image
+    case = Case("peers", 6, True, corrupt=True, silent=True)
+    r = run_case(tmp_path / "run", store, manifest, digest, sha, case, B, B)
+    assert r.failed == [] and r.bad_targets == 0 and len(r.times) == 5
+    assert r.drops.get("to origin: stalled", 0) == 0, r.drops
+    assert r.origin_bytes <= 2 * SIZE, f"origin sent {r.origin_bytes / SIZE:.2f} S, expected about 1"
+    assert r.corrupt_bytes_kept == 0

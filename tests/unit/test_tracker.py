@@ -452,7 +452,7 @@ def test_the_union_counts_a_claim_to_its_own_share_for_a_while_and_all_of_it_onc
     announce(t, 2, (1,), served=(1,))  # 2 got chunk 1 from 1: all of 1's claims count from now on
     assert union() == 0b110 | 1 << 4 | 1 << 9 | 1 << 14
     clock.now += 5  # the liar's 10 s ran out, and nobody said it served a chunk
-    assert union() == 0b110
+    assert union() == 0b110 and t.lapsed == 1
     clock.now += 15  # the proven claim stays
     assert union() == 0b110
 
