@@ -219,11 +219,13 @@ class Tracker:
                 swarm_have=Have(have.count, self.union.get(digest, 0)).encode(),
                 shunned=self._said(digest),
             )
+        if machine_id not in self.swarms.get(digest, {}):
+            # room first: evicting a swarm's only holding removes the swarm (taken after this)
+            while len(self.where) >= self.policy.max_agents:
+                self._forget(next(iter(self.lru)))
         swarm = self.swarms.setdefault(digest, {})
         holding = swarm.get(machine_id)
         if holding is None:
-            while len(self.where) >= self.policy.max_agents:
-                self._forget(next(iter(self.lru)))
             holding = Holding(machine_id, "", have, False, now, len(swarm))
             swarm[machine_id] = holding
             self.where[machine_id] = digest

@@ -487,3 +487,18 @@ def test_the_union_is_or_ed_again_only_when_a_claim_runs_out() -> None:
     assert passes == 1 and IMAGE not in t.lapse, "the three claims ran out together; none is left"
     announce(t, 1, (1,), served=(0,))
     assert passes == 1 and Have.decode(announce(t, 2, (2,)).swarm_have, CHUNKS).bits == 0b1
+
+
+def test_evicting_the_only_holding_of_a_swarm_leaves_the_newcomer_in_a_swarm_of_its_own() -> None:
+    # the eviction removed the swarm the newcomer was about to join: it was kept in a dict nobody
+    # held, and once the ttl ran out every announce, of any image, failed with a KeyError
+    clock = Clock()
+    t = Tracker(TrackerPolicy(max_agents=2, ttl=30.0), clock=clock)
+    announce(t, 0, (0,))
+    announce(t, 1, (1,), digest=OTHER)
+    reply = announce(t, 2, (2,))  # evicts agent 0, the only holding of IMAGE
+    assert mid(2) in t.swarms[IMAGE] and t.where[mid(2)] == IMAGE and mid(0) not in t.where
+    assert reply.seed_of == 1, "alone in its swarm"
+    clock.now += 100
+    announce(t, 1, (1,), digest=OTHER)  # every holding expires: no KeyError
+    assert len(t) == 1 and IMAGE not in t.swarms
