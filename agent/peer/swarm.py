@@ -90,6 +90,10 @@ class Swarm:
         # announce (it removes a peer several agents report: a peer claiming every chunk fills the
         # union, and until then no agent could pace its share or see the swarm move)
         self.bad: list[str] = []
+        self.reported: set[str] = set()  # ... each once
+        # peers the tracker removed from the swarm: its seed_of no longer counts them, so they are
+        # not subtracted from it again when this agent asks whether it is alone
+        self.shunned: set[str] = set()
         # peers that served a chunk that verified since the last announce, told to the tracker: it
         # counts a peer's claims in the union once another agent vouched for it
         self.vouch: list[str] = []
@@ -142,6 +146,7 @@ class Swarm:
         for url in reply.shunned:
             self.drop(url, "removed from the swarm by the controller: other agents got bad bytes from it")
         with self.lock:
+            self.shunned.update(reply.shunned)
             del self.bad[: len(message.bad)]  # told (a failed announce keeps them for the next)
             del self.vouch[: len(message.served)]
             self.grant = reply.grant
@@ -254,7 +259,13 @@ class Swarm:
     def alone(self) -> bool:
         """Nobody else in the swarm to wait for (the tracker counts those this agent dropped)."""
         with self.lock:
-            return not self.peers and self.of - len(self.dropped) <= 1
+            return self._alone()
+
+    def _alone(self) -> bool:
+        # (the lock held) seed_of counts the agents in the swarm, those this agent dropped among them
+        # and not those the tracker removed (shunned)
+        dropped = sum(1 for url in self.dropped if url not in self.shunned)
+        return not self.peers and self.of - dropped <= 1
 
     def stalled(self, patience: float) -> bool:
         """No new chunk here nor in the swarm for `patience` seconds: waiting on peers no longer pays."""
@@ -286,11 +297,12 @@ class Swarm:
     def drop(self, url: str, reason: str, bad: bool = False) -> None:
         """Stop asking the peer; `bad`: it served bytes that failed verification (told to the tracker)."""
         with self.lock:
+            if bad and url not in self.reported:  # told even if it was dropped before (too slow)
+                self.reported.add(url)
+                self.bad.append(url)
             if url in self.dropped:
                 return
             self.dropped[url] = reason
-            if bad:
-                self.bad.append(url)
             self.peers.pop(url, None)
             self.busy.pop(url, None)
         self.on_drop(PeerDropped(url, reason))
@@ -388,9 +400,7 @@ class Swarm:
                 if index is None:
                     index = choose(self.pending, share, free, known, self.rng, chunks)
                 if index is None and (
-                    self.halted.is_set()
-                    or (not self.peers and self.of - len(self.dropped) <= 1)
-                    or now - self.progress > self.patience
+                    self.halted.is_set() or self._alone() or now - self.progress > self.patience
                 ):
                     index = fallback(self.pending, self.rng, chunks)
                 if index is not None:

@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agent.peer.bitmap import Have
 from agent.peer.errors import PeerError
@@ -95,8 +96,7 @@ class Holding:
     seen: float
     slot: int
     proven: bool = False  # another agent said it served it a chunk that verified
-    since: float | None = None  # when it first claimed a chunk of its share, unproven
-    lapsed: bool = False  # that claim ran out, unproven
+    lapsed: bool = False  # its unproven claim ran out
 
 
 @dataclass
@@ -129,6 +129,12 @@ def share_mask(slot: int, of: int, count: int) -> int:
         mask |= mask << width
         width *= 2
     return (mask << slot) & ((1 << count) - 1)
+
+
+def _bound(kept: dict[str, Any], most: int) -> None:
+    """Forget the oldest entries (insertion order) past `most`."""
+    while len(kept) > most:
+        del kept[next(iter(kept))]
 
 
 def url_of(host: str, port: int) -> str:
@@ -168,6 +174,10 @@ class Tracker:
         # digest -> when the first unproven claim it counts runs out: its union is OR-ed again then
         self.lapse: dict[str, float] = {}
         self.lapsed = 0  # holdings whose unproven claims ran out, ever (honest ones should not)
+        # digest -> machine -> when it first claimed a chunk of its share, unproven. Kept, like the
+        # reports, while the swarm lasts (up to max_agents machines each, the oldest forgotten
+        # first): leaving and announcing again must not start a peer's time or its record afresh
+        self.first: dict[str, dict[str, float]] = {}
 
     def __len__(self) -> int:
         return len(self.where)
@@ -202,6 +212,8 @@ class Tracker:
         self._expire(now)
         if message.leaving:
             if self.where.get(machine_id) == digest:
+                if message.bad:  # its last fetch may have met a bad peer
+                    self._report(digest, machine_id, message.bad)
                 self._forget(machine_id)
             return AnnounceReply(self.grant(machine_id, digest), interval=self.interval())
         previous = self.where.get(machine_id)
@@ -269,9 +281,12 @@ class Tracker:
         mine = h.have.bits & share_mask(h.slot, of, h.have.count)
         if not mine:
             return 0
-        if h.since is None:
-            h.since = now
-        ends = h.since + max(self.policy.prove_within, 3 * self.interval())
+        first = self.first.setdefault(digest, {})
+        since = first.get(h.machine_id)
+        if since is None:
+            since = first[h.machine_id] = now
+            _bound(first, self.policy.max_agents)
+        ends = since + max(self.policy.prove_within, 3 * self.interval())
         if ends < now:
             if not h.lapsed:
                 h.lapsed = True
@@ -299,6 +314,7 @@ class Tracker:
             if machine_id is None or machine_id == reporter:
                 continue  # gone, shunned already, or not of this swarm
             reporters = accused.setdefault(machine_id, set())
+            _bound(accused, self.policy.max_agents)
             reporters.add(reporter)
             if len(reporters) >= self.policy.shun_after:
                 self._shun(digest, machine_id, url, tuple(sorted(reporters)))
@@ -306,8 +322,8 @@ class Tracker:
     def _shun(self, digest: str, machine_id: str, url: str, reporters: tuple[str, ...]) -> None:
         shunned = self.shunned.setdefault(digest, OrderedDict())
         shunned[machine_id] = url
-        while len(shunned) > SHUNNED_KEPT:
-            shunned.popitem(last=False)
+        _bound(shunned, SHUNNED_KEPT)
+        self.reports[digest].pop(machine_id, None)
         self._forget(machine_id)  # its claims leave the union, its slot the shares
         self.on_shun(Shun(machine_id, url, digest, reporters))
 
@@ -366,7 +382,6 @@ class Tracker:
         at = self.at.get(digest, {})
         if gone is not None and at.get(gone.url) == machine_id:
             del at[gone.url]
-        self.reports.get(digest, {}).pop(machine_id, None)
         if rebuild:
             self._rebuild(digest)
         return digest
@@ -382,6 +397,7 @@ class Tracker:
             self.reports.pop(digest, None)
             self.shunned.pop(digest, None)  # nobody is left to be told of them
             self.lapse.pop(digest, None)
+            self.first.pop(digest, None)
             return
         now = self.clock() if now is None else now
         expected = self.expected.get(digest)

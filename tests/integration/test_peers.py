@@ -311,6 +311,16 @@ def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_track
     assert liar not in swarm.peers, "a later answer naming it as a peer does not bring it back"
     assert [m.bad for m in sent[-2:]] == [(), ()], "a peer the tracker shunned is not reported again"
 
+    # a peer dropped as slow whose bytes then fail the digest is reported all the same (a peer
+    # that sent garbage slowly was never reported), once
+    late = "http://127.0.0.7:4000"
+    swarm.drop(late, "slow: 100 bytes/s")
+    swarm.drop(late, "served bad bytes for chunk 2", bad=True)
+    swarm.drop(late, "served bad bytes for chunk 3", bad=True)
+    answers.append(reply())
+    swarm.announce()
+    assert sent[-1].bad == (late,) and swarm.dropped[late].startswith("slow")
+
     # a peer that served a chunk that verified is vouched for once, at the next announce
     swarm.served_by(honest)
     swarm.served_by(honest)
@@ -319,6 +329,26 @@ def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_track
     swarm.announce()
     swarm.announce()
     assert [m.served for m in sent[-2:]] == [(honest, slow), ()]
+
+
+def test_an_agent_is_alone_when_the_swarm_has_nobody_else_the_shunned_counted_once() -> None:
+    """seed_of counts the agents the tracker holds: those this agent dropped are among them and are
+    subtracted; those the tracker shunned are not (subtracted again, 2 shunned in a swarm of 3 made
+    an agent alone and take chunks outside its share from the origin)."""
+    from agent.peer.bitmap import Have
+    from agent.protocol import AnnounceReply, PeerGrant
+    from tests.unit.test_tracker import IMAGE
+
+    chunks = 4
+    shunned = ("http://127.0.0.8:4000", "http://127.0.0.9:4000")
+    grant = PeerGrant(0, "00" * 32, "t", 0.0)
+    reply = AnnounceReply(grant, (), 0, 2, swarm_have=Have(chunks, 0).encode(), shunned=shunned)
+    swarm = Swarm(_fake_manifest(chunks), IMAGE, "j-000000000001", lambda m: reply)
+    swarm.announce()
+    assert all(url in swarm.dropped for url in shunned)
+    assert not swarm.alone(), "one other agent is still in the swarm (seed_of 2)"
+    swarm.drop("http://127.0.0.10:4000", "slow: 1 bytes/s")  # that one, dropped here
+    assert swarm.alone()
 
 
 def _fake_manifest(n: int) -> Manifest:

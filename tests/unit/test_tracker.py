@@ -502,3 +502,32 @@ def test_evicting_the_only_holding_of_a_swarm_leaves_the_newcomer_in_a_swarm_of_
     clock.now += 100
     announce(t, 1, (1,), digest=OTHER)  # every holding expires: no KeyError
     assert len(t) == 1 and IMAGE not in t.swarms
+
+
+def test_leaving_and_announcing_again_keeps_a_peers_reports_and_its_time_to_be_vouched_for() -> None:
+    from controller.fleet.tracker import Shun
+
+    clock = Clock()
+    shuns: list[Shun] = []
+    t = Tracker(TrackerPolicy(prove_within=10.0), clock=clock, on_shun=shuns.append)
+
+    def leave(i: int, *bad: int) -> None:
+        message = Announce(
+            f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, bits(), leaving=True, bad=tuple(map(url, bad))
+        )
+        t.announce(mid(i), "127.0.0.1", message)
+
+    for i in range(4):
+        announce(t, i)
+    liar = tuple(range(CHUNKS))
+    announce(t, 3, liar)  # slot 3 of 4: chunks 3, 7, 11, 15 count for 10 s
+    report(t, 1, (), 3)
+    leave(3)
+    announce(t, 3, liar)  # back at once, as a new holding
+    assert not shuns and t.reports[IMAGE] == {mid(3): {mid(1)}}, "its record stays"
+    clock.now += 11
+    leave(3)
+    reply = announce(t, 3, liar)
+    assert Have.decode(reply.swarm_have, CHUNKS).bits == 0, "its 10 s did not start again"
+    leave(2, 3)  # a report in a leaving announce counts too
+    assert [s.machine_id for s in shuns] == [mid(3)] and mid(3) not in t.where
