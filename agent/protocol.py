@@ -316,6 +316,15 @@ PEERS_PATH = "/v1/agent/peers"
 MAX_PEERS = 10
 Bitmap = Annotated[str, Bound(max_len=11000, pattern="[A-Za-z0-9+/=]*", expected="base64")]
 ChunkCount = Annotated[int, Bound(lo=0, hi=1 << 16)]
+MAX_VOUCHES = 16  # peers vouched for in one announce
+
+
+@dataclass(frozen=True)
+class Served(Message):
+    """A peer that served the announcing agent chunks that verified, and which (a have-bitmap)."""
+
+    url: Annotated[str, Bound(max_len=128)]
+    have: Bitmap = ""
 
 
 @dataclass(frozen=True)
@@ -332,9 +341,10 @@ class Announce(Message):
     # peers this agent dropped since its last announce because bytes they served failed the
     # manifest's digest (their urls as the tracker gave them): enough reports remove that peer
     bad: Urls = ()
-    # peers that served this agent a chunk that verified since its last announce: the tracker
-    # counts a holding's claims once another agent vouches for it (controller.fleet.tracker)
-    served: Urls = ()
+    # the chunks that verified here, by the peer that served them, since the last announce: the
+    # tracker counts a holding's claim to a chunk once another agent vouches for it
+    # (controller.fleet.tracker)
+    served: Annotated[tuple[Served, ...], Bound(max_len=MAX_VOUCHES)] = ()
 
 
 @dataclass(frozen=True)

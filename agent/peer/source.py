@@ -195,7 +195,7 @@ class PeerSource:
                 continue
             with self._lock:
                 self.bytes_by_peer[url] = self.bytes_by_peer.get(url, 0) + n
-            self.swarm.served_by(url)
+            self.swarm.served_by(url, chunk.index)
             return n
         raise FetchError(self.name, "interrupted")
 

@@ -94,9 +94,9 @@ class Swarm:
         # peers the tracker removed from the swarm: its seed_of no longer counts them, so they are
         # not subtracted from it again when this agent asks whether it is alone
         self.shunned: set[str] = set()
-        # peers that served a chunk that verified since the last announce, told to the tracker: it
-        # counts a peer's claims in the union once another agent vouched for it
-        self.vouch: list[str] = []
+        # url -> the chunks it served here that verified since the last announce, told to the
+        # tracker: it counts a peer's claim to a chunk once another agent vouched for it
+        self.vouch: dict[str, int] = {}
         self.slot, self.of = 0, 1
         self.grant: p.PeerGrant | None = None
         self.offset = 0.0  # the controller's clock minus ours, learned at each announce
@@ -138,7 +138,10 @@ class Swarm:
                 self.have.complete(self.wanted),
                 leaving,
                 tuple(self.bad[:MAX_REPORTS]),
-                tuple(self.vouch[:MAX_REPORTS]),
+                tuple(
+                    p.Served(url, Have(len(self.manifest), bits).encode())
+                    for url, bits in list(self.vouch.items())[: p.MAX_VOUCHES]
+                ),
             )
         reply = self.announcer(message)
         if leaving:
@@ -148,7 +151,12 @@ class Swarm:
         with self.lock:
             self.shunned.update(reply.shunned)
             del self.bad[: len(message.bad)]  # told (a failed announce keeps them for the next)
-            del self.vouch[: len(message.served)]
+            for told in message.served:  # chunks served since stay for the next
+                left = self.vouch.get(told.url, 0) & ~Have.decode(told.have, len(self.manifest)).bits
+                if left:
+                    self.vouch[told.url] = left
+                else:
+                    self.vouch.pop(told.url, None)
             self.grant = reply.grant
             remember_keys(self.keys, reply.grant)
             if reply.grant.now > 0:
@@ -420,12 +428,12 @@ class Swarm:
             self.lock.notify_all()
             return True
 
-    def served_by(self, url: str) -> None:
-        """A peer has just served a chunk here whole: its slot is ours to ask for again first."""
+    def served_by(self, url: str, index: int) -> None:
+        """A peer has just served a chunk here whole and it verified: its slot is ours to ask for
+        again first, and the tracker is told at the next announce."""
         with self.lock:
             self.last = url
-            if url not in self.vouch:
-                self.vouch.append(url)
+            self.vouch[url] = self.vouch.get(url, 0) | 1 << index
             self.lock.notify_all()
 
     def after(self, index: int) -> str | None:

@@ -13,9 +13,9 @@ announce is answered with:
   jobs (`deploying`, the fleet's): agents join seconds apart, and shares sized by the first
   announces alone gave the first agents most of the image from the origin;
 - which chunks someone in the swarm credibly holds (swarm_have), by which agents pace their origin
-  shares and see the swarm move: a holding's whole bitmap once another agent has said it served it
-  a chunk that verified (`Announce.served`), and until then only the chunks of its own origin
-  share, for `prove_within` seconds at most. An agent's claims cost nothing to make: one that
+  shares and see the swarm move: the chunks of a holding that another agent said it served and
+  that verified (`Announce.served`), and the chunks of its own origin share for `prove_within`
+  seconds from its first claim to one. An agent's claims cost nothing to make: one that
   claimed every chunk made the union whole at its first announce, so no agent paced its share, no
   chunk counted as lacking, the swarm never looked like it moved, and 54-72 of 100 agents went to
   the origin. (The union is OR-ed at each announce and again over the swarm when a claim runs out:
@@ -95,7 +95,7 @@ class Holding:
     complete: bool
     seen: float
     slot: int
-    proven: bool = False  # another agent said it served it a chunk that verified
+    vouched: int = 0  # chunks another agent said it served that verified (a bitmap)
     lapsed: bool = False  # its unproven claim ran out
 
 
@@ -209,6 +209,14 @@ class Tracker:
             have = Have.decode(message.have, message.chunks)
         except PeerError as exc:
             raise ProtocolError("have", f"a bitmap of {message.chunks} chunks", str(exc)) from None
+        vouches = []  # read whole before anything changes: a bad one refuses the announce
+        for i, vouch in enumerate(message.served):
+            try:
+                vouches.append((vouch.url, Have.decode(vouch.have, message.chunks).bits))
+            except PeerError as exc:
+                raise ProtocolError(
+                    f"served[{i}].have", f"a bitmap of {message.chunks} chunks", str(exc)
+                ) from None
         self._expire(now)
         if message.leaving:
             if self.where.get(machine_id) == digest:
@@ -251,8 +259,8 @@ class Tracker:
         holding.have, holding.complete, holding.seen = have, message.complete, now
         self.lru[machine_id] = None
         self.lru.move_to_end(machine_id)
-        if message.served:
-            self._vouch(digest, machine_id, message.served)
+        if vouches:
+            self._vouch(digest, machine_id, vouches)
         if message.bad:
             self._report(digest, machine_id, message.bad)  # a peer shunned: the shares close up
         # the slots past the announced agents' are the joining ones': nobody fetches their chunks
@@ -274,13 +282,12 @@ class Tracker:
         )
 
     def _credible(self, digest: str, h: Holding, of: int, now: float) -> int:
-        """What of a holding's bitmap the union counts: all of it once proven, else its own share's
-        chunks for `prove_within` seconds from its first claim to one."""
-        if h.proven:
-            return h.have.bits
-        mine = h.have.bits & share_mask(h.slot, of, h.have.count)
+        """What of a holding's bitmap the union counts: the chunks others vouched for, and its own
+        share's chunks for `prove_within` seconds from its first claim to one."""
+        vouched = h.vouched & h.have.bits
+        mine = h.have.bits & share_mask(h.slot, of, h.have.count) & ~vouched
         if not mine:
-            return 0
+            return vouched
         first = self.first.setdefault(digest, {})
         since = first.get(h.machine_id)
         if since is None:
@@ -291,19 +298,21 @@ class Tracker:
             if not h.lapsed:
                 h.lapsed = True
                 self.lapsed += 1
-            return 0
+            return vouched
         self.lapse[digest] = min(self.lapse.get(digest, math.inf), ends)
-        return mine
+        return vouched | mine
 
-    def _vouch(self, digest: str, reporter: str, urls: tuple[str, ...]) -> None:
-        """The reporter got chunks that verified from the peers at these urls: their claims count."""
+    def _vouch(self, digest: str, reporter: str, vouches: list[tuple[str, int]]) -> None:
+        """The reporter got these chunks from the peers at these urls, and they verified: those
+        claims count (only those: a peer that served one real chunk does not make the rest true)."""
         at, swarm = self.at.get(digest, {}), self.swarms[digest]
-        for url in urls:
+        for url, bits in vouches:
             machine_id = at.get(url)
             holding = swarm.get(machine_id) if machine_id is not None and machine_id != reporter else None
-            if holding is not None and not holding.proven:
-                holding.proven = True
-                self.union[digest] = self.union.get(digest, 0) | holding.have.bits
+            if holding is None or holding.have.count != swarm[reporter].have.count:
+                continue
+            holding.vouched |= bits
+            self.union[digest] = self.union.get(digest, 0) | bits
 
     def _report(self, digest: str, reporter: str, urls: tuple[str, ...]) -> None:
         """The reporter got bytes that failed verification from the peers at these urls."""
@@ -368,7 +377,7 @@ class Tracker:
         self.rng.shuffle(useful)
         # stable: completed first (and proven: a claim to be complete costs nothing), random among
         # equals
-        useful.sort(key=lambda h: not (h.complete and h.proven))
+        useful.sort(key=lambda h: not (h.complete and h.vouched))
         return useful[: peer_count(len(swarm))]
 
     def _forget(self, machine_id: str, rebuild: bool = True) -> str | None:

@@ -322,13 +322,14 @@ def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_track
     assert sent[-1].bad == (late,) and swarm.dropped[late].startswith("slow")
 
     # a peer that served a chunk that verified is vouched for once, at the next announce
-    swarm.served_by(honest)
-    swarm.served_by(honest)
-    swarm.served_by(slow)
+    swarm.served_by(honest, 1)
+    swarm.served_by(honest, 3)
+    swarm.served_by(slow, 2)
     answers += [reply(), reply()]
     swarm.announce()
     swarm.announce()
-    assert [m.served for m in sent[-2:]] == [(honest, slow), ()]
+    told = [[(v.url, Have.decode(v.have, chunks).bits) for v in m.served] for m in sent[-2:]]
+    assert told == [[(honest, 0b1010), (slow, 0b100)], []]
 
 
 def test_an_agent_is_alone_when_the_swarm_has_nobody_else_the_shunned_counted_once() -> None:

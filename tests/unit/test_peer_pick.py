@@ -216,7 +216,7 @@ def test_after_a_peer_served_a_chunk_the_next_is_one_it_holds_and_goes_to_it() -
     first = next(order).chunk.index
     assert first in (4, 5), "the rarest first"
     assert swarm.after(first) is None, "no peer to follow yet"
-    swarm.served_by("http://p1")  # whatever served it: say p1 did
+    swarm.served_by("http://p1", first)  # whatever served it: say p1 did
     swarm.settled(first)
     second = next(order).chunk.index
     assert second in (0, 1, 2, 3), f"one p1 holds, though { ({4, 5} - {first}) } is rarer: {second}"
@@ -232,7 +232,7 @@ def test_a_peer_that_just_served_but_is_now_backed_off_is_not_followed() -> None
     swarm.parallel = 1
     order = swarm.order(iter(fetch_steps(swarm.manifest)))
     assert next(order).chunk.index == 2, "the rarest"
-    swarm.served_by("http://p1")
+    swarm.served_by("http://p1", 0)
     swarm.backoff("http://p1", 30.0)  # it answered 503 to another thread meanwhile
     swarm.settled(2)
     second = next(order).chunk.index

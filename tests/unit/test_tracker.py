@@ -10,7 +10,7 @@ from agent.peer import ticket
 from agent.peer.bitmap import Have
 from agent.peer.errors import KeyUnknown
 from agent.peer.swarm import remember_keys
-from agent.protocol import Announce, PeerGrant
+from agent.protocol import Announce, PeerGrant, Served
 from controller.fleet.tracker import Tracker, TrackerPolicy, peer_count
 
 IMAGE = "ab" * 32
@@ -47,12 +47,11 @@ def announce(  # type: ignore[no-untyped-def]
     held: tuple[int, ...] = (),
     digest: str = IMAGE,
     complete: bool = False,
-    served: tuple[int, ...] = (),
+    served: dict[int, tuple[int, ...]] | None = None,
 ):
-    """Agent i announces what it holds; `served`: the agents that served it chunks that verified."""
-    message = Announce(
-        f"j-{i:012x}", digest, 7000 + i, CHUNKS, bits(*held), complete, served=tuple(map(url, served))
-    )
+    """Agent i announces what it holds; `served`: agent -> the chunks it served i that verified."""
+    vouches = tuple(Served(url(j), bits(*chunks)) for j, chunks in (served or {}).items())
+    message = Announce(f"j-{i:012x}", digest, 7000 + i, CHUNKS, bits(*held), complete, served=vouches)
     return t.announce(mid(i), "127.0.0.1", message)
 
 
@@ -61,7 +60,7 @@ def test_peers_hold_what_the_caller_lacks_completed_first() -> None:
     announce(t, 1, tuple(range(CHUNKS)), complete=True)
     announce(t, 2, (0, 1))
     announce(t, 3, (5,))
-    announce(t, 4, (), served=(1,))  # holds nothing: useless to anyone; it was served by 1
+    announce(t, 4, (), served={1: (3,)})  # holds nothing: useless to anyone; 1 served it chunk 3
     reply = announce(t, 5, (0, 1))
     ids = [p.machine_id for p in reply.peers]
     assert ids[0] == mid(1), "the completed peer comes first (another agent vouched for it)"
@@ -173,7 +172,7 @@ def test_a_leaving_agent_is_forgotten_at_once_and_its_share_passes_on() -> None:
         announce(t, i, (i,))
     t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, bits(1), leaving=True))
     assert mid(1) not in t.where
-    c, a = announce(t, 2, (2,)), announce(t, 0, (0,), served=(2,))  # 0 vouches for 2
+    c, a = announce(t, 2, (2,)), announce(t, 0, (0,), served={2: (2,)})  # 0 vouches for 2's chunk
     assert (a.seed_of, c.seed_slot) == (2, 1)
     assert Have.decode(a.swarm_have, CHUNKS).bits == 0b101, "the union forgets what the leaver held"
 
@@ -375,7 +374,7 @@ def test_a_peer_two_agents_report_for_bad_bytes_leaves_the_union_the_shares_and_
     t = Tracker(rng=random.Random(3), on_shun=shuns.append)
     for _ in range(2):  # all join, then each says the others served it
         for i in range(1, 5):
-            announce(t, i, (i,), served=tuple(j for j in range(1, 5) if j != i))
+            announce(t, i, (i,), served={j: (j,) for j in range(1, 5) if j != i})
     announce(t, 9, tuple(range(CHUNKS)), complete=True)  # claims every chunk: slot 4 of 5
     reply = announce(t, 1, (1,))
     assert reply.seed_of == 5 and mid(9) in [p.machine_id for p in reply.peers]
@@ -429,11 +428,13 @@ def test_one_agent_alone_cannot_shun_a_peer_nor_report_itself_or_a_stranger() ->
     assert not t2.swarms and not t2.shunned and not t2.reports and not t2.at
 
 
-def test_the_union_counts_a_claim_to_its_own_share_for_a_while_and_all_of_it_once_vouched_for() -> None:
+def test_the_union_counts_the_chunks_others_were_served_and_an_unvouched_share_for_a_while() -> None:
     """A claim costs nothing to make: the union (which paces the shares and says the swarm moves)
-    counts what another agent was served, and an unproven agent's own share for `prove_within`."""
+    counts the chunks another agent said it was served, and an agent's own share's chunks for
+    `prove_within` from its first claim to one; nothing else it claims."""
     clock = Clock()
     t = Tracker(TrackerPolicy(interval=1.0, prove_within=10.0), clock=clock, rng=random.Random(6))
+    liar_share = 1 << 4 | 1 << 9 | 1 << 14
 
     def union() -> int:
         return Have.decode(announce(t, 0, ()).swarm_have, CHUNKS).bits
@@ -442,23 +443,24 @@ def test_the_union_counts_a_claim_to_its_own_share_for_a_while_and_all_of_it_onc
         announce(t, i)
     liar = announce(t, 4, tuple(range(CHUNKS)), complete=True)  # slot 4 of 5: chunks 4, 9, 14
     assert (liar.seed_slot, liar.seed_of) == (4, 5)
-    assert union() == 1 << 4 | 1 << 9 | 1 << 14, "its own share only"
+    assert union() == liar_share, "its own share only"
     reply = announce(t, 1, (1, 2))  # slot 1: chunk 1 is its share's, chunk 2 is not
-    assert Have.decode(reply.swarm_have, CHUNKS).bits == 1 << 1 | 1 << 4 | 1 << 9 | 1 << 14
+    assert Have.decode(reply.swarm_have, CHUNKS).bits == 1 << 1 | liar_share
     firsts = {announce(t, 0, ()).peers[0].machine_id for _ in range(20)}
-    assert firsts == {mid(1), mid(4)}, "its claim to be complete, unproven, does not put it first"
+    assert firsts == {mid(1), mid(4)}, "its claim to be complete, unvouched, does not put it first"
 
     clock.now += 6
-    announce(t, 2, (1,), served=(1,))  # 2 got chunk 1 from 1: all of 1's claims count from now on
-    assert union() == 0b110 | 1 << 4 | 1 << 9 | 1 << 14
+    announce(t, 2, (1, 2), served={1: (1, 2)})  # 2 got chunks 1 and 2 from 1: those claims count
+    assert union() == 0b110 | liar_share
     clock.now += 5  # the liar's 10 s ran out, and nobody said it served a chunk
     assert union() == 0b110 and t.lapsed == 1
-    clock.now += 15  # the proven claim stays
-    assert union() == 0b110
+    clock.now += 15  # (2's own share, chunk 2, ran out too) vouched claims stay
+    assert union() == 0b110 and t.lapsed == 2
 
-    announce(t, 3, (3,), served=(4,))  # one agent vouches for it: all it claims counts
-    assert union() == (1 << CHUNKS) - 1
-    assert announce(t, 0, ()).peers[0].machine_id == mid(4), "completed and proven: first"
+    # a liar that serves one real chunk gets that one counted, not the rest of what it claims
+    announce(t, 3, (5,), served={4: (5,)})
+    assert union() == 0b110 | 1 << 5
+    assert announce(t, 0, ()).peers[0].machine_id == mid(4), "completed and vouched for: first"
 
 
 def test_the_union_is_or_ed_again_only_when_a_claim_runs_out() -> None:
@@ -485,7 +487,7 @@ def test_the_union_is_or_ed_again_only_when_a_claim_runs_out() -> None:
     clock.now += 6
     announce(t, 0, (0,))
     assert passes == 1 and IMAGE not in t.lapse, "the three claims ran out together; none is left"
-    announce(t, 1, (1,), served=(0,))
+    announce(t, 1, (1,), served={0: (0,)})
     assert passes == 1 and Have.decode(announce(t, 2, (2,)).swarm_have, CHUNKS).bits == 0b1
 
 
@@ -531,3 +533,17 @@ def test_leaving_and_announcing_again_keeps_a_peers_reports_and_its_time_to_be_v
     assert Have.decode(reply.swarm_have, CHUNKS).bits == 0, "its 10 s did not start again"
     leave(2, 3)  # a report in a leaving announce counts too
     assert [s.machine_id for s in shuns] == [mid(3)] and mid(3) not in t.where
+
+
+def test_a_vouch_with_a_bitmap_of_another_size_is_refused_by_name() -> None:
+    import pytest
+
+    from agent.protocol import ProtocolError
+
+    t = Tracker()
+    announce(t, 1, (1,))
+    odd = Served(url(1), bits(0, n=4 * CHUNKS))
+    message = Announce("j-000000000002", IMAGE, 7002, CHUNKS, bits(), served=(odd,))
+    with pytest.raises(ProtocolError, match=r"served\[0\]\.have"):
+        t.announce(mid(2), "127.0.0.1", message)
+    assert len(t) == 1, "refused whole: the caller was not recorded"
