@@ -28,6 +28,7 @@ MESSAGES: dict[str, type] = {
     "AnnounceReply": p.AnnounceReply,
     "PeerGrant": p.PeerGrant,
     "PeerInfo": p.PeerInfo,
+    "Served": p.Served,
     "JobParams": p.JobParams,
     "CloudInit": p.CloudInit,
     "Assignment": p.Assignment,

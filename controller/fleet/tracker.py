@@ -96,7 +96,7 @@ class Holding:
     seen: float
     slot: int
     vouched: int = 0  # chunks another agent said it served that verified (a bitmap)
-    lapsed: bool = False  # its unproven claim ran out
+    lapsed: bool = False  # its share claim ran out before anyone vouched for any of its chunks
 
 
 @dataclass
@@ -173,7 +173,9 @@ class Tracker:
         self.on_shun = on_shun
         # digest -> when the first unproven claim it counts runs out: its union is OR-ed again then
         self.lapse: dict[str, float] = {}
-        self.lapsed = 0  # holdings whose unproven claims ran out, ever (honest ones should not)
+        # holdings whose share claim ran out before any agent was served a chunk by them, ever
+        # (honest ones rarely: their share's chunks are asked for first)
+        self.lapsed = 0
         # digest -> machine -> when it first claimed a chunk of its share, unproven. Kept, like the
         # reports, while the swarm lasts (up to max_agents machines each, the oldest forgotten
         # first): leaving and announcing again must not start a peer's time or its record afresh
@@ -295,7 +297,7 @@ class Tracker:
             _bound(first, self.policy.max_agents)
         ends = since + max(self.policy.prove_within, 3 * self.interval())
         if ends < now:
-            if not h.lapsed:
+            if not h.lapsed and not h.vouched:
                 h.lapsed = True
                 self.lapsed += 1
             return vouched
