@@ -377,7 +377,7 @@ class Tracker:
             h for h in probes if h is not me and h.have.count == me.have.count and h.have.bits & lacking
         ]
         self.rng.shuffle(useful)
-        # stable: completed first (and proven: a claim to be complete costs nothing), random among
+        # stable: completed first (and vouched for: a claim to be complete costs nothing), random among
         # equals
         useful.sort(key=lambda h: not (h.complete and h.vouched))
         return useful[: peer_count(len(swarm))]
