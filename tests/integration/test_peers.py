@@ -309,7 +309,7 @@ def test_the_swarm_reports_peers_that_served_bad_bytes_and_drops_those_the_track
     answers.append(reply(liar))
     swarm.announce()
     assert liar not in swarm.peers, "a later answer naming it as a peer does not bring it back"
-    assert [m.bad for m in sent[-2:]] == [(), ()], "a peer the tracker shunned is not reported again"
+    assert [m.bad for m in sent[-2:]] == [(), ()], "dropped on the tracker's word: nothing to report"
 
     # a peer dropped as slow whose bytes then fail the digest is reported all the same (a peer
     # that sent garbage slowly was never reported), once
