@@ -197,9 +197,8 @@ class PeerServer(ThreadingHTTPServer):
         self.conns = threading.BoundedSemaphore(limits.connections)
         self.bucket = TokenBucket(limits.rate)
         self.stats = ServeStats()
-        self.by_address: dict[
-            str, int
-        ] = {}  # connections open now from each address (each holds one of `conns`)
+        # connections open now from each address (each holds one of `conns`)
+        self.by_address: dict[str, int] = {}
         self._open_lock = threading.Lock()
         self.refusals = RefusalLog()
         self.stop_event = threading.Event()

@@ -129,6 +129,7 @@ class Swarm:
     def announce(self, leaving: bool = False) -> None:
         """One announce; raises what the announcer raises (the caller decides how to go on)."""
         with self.lock:
+            vouched = list(self.vouch.items())[: p.MAX_VOUCHES]
             message = p.Announce(
                 self.job_id,
                 self.digest,
@@ -138,10 +139,7 @@ class Swarm:
                 self.have.complete(self.wanted),
                 leaving,
                 tuple(self.bad[:MAX_REPORTS]),
-                tuple(
-                    p.Served(url, Have(len(self.manifest), bits).encode())
-                    for url, bits in list(self.vouch.items())[: p.MAX_VOUCHES]
-                ),
+                tuple(p.Served(url, Have(len(self.manifest), bits).encode()) for url, bits in vouched),
             )
         reply = self.announcer(message)
         if leaving:
@@ -151,12 +149,12 @@ class Swarm:
         with self.lock:
             self.shunned.update(reply.shunned)
             del self.bad[: len(message.bad)]  # told (a failed announce keeps them for the next)
-            for told in message.served:  # chunks served since stay for the next
-                left = self.vouch.get(told.url, 0) & ~Have.decode(told.have, len(self.manifest)).bits
+            for url, bits in vouched:  # chunks served since stay for the next
+                left = self.vouch.get(url, 0) & ~bits
                 if left:
-                    self.vouch[told.url] = left
+                    self.vouch[url] = left
                 else:
-                    self.vouch.pop(told.url, None)
+                    self.vouch.pop(url, None)
             self.grant = reply.grant
             remember_keys(self.keys, reply.grant)
             if reply.grant.now > 0:
