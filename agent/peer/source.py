@@ -39,6 +39,7 @@ from agent.writer.sources import ChunkSource
 
 SLICE = 64 << 10
 RATE_GRACE = 5.0  # seconds of a transfer before its rate is judged (a slow start is no crawl)
+SLOW_IN_A_ROW = 2  # chunks done far below the recent median, one after the other, that drop a peer
 SMALL_BODY = 64 << 10  # a refusal's body up to this is read, so that its connection can be kept
 DRAIN_SECONDS = 0.5  # ... if it comes within this
 # A failure of a kept connection before any answer: the peer closed it while it was idle here.
@@ -114,6 +115,7 @@ class PeerSource:
         # its 404s are counted, and how long it has answered only 503
         self._missing: dict[str, int] = {}
         self._busy: dict[str, tuple[int, float]] = {}  # url -> (503s in a row, since when)
+        self._slow: dict[str, int] = {}  # url -> chunks in a row done far below the recent median
         # asks a busy peer turned away, over the job: on a real link each cost a round trip through
         # the capped links' queues (the real fleet case: 2-3 a chunk, 7-20% of a deploy; docs/peers.md)
         self.busy_answers = 0
@@ -408,13 +410,22 @@ class PeerSource:
             resp.close()
             wall = max(time.monotonic() - t0, 1e-6)
             spent = max(wall - waited, 1e-6)
-            if (self.options.min_rate > 0 and got / spent < self.options.min_rate) or got / wall < relative:
-                # the bytes are kept (they are checked like any); the peer is not asked again
-                self.swarm.drop(
-                    url,
-                    f"slow: {got / wall:.0f} bytes/s, expected >= {max(self.options.min_rate, relative):.0f}",
-                )
+            floor = self.options.min_rate > 0 and got / spent < self.options.min_rate
+            if floor or got / wall < relative:
+                # the bytes are kept (they are checked like any). Below the fixed floor the peer is
+                # not asked again; far below the recent median only on the second chunk in a row:
+                # one chunk done within the grace is a single sample, and one that took a few
+                # scheduler hiccups on a busy host (32 against 205 MB/s on loopback) lost a peer
+                # that served the next at the usual rate
+                with self._lock:
+                    n = self._slow[url] = self._slow.get(url, 0) + 1
+                if floor or n >= SLOW_IN_A_ROW:
+                    least = max(self.options.min_rate, relative)
+                    row = "" if floor else f" ({n} chunks in a row)"
+                    self.swarm.drop(url, f"slow: {got / wall:.0f} bytes/s, expected >= {least:.0f}{row}")
             else:
+                with self._lock:
+                    self._slow.pop(url, None)
                 self.rates.add(got / wall)
                 self.swarm.chunk_seconds = chunk.length / (self.rates.expected() or got / wall)
             return got

@@ -272,6 +272,56 @@ def test_a_peer_far_slower_than_the_others_is_dropped_though_above_the_fixed_flo
     assert took < 3.0, f"left after a grace of a second or so, not the chunk's deadline: {took:.1f} s"
 
 
+def test_one_chunk_done_far_below_the_median_is_a_strike_and_two_in_a_row_drop_the_peer(
+    tmp_path: Path,
+) -> None:
+    """A chunk a peer sent whole within the grace, at a tenth of the recent median, is one sample: a
+    host's scheduler hiccup lost a peer that way (tests/integration/test_peers.py, 4 runs in 30)."""
+    import http.server
+
+    from agent.peer.source import PeerOptions, PeerSource
+
+    src = random_image(tmp_path / "src.img", 8 * MiB, seed=9)
+    _, manifest, digest = import_store(tmp_path / "store", src)
+    data = src.read_bytes()
+    pauses = [0.4, 0.0, 0.4, 0.4]  # before each body: slow, usual, slow, slow
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            chunk = next(c for c in manifest if self.path.endswith(c.hex))
+            body = data[chunk.offset : chunk.offset + chunk.length]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(pauses.pop(0))
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    swarm = _swarm_with_peer(manifest, digest, url)
+    source = PeerSource(swarm, PeerOptions(timeout=5.0))
+    for _ in range(4):
+        source.rates.add(20e6)  # what peers served here lately: a quarter is 1 MiB in 0.2 s
+    try:
+        for i in (1, 3, 5):  # not its origin share (the even ones)
+            chunk = manifest.chunk(i)
+            assert source.fetch_into(chunk, memoryview(bytearray(chunk.length))) == chunk.length
+            assert url not in swarm.dropped, (i, swarm.dropped)
+        chunk = manifest.chunk(7)
+        assert source.fetch_into(chunk, memoryview(bytearray(chunk.length))) == chunk.length, "kept"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert url in swarm.dropped and "(2 chunks in a row)" in swarm.dropped[url], swarm.dropped
+
+
 def test_the_origin_share_skips_a_chunk_a_known_peer_holds_and_takes_the_next(tmp_path: Path) -> None:
     src = random_image(tmp_path / "src.img", 8 * MiB, seed=8)
     _, manifest, digest = import_store(tmp_path / "store", src)
