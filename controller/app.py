@@ -26,7 +26,7 @@ from controller.fleet.enrollment import Enrollment
 from controller.fleet.operators import Operations
 from controller.fleet.tracker import Tracker, TrackerPolicy
 from controller.jobs import JobState
-from controller.metrics import Metrics
+from controller.metrics import Metrics, render_swarms
 from controller.power.service import Connector, Power, PowerPolicy, connect
 from controller.state.store import Store
 from controller.trust.leases import Leases
@@ -48,7 +48,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "# TYPE sledge_bmc_requests_total counter\n"
         f"sledge_bmc_requests_total {svc.power.requests}\n"
     )
-    return web.Response(text=svc.metrics.render(svc.ops.counts()) + bmc, content_type="text/plain")
+    text = svc.metrics.render(svc.ops.counts()) + bmc + render_swarms(svc.tracker.counts())
+    return web.Response(text=text, content_type="text/plain")
 
 
 async def openapi_json(request: web.Request) -> web.StreamResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from controller.fleet.tracker import SwarmCounts
 from controller.state.model import Counts
 from controller.trust import Refusal
 
@@ -73,3 +74,32 @@ class Metrics:
             lines.append(f"sledge_http_request_seconds_sum{{{labels}}} {h.sum:.6f}")
             lines.append(f"sledge_http_request_seconds_count{{{labels}}} {h.total}")
         return "\n".join(lines) + "\n"
+
+
+def render_swarms(c: SwarmCounts) -> str:
+    """The tracker's figures: how many deploy with peers now, and how often peers were found bad."""
+    return "".join(
+        f"# HELP {name} {about}\n# TYPE {name} {kind}\n{name} {value}\n"
+        for name, kind, about, value in (
+            ("sledge_swarms", "gauge", "Images deployed with peers now (swarms).", c.swarms),
+            ("sledge_swarm_agents", "gauge", "Agents announcing in a swarm.", c.agents),
+            (
+                "sledge_peer_reports_total",
+                "counter",
+                "Reports by agents of a peer whose bytes failed verification (one per reporter and peer).",
+                c.reports,
+            ),
+            (
+                "sledge_peers_shunned_total",
+                "counter",
+                "Peers removed from a swarm on agents' reports (the machines' events say so).",
+                c.shunned,
+            ),
+            (
+                "sledge_peer_claims_lapsed_total",
+                "counter",
+                "Agents whose claim to their own origin share ran out with no chunk of theirs vouched for.",
+                c.lapsed,
+            ),
+        )
+    )

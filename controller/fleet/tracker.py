@@ -87,6 +87,17 @@ class Shun:
     reporters: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class SwarmCounts:
+    """What the tracker holds now and has done since it started (the controller's /metrics)."""
+
+    swarms: int  # images with at least one announcing agent
+    agents: int  # agents holding a place in a swarm
+    reports: int  # distinct (reporter, peer) reports of bytes that failed verification, ever
+    shunned: int  # peers removed from a swarm on those reports, ever
+    lapsed: int  # agents whose claim to their own share ran out with nothing vouched for, ever
+
+
 @dataclass
 class Holding:
     machine_id: str
@@ -176,6 +187,8 @@ class Tracker:
         # holdings whose share claim ran out before any agent was served a chunk by them, ever
         # (honest ones rarely: their share's chunks are asked for first)
         self.lapsed = 0
+        self.reported = 0  # distinct (reporter, accused) pairs counted, ever
+        self.shuns = 0  # machines shunned, ever
         # digest -> machine -> when it first claimed a chunk of its share, unproven. Kept, like the
         # reports, while the swarm lasts (up to max_agents machines each, the oldest forgotten
         # first): leaving and announcing again must not start a peer's time or its record afresh
@@ -183,6 +196,9 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self.where)
+
+    def counts(self) -> SwarmCounts:
+        return SwarmCounts(len(self.swarms), len(self.where), self.reported, self.shuns, self.lapsed)
 
     def interval(self, empty: bool = False) -> float:
         """Seconds an agent is told to wait between announces: the configured interval, longer once
@@ -326,7 +342,9 @@ class Tracker:
                 continue  # gone, shunned already, or not of this swarm
             reporters = accused.setdefault(machine_id, set())
             _bound(accused, self.policy.max_agents)
-            reporters.add(reporter)
+            if reporter not in reporters:
+                reporters.add(reporter)
+                self.reported += 1
             if len(reporters) >= self.policy.shun_after:
                 self._shun(digest, machine_id, url, tuple(sorted(reporters)))
 
@@ -335,6 +353,7 @@ class Tracker:
         shunned[machine_id] = url
         _bound(shunned, SHUNNED_KEPT)
         self.reports[digest].pop(machine_id, None)
+        self.shuns += 1
         self._forget(machine_id)  # its claims leave the union, its slot the shares
         self.on_shun(Shun(machine_id, url, digest, reporters))
 

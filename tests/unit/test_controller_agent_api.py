@@ -276,3 +276,11 @@ async def test_a_peer_two_agents_report_for_bad_bytes_is_shunned_and_its_machine
     assert len(shunned) == 1 and all(word in shunned[0] for word in (machines[0], machines[1], liar)), said
     again = await announce(2)
     assert (again.seed_slot, again.seed_of, again.shunned) == (0, 1, (liar,))
+    text = await (await h.client.get("/metrics")).text()
+    for line in (
+        "sledge_swarms 1",
+        "sledge_swarm_agents 2",  # the liar announced again: no place in the swarm
+        "sledge_peer_reports_total 2",
+        "sledge_peers_shunned_total 1",
+    ):
+        assert f"\n{line}\n" in text, (line, text[-900:])

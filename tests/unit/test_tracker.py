@@ -11,7 +11,7 @@ from agent.peer.bitmap import Have
 from agent.peer.errors import KeyUnknown
 from agent.peer.swarm import remember_keys
 from agent.protocol import Announce, PeerGrant, Served
-from controller.fleet.tracker import Tracker, TrackerPolicy, peer_count
+from controller.fleet.tracker import SwarmCounts, Tracker, TrackerPolicy, peer_count
 
 IMAGE = "ab" * 32
 OTHER = "cd" * 32
@@ -411,6 +411,7 @@ def test_one_agent_alone_cannot_shun_a_peer_nor_report_itself_or_a_stranger() ->
     assert not shuns and len(t) == 3
     assert sorted(p.machine_id for p in announce(t, 3, (3,)).peers) == [mid(1), mid(2)]
     assert t.reports[IMAGE] == {mid(2): {mid(1)}}
+    assert t.counts() == SwarmCounts(swarms=1, agents=3, reports=1, shunned=0, lapsed=0), "one report, once"
 
     # a peer reported by two is shunned once, and its state leaves with the swarm
     t2 = Tracker(TrackerPolicy(shun_after=3), rng=random.Random(5), on_shun=shuns.append)
@@ -421,7 +422,7 @@ def test_one_agent_alone_cannot_shun_a_peer_nor_report_itself_or_a_stranger() ->
     assert not shuns, "shun_after=3: two reports are not enough"
     report(t2, 3, (3,), 4)
     report(t2, 3, (3,), 4)
-    assert len(shuns) == 1
+    assert len(shuns) == 1 and (t2.counts().reports, t2.counts().shunned, t2.counts().agents) == (3, 1, 3)
     for i in range(1, 4):
         leaving = Announce(f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, bits(i), leaving=True)
         t2.announce(mid(i), "127.0.0.1", leaving)
