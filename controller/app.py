@@ -19,6 +19,7 @@ from agent.protocol import STORE_PATH
 from controller import auth
 from controller.api import agent, boot, files, openapi, operator, power, views
 from controller.api.context import MACHINE_ID, SERVICES, Handler, Hub, Route, Services, services
+from controller.api.forwarded import parse_proxies
 from controller.api.wire import errors_middleware, respond
 from controller.config import Config
 from controller.fleet.agents import Fleet, Policy
@@ -178,6 +179,7 @@ def make_app(
         metrics=Metrics(),
         operator=operator_key or auth.ensure_operator_token(config.data_dir),
         presign=_presigner(config),
+        proxies=parse_proxies(config.trusted_proxies),
         tracker=Tracker(
             TrackerPolicy(interval=config.announce_seconds), deploying=fleet.deploying, on_shun=fleet.shunned
         ),

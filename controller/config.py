@@ -44,6 +44,9 @@ class Config:
     failures_per_mac: int = 5
     failures_per_address: int = 20
     failure_window: float = 300.0
+    # reverse proxies in front of the controller whose X-Forwarded-For is believed (addresses or
+    # networks; controller/api/forwarded.py): without them every agent's peer url is the proxy's
+    trusted_proxies: tuple[str, ...] = ()
     reap_interval: float = 2.0
     # Seconds between a deploying agent's tracker announces (sent to agents in every answer). A
     # young swarm spreads a chunk about one hop per announce, so shorter is faster; each announce

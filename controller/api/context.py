@@ -10,6 +10,7 @@ from typing import Literal
 
 from aiohttp import web
 
+from controller.api.forwarded import HEADER, Network, client_address
 from controller.auth import OperatorKey
 from controller.config import Config
 from controller.fleet.agents import Fleet
@@ -65,6 +66,7 @@ class Services:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     presign: Callable[[str], str] | None = None  # store path -> presigned bucket URL (--s3-store)
     tracker: Tracker = field(default_factory=Tracker)  # in memory: which agent holds which chunks
+    proxies: tuple[Network, ...] = ()  # config.trusted_proxies, parsed
 
 
 SERVICES = web.AppKey("services", Services)
@@ -92,8 +94,10 @@ def services(request: web.Request) -> Services:
 
 
 def peer(request: web.Request) -> str:
-    """The address the request came from: behind a proxy or QEMU user networking, the forwarder's."""
-    return request.remote or ""
+    """The address the request came from: through a trusted proxy, the client's it names
+    (controller.api.forwarded); behind any other forwarder (QEMU user networking), the forwarder's."""
+    svc = services(request)
+    return client_address(request.remote or "", request.headers.getall(HEADER, ()), svc.proxies)
 
 
 def machine_of(request: web.Request) -> str:

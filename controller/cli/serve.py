@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from controller.api.forwarded import parse_proxies
 from controller.app import make_app
 from controller.auth import ensure_operator_token, operator_token_path
 from controller.boot import cmdline
@@ -60,6 +61,14 @@ def add_parser(sub: Any) -> None:
         type=kernel_args,
         default=Config.kernel_args,
         help="more agent kernel arguments, e.g. sledge.ca=... to pin the CA (default: %(default)s)",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDRESS[/PREFIX]",
+        help="a reverse proxy in front of the controller whose X-Forwarded-For names the client"
+        " (agents' peer addresses, enrollment limits); repeat for more. Name only the proxies",
     )
     p.add_argument("--tls-cert", type=Path, default=None)
     p.add_argument("--tls-key", type=Path, default=None)
@@ -143,9 +152,11 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
     ):
         if not value > 0:
             raise ValueError(f"{flag}: expected seconds > 0, got {value}")
+    parse_proxies(args.trusted_proxy)  # refused here, by name, rather than when the app starts
     return replace(
         base,
         data_dir=args.data or base.data_dir,
+        trusted_proxies=tuple(args.trusted_proxy),
         host=host,
         port=port,
         public_url=args.url,

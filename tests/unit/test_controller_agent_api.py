@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.protocol import (
     HEARTBEAT_PATH,
     INVENTORY_PATH,
@@ -284,3 +286,36 @@ async def test_a_peer_two_agents_report_for_bad_bytes_is_shunned_and_its_machine
         "sledge_peers_shunned_total 1",
     ):
         assert f"\n{line}\n" in text, (line, text[-900:])
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"), [(("127.0.0.0/8",), "http://10.1.2.3:7100"), ((), "http://127.0.0.1:7100")]
+)
+async def test_behind_a_trusted_proxy_peers_are_told_the_agents_addresses_not_the_proxys(
+    aiohttp_client: AioClient, tmp_path: Path, trusted: tuple[str, ...], expected: str
+) -> None:
+    """A deploying agent serves chunks at the address the controller saw it at: behind a proxy
+    every agent's peer url was the proxy's (no peer ever served). A trusted proxy's
+    X-Forwarded-For names the agent; without --trusted-proxy the header is not read."""
+    from agent.peer.bitmap import Have
+    from agent.protocol import PEERS_PATH, Announce, AnnounceReply
+
+    h = await start(aiohttp_client, tmp_path, trusted_proxies=trusted)
+    digest = add_image(h.config.store_dir)
+    machines, jobs = [], []
+    for i in range(2):
+        machine_id = await h.enroll(f"52:54:00:00:01:0{i}", hostname=f"n{i}")
+        jobs.append((await h.create_job(machine_id, "deploy", image="tiny:1"))["id"])
+        assert await h.claim(machine_id) is not None
+        machines.append(machine_id)
+
+    async def announce(i: int, forwarded: str, held: int) -> AnnounceReply:
+        message = Announce(jobs[i], digest, 7100 + i, 1, Have(1, held).encode())
+        headers = {**h.agent(machines[i]), "X-Forwarded-For": forwarded}
+        r = await h.client.post(PEERS_PATH, json=message.to_wire(), headers=headers)
+        assert r.status == 200, await r.text()
+        return AnnounceReply.from_wire(await r.json())
+
+    await announce(0, "6.6.6.6, 10.1.2.3", 1)  # the agent's own list, then what the proxy saw
+    reply = await announce(1, "10.1.2.4", 0)
+    assert [p.url for p in reply.peers] == [expected]

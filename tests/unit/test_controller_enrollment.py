@@ -329,3 +329,36 @@ async def test_one_request_spends_the_failures_of_one_mac_only(
         assert (await register(evil, forged, inventory(uuid="u9", macs=listed)))[0] == 429
     token = await token_from(h.client, MAC1)
     assert token and (await register(h.client, token, victim()))[0] == 200
+
+
+async def test_behind_a_trusted_proxy_failed_enrollments_count_against_the_client_it_names(
+    aiohttp_client: AioClient, tmp_path: Path
+) -> None:
+    """Through a proxy every request comes from the proxy's address: one guessing machine locked
+    every other one out. A trusted proxy's X-Forwarded-For names the client instead (its boot
+    script's token is bound to that address too); an untrusted sender's header is not read."""
+    h = await start(aiohttp_client, tmp_path, failures_per_address=3, trusted_proxies=("127.0.0.1",))
+    forged = "sle_0000000000000000_" + "A" * 43
+
+    async def enroll(client: Any, via: str, mac: str, token: str = "") -> tuple[int, dict[str, Any]]:
+        """Boot (unless a token is given) and register from `via`, as the proxy says."""
+        headers = {"X-Forwarded-For": via}
+        if not token:
+            script = await (await client.get("/boot/ipxe", params={"mac": mac}, headers=headers)).text()
+            token = re.search(r"sledge\.token=(\S+)", script).group(1)  # type: ignore[union-attr]
+        body = {"enrollment_token": token, "inventory": inventory(uuid=mac, macs=(mac,)).to_wire()}
+        r = await client.post("/v1/agent/register", json=body, headers=headers)
+        return r.status, await r.json()
+
+    for i in range(3):
+        assert (await enroll(h.client, "10.0.0.66", f"52:54:00:00:02:0{i}", forged))[0] == 401
+    status, body = await enroll(h.client, "10.0.0.66", "52:54:00:00:02:08", forged)
+    assert status == 429 and "address 10.0.0.66 had 3 failed enrollments" in body["error"], body
+    assert (await enroll(h.client, "10.0.0.7", MAC2))[0] == 200, "another machine behind the proxy"
+
+    async with attacker(h) as evil:  # not a trusted proxy: its header is its own word, unread
+        for i in range(3):
+            assert (await enroll(evil, "10.0.0.8", f"52:54:00:00:04:0{i}", forged))[0] == 401
+        status, body = await enroll(evil, "10.0.0.8", "52:54:00:00:04:09", forged)
+        assert status == 429 and f"address {ATTACKER} had 3" in body["error"], body
+    assert (await enroll(h.client, "10.0.0.8", "52:54:00:00:03:01"))[0] == 200, "10.0.0.8 is not blocked"
