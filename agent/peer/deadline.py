@@ -15,10 +15,15 @@ import time
 from typing import Any
 
 
+class TooLarge(OSError):
+    """More bytes came than were allowed before the next `within`."""
+
+
 class DeadlineSocket(socket.socket):
     deadline = math.inf  # time.monotonic(): reads past it raise TimeoutError
     what = "data"
     seconds = math.inf
+    left = most = math.inf  # bytes that may still be read before the next `within`, of `most`
 
     @classmethod
     def of(cls, sock: socket.socket) -> DeadlineSocket:
@@ -28,11 +33,23 @@ class DeadlineSocket(socket.socket):
         new.settimeout(timeout)
         return new
 
-    def within(self, seconds: float, what: str) -> None:
-        """Reads from now on end `seconds` from now (`what`: what is read, for the error)."""
+    def within(self, seconds: float, what: str, most: float = math.inf) -> None:
+        """Reads from now on end `seconds` from now, and after `most` bytes (`what`: what is read,
+        for the error)."""
         self.deadline, self.seconds, self.what = time.monotonic() + seconds, seconds, what
+        self.left = self.most = most
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if self.left != math.inf:
+            if self.left <= 0:
+                raise TooLarge(f"expected {self.what} in at most {self.most:.0f} bytes")
+            nbytes = min(nbytes or len(buffer), int(self.left))
+            n = self._recv_into(buffer, nbytes, flags)
+            self.left -= n
+            return n
+        return self._recv_into(buffer, nbytes, flags)
+
+    def _recv_into(self, buffer: Any, nbytes: int, flags: int) -> int:
         step = self.gettimeout()
         left = self.deadline - time.monotonic()
         if left == math.inf or (step is not None and step <= left):

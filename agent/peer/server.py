@@ -16,8 +16,10 @@ A ticket under a key this agent was not handed yet gets 403 with `X-Sledge-Key: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import socketserver
 import threading
 import time
@@ -30,7 +32,7 @@ import blake3
 
 from agent.peer import ticket
 from agent.peer.bucket import TokenBucket
-from agent.peer.deadline import DeadlineSocket
+from agent.peer.deadline import DeadlineSocket, TooLarge
 from agent.peer.errors import KeyUnknown, TicketInvalid
 from agent.peer.gate import UploadGate
 from agent.peer.rates import Callers, Rates
@@ -46,6 +48,10 @@ SLICE = 64 << 10
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 )
+# a request's line and headers: an agent's are under 1 KiB; the standard library's own bounds (100
+# lines of 64 KiB) let each of a few connections without a ticket buffer 6 MiB a request (the agent's
+# memory grew by ~1 GiB under such a flood, in a live image that runs from RAM)
+HEAD_BYTES = 8 << 10
 KEY_HEADER = "X-Sledge-Key"  # "unknown": the ticket's key is not (yet) known here
 HELD_HEADER = "X-Sledge-Held"  # how many chunks the caller holds: the neediest is served first
 
@@ -70,6 +76,11 @@ class ServeLimits:
     # slot, which goes to the one that holds the fewest chunks (agent.peer.gate); the rest get 503
     queue: int = 4
     queue_wait: float = 2.0  # below the callers' socket timeout (PeerOptions.timeout)
+    # refused requests (no ticket, a bad one, not a peer path) from one address in a minute, past
+    # which its connections are closed at once, unread: every refusal closes its connection too, so
+    # a caller without a ticket cannot keep a parser busy in the agent's process (a flood of them on
+    # kept connections slowed the agent's own write 16x)
+    refusals: int = 60
 
 
 @dataclass
@@ -90,6 +101,12 @@ class RefusalLog:
         self.first, self.window, self.max_callers = first, window, max_callers
         self.lock = threading.Lock()
         self.seen: dict[str, tuple[float, int]] = {}  # ip -> (its minute's start, refusals in it)
+
+    def count(self, ip: str, now: float) -> int:
+        """Refusals of `ip` in its current minute."""
+        with self.lock:
+            start, count = self.seen.get(ip, (now, 0))
+        return count if now - start < self.window else 0
 
     def note(self, ip: str, what: str, now: float) -> list[str]:
         """The lines to log for one refusal of `ip` (none once it is past `first` this minute)."""
@@ -134,14 +151,25 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
 
     def handle_one_request(self) -> None:
-        # ... and one that trickles it a byte at a time, each within the timeout, is cut off too
-        cast(DeadlineSocket, self.request).within(self.server.limits.timeout, "a whole request")
-        super().handle_one_request()
+        if self.server.stop_event.is_set():  # the server closes: no more requests on kept connections
+            self.close_connection = True
+            return
+        # ... and one that trickles it a byte at a time, each within the timeout, is cut off too, as
+        # is one whose line and headers run past HEAD_BYTES
+        cast(DeadlineSocket, self.request).within(self.server.limits.timeout, "a whole request", HEAD_BYTES)
+        try:
+            super().handle_one_request()
+        except TooLarge:
+            self.close_connection = True  # closed unanswered, like a request that timed out
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # refusals are logged on purpose below; the rest is not worth a line
 
-    def _reply(self, status: int, text: str, extra: dict[str, str] | None = None) -> None:
+    def _reply(
+        self, status: int, text: str, extra: dict[str, str] | None = None, close: bool = False
+    ) -> None:
+        if close:
+            self.close_connection = True
         body = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
@@ -155,12 +183,13 @@ class _Handler(BaseHTTPRequestHandler):
     def end_headers(self) -> None:
         # HTTP/1.1 keeps the connection for the caller's next request (a new one per chunk paid a
         # handshake and TCP's slow start each time), unless many are open
-        if self.server.crowded():
+        if self.close_connection or self.server.crowded():
             self.send_header("Connection", "close")  # also makes the handler close it after
         super().end_headers()
 
     def do_GET(self) -> None:
-        if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        if len(lengths) > 1 or lengths[0].strip() != "0" or "Transfer-Encoding" in self.headers:
             self.close_connection = True  # its body is not read: it is no request of the caller's
         self.server.serve_chunk(self)
 
@@ -202,6 +231,9 @@ class PeerServer(ThreadingHTTPServer):
         self._open_lock = threading.Lock()
         self.refusals = RefusalLog()
         self.stop_event = threading.Event()
+        # the connections being handled, by their threads: close() ends them before it returns, so
+        # that none reads the target after the deploy closed it (and its descriptor was reused)
+        self.live: dict[threading.Thread, Any] = {}
         self.port = self.server_address[1]
         swarm.port = self.port
         self._thread: threading.Thread | None = None
@@ -235,6 +267,8 @@ class PeerServer(ThreadingHTTPServer):
 
     def _admit(self, ip: str) -> int | None:
         """Take a connection slot for `ip`: None once taken, else the connections `ip` has open."""
+        if self.refusals.count(ip, time.monotonic()) >= self.limits.refusals:
+            return -1
         with self._open_lock:
             mine = self.by_address.get(ip, 0)
             if mine >= self.limits.per_address or not self.conns.acquire(blocking=False):
@@ -246,7 +280,11 @@ class PeerServer(ThreadingHTTPServer):
         """A bare 503 and close: every connection slot is taken, or `ip`'s share of them (`mine`)."""
         with self.stats.lock:
             self.stats.busy += 1
-        if mine >= self.limits.per_address:
+        if mine < 0:
+            why = f"refused {self.limits.refusals} times this minute: its connections are closed unread"
+            for line in self.refusals.note(ip, f"(503) {why}", time.monotonic()):
+                self.log(line)
+        elif mine >= self.limits.per_address:
             why = f"{mine} connections open from it, at most {self.limits.per_address} per address"
             for line in self.refusals.note(ip, f"(503) {why}", time.monotonic()):
                 self.log(line)
@@ -258,9 +296,17 @@ class PeerServer(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        me = threading.current_thread()
+        with self._open_lock:
+            self.live[me] = request
         try:
-            super().process_request_thread(request, client_address)
+            if not self.stop_event.is_set():
+                super().process_request_thread(request, client_address)
+            else:
+                self.shutdown_request(request)
         finally:
+            with self._open_lock:
+                self.live.pop(me, None)
             self._closed(str(client_address[0]))  # the thread's shutdown_request closed the socket
 
     def _closed(self, ip: str) -> None:
@@ -294,24 +340,34 @@ class PeerServer(ThreadingHTTPServer):
         return self
 
     def close(self) -> None:
+        """Stop accepting, end every connection being handled, and return once their threads have."""
         self.stop_event.set()
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
         self.server_close()
+        with self._open_lock:
+            live = dict(self.live)
+        for sock in live.values():  # a read or write in progress ends at once; a wait on stop_event
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        bound = time.monotonic() + self.limits.queue_wait + self.limits.timeout
+        for thread in live:
+            thread.join(max(0.0, bound - time.monotonic()))
 
     def _refuse(self, h: _Handler, status: int, why: str, extra: dict[str, str] | None = None) -> None:
+        """Refuse the request, log it, count it against its address, and close its connection."""
         with self.stats.lock:
             self.stats.refused += 1
         ip = str(h.client_address[0])
         for line in self.refusals.note(ip, f"({status}) {h.path[:160]!r}: {why}", time.monotonic()):
             self.log(line)
-        h._reply(status, why + "\n", extra)
+        h._reply(status, why + "\n", extra, close=True)
 
     def serve_chunk(self, h: _Handler) -> None:
         match = _PATH.fullmatch(h.path)
         if match is None:
-            h._reply(404, "not a peer chunk path\n")
+            self._refuse(h, 404, "not a peer chunk path")
             return
         digest, chunk_hex = match.groups()
         auth = h.headers.get("Authorization", "")

@@ -431,7 +431,7 @@ class PeerSource:
             return got
         except (OSError, http.client.HTTPException) as exc:
             keep = False
-            raise _Failed(f"{type(exc).__name__}: {exc}", drop=True) from None
+            raise _Failed(f"{type(exc).__name__}: {_brief(exc)}", drop=True) from None
         finally:
             if conn is not None:
                 if keep:
@@ -497,3 +497,10 @@ class CappedSource:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _brief(exc: BaseException, most: int = 160) -> str:
+    """An exception's text as a drop's reason (a job event) may carry it: a hostile peer's status
+    line, up to 64 KiB of anything, is in http.client's BadStatusLine."""
+    text = str(exc)
+    return text if len(text) <= most and text.isprintable() else repr(text[:most])

@@ -185,16 +185,26 @@ def run(args: argparse.Namespace, config: Config) -> int:
         client = Client(args.controller or config.controller_url, _token(args, config))
         return _COMMANDS[args.cmd](client, args)
     except CliError as exc:
-        print(f"sledge: {exc}", file=sys.stderr)
+        print(shown(f"sledge: {exc}"), file=sys.stderr)
         return 1
     except ProtocolError as exc:
-        print(f"sledge: the controller's reply does not match this sledge: {exc}", file=sys.stderr)
+        print(shown(f"sledge: the controller's reply does not match this sledge: {exc}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 # -- output --------------------------------------------------------------------------------------------
+
+
+# control characters (but the newline and the tab) as escapes: ESC, CR, BEL and the C1 codes from an
+# agent's event, a hostname or a peer's status line quoted in a drop would drive the operator's terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"}
+
+
+def shown(text: str) -> str:
+    """Text the controller relays (much of it an agent's, untrusted) as a terminal may show it."""
+    return text.translate(_CONTROL)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -211,7 +221,7 @@ def ago(t: float | None) -> str:
 
 
 def emit(args: argparse.Namespace, data: object, text: str) -> int:
-    print(json.dumps(data, indent=2) if args.json else text)
+    print(json.dumps(data, indent=2) if args.json else shown(text))
     return 0
 
 
@@ -228,7 +238,7 @@ def event_line(e: views.EventView) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
     seq = f"#{e.seq}" if e.seq is not None else "ctl"
     done = f" [{human_bytes(e.done or 0)}/{human_bytes(e.total)}]" if e.total else ""
-    return f"{stamp} {e.job_id or e.machine_id} {seq:>5} {e.kind:<8} {e.message}{done}"
+    return shown(f"{stamp} {e.job_id or e.machine_id} {seq:>5} {e.kind:<8} {e.message}{done}")
 
 
 # -- commands ------------------------------------------------------------------------------------------

@@ -124,6 +124,28 @@ def sledge(capsys: pytest.CaptureFixture[str], server: Server, *args: str) -> tu
     return rc, out.out, out.err
 
 
+def test_what_agents_say_reaches_the_operator_s_terminal_without_its_control_characters(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event's text is an agent's (and a drop's reason quotes a peer's status line): ESC, BEL
+    and CR in it would clear the operator's screen, set its title, or overwrite a line."""
+    server.start()
+    add_image(server.data / "store", "tiny", "1")
+    _, agent = server.enroll()
+    rc, out, err = sledge(capsys, server, "deploy", MAC, "tiny:1", "--json")
+    job_id = json.loads(out)["id"]
+    assert server.call("GET", f"{NEXT_JOB_PATH}?wait=0", token=agent)[0] == 200
+    hostile = "peer dropped: \x1b[2J\x1b]0;owned\x07\x9b31m deploy succeeded\rOK"
+    posted = {"attempt": 1, "events": [{**event(1), "kind": "warning", "message": hostile}]}
+    assert server.call("POST", job_events_path(job_id), posted, agent)[0] == 200
+    rc, out, err = sledge(capsys, server, "events", job_id)
+    assert rc == 0, err
+    assert "\\x1b[2J\\x1b]0;owned\\x07\\x9b31m deploy succeeded\\x0dOK" in out, out
+    assert not any(c in out for c in "\x1b\x07\x9b\r")
+    rc, out, _ = sledge(capsys, server, "events", job_id, "--json")
+    assert json.loads(out)[-1]["message"] == hostile, "--json keeps the text as it was"
+
+
 def test_kill_9_mid_deploy_loses_and_doubles_nothing(
     server: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:

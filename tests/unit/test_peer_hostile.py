@@ -284,6 +284,8 @@ class FakePeer:
                         conn.sendall(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
                         while not self.done.wait(0.3):
                             conn.sendall(b"0")  # a chunk-size line that never ends
+                    elif self.behaviour == "escapes":
+                        conn.sendall(b"\x1b[2J\x1b]0;owned\x07" * 4000 + b"\r\n\r\n")
                     elif self.behaviour == "continue":
                         while not self.done.wait(0.3):
                             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -473,6 +475,22 @@ def test_a_peer_lacking_our_key_is_asked_again_later_one_refusing_the_ticket_is_
         peer.close()
 
 
+def test_a_peer_s_garbage_reaches_the_drop_s_reason_quoted_and_cut(image: tuple[Path, Manifest, str]) -> None:
+    """A status line of 44 KB of terminal escapes went whole into the job's events."""
+    _, manifest, digest = image
+    peer = FakePeer("escapes", 0)
+    try:
+        swarm = swarm_with(peer, manifest, digest)
+        source = PeerSource(swarm, PeerOptions(timeout=1.0, max_wait=0.5))
+        thread, _ = fetch_in_thread(source, manifest, 1)
+        thread.join(5)
+        reason = swarm.dropped[peer.url]
+        assert reason.startswith("BadStatusLine: '") or reason.startswith("LineTooLong: "), reason
+        assert len(reason) < 400 and reason.isprintable() and "\\x1b[2J" in reason, reason
+    finally:
+        peer.close()
+
+
 def test_refusals_are_logged_at_most_a_few_a_minute_per_caller_then_counted() -> None:
     log = RefusalLog(first=3, window=60.0)
     lines = [line for i in range(50) for line in log.note("10.0.0.9", f"(401) #{i}", now=100.0 + i / 10)]
@@ -505,6 +523,96 @@ def test_a_caller_looping_on_refused_requests_makes_a_few_log_lines(
         assert len(lines) <= 6, lines
     finally:
         server.close()
+        os.close(fd)
+
+
+def test_a_refusal_closes_its_connection_and_an_address_refused_too_often_is_closed_unread(
+    image: tuple[Path, Manifest, str],
+) -> None:
+    """A caller without a ticket looping on kept connections kept the agent's interpreter busy
+    parsing (its own write ran 16x slower): each refusal now closes the connection, and past
+    `refusals` a minute an address's connections are closed at once. Other callers are served."""
+    with running(image, ServeLimits(refusals=5)) as server:
+        sock, request = _request(server, authorised=False, source="127.0.0.31")
+        with sock:
+            sock.sendall(request + request)  # a second request on the same connection is not read
+            sock.settimeout(3)
+            out = b""
+            while data := sock.recv(65536):
+                out += data
+        assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 401"), out
+        assert b"Connection: close" in out
+        for bad in ("/etc/passwd", f"/v1/peer/{server.swarm.digest}/../x"):
+            path = f"GET {bad} HTTP/1.1\r\n\r\n".encode()
+            assert _answers(server, path).startswith(b"HTTP/1.1 404"), "not a peer path: refused too"
+        for _ in range(4):
+            assert _get_status_from(server, "127.0.0.31") == 401
+        assert server.refusals.count("127.0.0.31", time.monotonic()) == 5
+        sock, request = _request(server, authorised=True, source="127.0.0.31")  # even with a ticket
+        with sock:
+            sock.sendall(request)
+            sock.settimeout(3)
+            assert sock.recv(64).startswith(b"HTTP/1.1 503"), "closed unread, with a bare 503"
+        sock, request = _request(server, authorised=True, source="127.0.0.32")
+        with sock:
+            sock.sendall(request)
+            sock.settimeout(3)
+            assert sock.recv(64).startswith(b"HTTP/1.1 200"), "another address is served"
+
+
+def _get_status_from(server: PeerServer, source: str) -> int:
+    sock, request = _request(server, authorised=False, source=source)
+    with sock:
+        sock.sendall(request)
+        sock.settimeout(5)
+        return int(sock.recv(64).split()[1])
+
+
+def test_a_request_head_past_its_bound_is_closed_unanswered(server: PeerServer) -> None:
+    """The standard library buffers 100 header lines of 64 KiB each: a few callers without a
+    ticket grew the agent by ~1 GiB. A head past HEAD_BYTES is cut off instead."""
+    from agent.peer.server import HEAD_BYTES
+
+    path = f"/v1/peer/{server.swarm.digest}/{'0' * 64}"
+    big = f"GET {path} HTTP/1.1\r\n".encode() + b"".join(
+        b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(HEAD_BYTES // 1000 + 2)
+    )
+    assert _answers(server, big + b"\r\n") == b"", "closed, nothing parsed or answered"
+    ok = f"GET {path} HTTP/1.1\r\nX-Pad: {'a' * 4000}\r\nConnection: close\r\n\r\n".encode()
+    assert _answers(server, ok).startswith(b"HTTP/1.1 401"), "a head within the bound is read"
+    dup = f"GET {path} HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n".encode()
+    assert _answers(server, dup + b"GET / HTTP/1.1\r\n\r\n").count(b"HTTP/1.1 ") == 1, (
+        "two Content-Lengths: the connection closes, its 'body' is never a request"
+    )
+
+
+def test_close_ends_the_connections_it_serves_before_it_returns(image: tuple[Path, Manifest, str]) -> None:
+    """A kept connection went on being served after close(): its thread then read the target's
+    descriptor after the deploy had closed it (and the number was another file's)."""
+    src, manifest, digest = image
+    fd = os.open(src, os.O_RDONLY)
+    swarm = Swarm(
+        manifest, digest, "j-000000000001", lambda m: AnnounceReply(PeerGrant(0, "00" * 32, "t", 0.0))
+    )
+    for chunk in manifest:
+        swarm.have.add(chunk.index)
+    swarm.keys[ticket.key_name("00000000", 0)] = KEY
+    server = PeerServer(swarm, fd, "127.0.0.1", 0, ServeLimits(timeout=30.0), log=lambda _: None).start()
+    sock, request = _request(server, authorised=True)
+    try:
+        sock.sendall(request)
+        sock.settimeout(5)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + manifest.chunk(0).length:
+            got += sock.recv(1 << 20)
+        assert got.startswith(b"HTTP/1.1 200") and b"Connection: close" not in got.split(b"\r\n\r\n")[0]
+        assert settle(lambda: len(server.live) == 1), "the kept connection waits for its next request"
+        t0 = time.monotonic()
+        server.close()
+        assert time.monotonic() - t0 < 3.0 and not server.live and server.open == 0
+        assert closed_within(sock, 1.0), "closed by close(), not by the 30-s idle timeout"
+    finally:
+        sock.close()
         os.close(fd)
 
 
