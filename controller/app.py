@@ -181,7 +181,10 @@ def make_app(
         presign=_presigner(config),
         proxies=parse_proxies(config.trusted_proxies),
         tracker=Tracker(
-            TrackerPolicy(interval=config.announce_seconds), deploying=fleet.deploying, on_shun=fleet.shunned
+            TrackerPolicy(interval=config.announce_seconds),
+            deploying=fleet.deploying,
+            on_shun=fleet.shunned,
+            wall=clock,  # tickets in the controller's time; its own timers on the monotonic clock
         ),
         power=Power(
             store,

@@ -65,13 +65,15 @@ class PeerSession:
 
     def __enter__(self) -> PeerSession:
         self.server.start()
+        failing = ""
         try:
             self.swarm.announce()
             self.active = True
         except Exception as exc:  # the tracker is an optimisation: the job's sources still serve
             self.log(f"peers: announce failed ({exc}); fetching from the sources alone")
+            failing = str(exc)
         self._thread = threading.Thread(
-            target=self.swarm.run, args=(self.stop, self.log), name="peer-announce", daemon=True
+            target=self.swarm.run, args=(self.stop, self.log, failing), name="peer-announce", daemon=True
         )
         self._thread.start()
         return self

@@ -179,10 +179,12 @@ class Swarm:
             self.announces += 1
             self.lock.notify_all()
 
-    def run(self, stop: threading.Event, log: Callable[[str], None]) -> None:
+    def run(self, stop: threading.Event, log: Callable[[str], None], failing: str = "") -> None:
         """Announce every interval until `stop` (set `news` too, to wake it at once), and sooner (a
         quarter of it after the last) when one of this agent's first EARLY chunks is verified; a
-        failed announce keeps the last view."""
+        failed announce keeps the last view. A failure is logged once (each line is a job event), again
+        only if it changes, and the first announce that works after it says so (`failing`: the
+        failure the caller logged already)."""
         last = time.monotonic()
         while not stop.is_set():
             # a young swarm spreads a chunk one hop per announce: telling the tracker at once that we
@@ -196,7 +198,13 @@ class Swarm:
             try:
                 self.announce()
             except Exception as exc:  # the deploy goes on with the peers it knows, then the origin
-                log(f"peers: announce failed: {exc}")
+                if str(exc) != failing:
+                    log(f"peers: announce failed: {exc} (said once; the next that works says so)")
+                failing = str(exc)
+            else:
+                if failing:
+                    log("peers: announces work again")
+                failing = ""
 
     # -- what the writer and the peer source ask -----------------------------------------------------
 

@@ -114,7 +114,7 @@ def test_an_agent_moving_to_another_image_leaves_the_first_swarm() -> None:
 
 def test_the_grant_verifies_with_its_key_for_its_image_and_holder_only() -> None:
     clock = Clock()
-    t = Tracker(clock=clock)
+    t = Tracker(clock=clock, wall=clock)
     grant = announce(t, 1).grant
     keys = {ticket.key_name(grant.kid, grant.epoch): bytes.fromhex(grant.key)}
     got = ticket.verify(grant.ticket, keys, IMAGE, now=clock.now)
@@ -167,14 +167,18 @@ async def test_only_a_running_deploy_of_that_image_may_announce(aiohttp_client, 
 
 
 def test_a_leaving_agent_is_forgotten_at_once_and_its_share_passes_on() -> None:
-    t = Tracker()
-    for i in range(3):
-        announce(t, i, (i,))
+    clock = Clock()
+    t = Tracker(TrackerPolicy(interval=1.0), clock=clock)
+    for i in range(4):
+        announce(t, i, (i,), served={j: (j,) for j in range(i)})  # each vouches for the ones before
     t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, bits(1), leaving=True))
     assert mid(1) not in t.where
-    c, a = announce(t, 2, (2,)), announce(t, 0, (0,), served={2: (2,)})  # 0 vouches for 2's chunk
-    assert (a.seed_of, c.seed_slot) == (2, 1)
-    assert Have.decode(a.swarm_have, CHUNKS).bits == 0b101, "the union forgets what the leaver held"
+    c, d = announce(t, 2, (2,)), announce(t, 3, (3,))
+    assert (d.seed_of, d.seed_slot, c.seed_slot) == (3, 1, 2), "the last slot's agent took the leaver's"
+    assert Have.decode(d.swarm_have, CHUNKS).bits == 0b1111, "the union is OR-ed again within an interval"
+    clock.now += 1.01
+    a = announce(t, 0, (0,), served={3: (3,)})
+    assert Have.decode(a.swarm_have, CHUNKS).bits == 0b1101, "the union forgot what the leaver held"
 
 
 def test_expiring_thousands_at_once_rebuilds_each_swarm_once() -> None:
@@ -186,15 +190,15 @@ def test_expiring_thousands_at_once_rebuilds_each_swarm_once() -> None:
     full = Have(chunks)
     full.bits = (1 << chunks) - 1
     for i in range(n):
-        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9, chunks, full.encode()))
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9 + i, chunks, full.encode()))
     clock.now += 20
     survivor = Have(chunks)
     survivor.add(5)
     for i in (n, n + 1):  # two agents that stay: the union and the shares are theirs afterwards
-        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9, chunks, survivor.encode()))
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 9 + i, chunks, survivor.encode()))
     clock.now += 15
     t0 = time.perf_counter()
-    reply = t.announce(mid(n), "127.0.0.1", Announce(f"j-{n:012x}", IMAGE, 9, chunks, survivor.encode()))
+    reply = t.announce(mid(n), "127.0.0.1", Announce(f"j-{n:012x}", IMAGE, 9 + n, chunks, survivor.encode()))
     took = time.perf_counter() - t0
     assert took < 1.0, f"one announce after {n} expiries took {took:.2f} s, expected under 1 s"
     assert len(t) == 2 and reply.seed_of == 2
@@ -548,3 +552,78 @@ def test_a_vouch_with_a_bitmap_of_another_size_is_refused_by_name() -> None:
     with pytest.raises(ProtocolError, match=r"served\[0\]\.have"):
         t.announce(mid(2), "127.0.0.1", message)
     assert len(t) == 1, "refused whole: the caller was not recorded"
+
+
+def test_a_vouch_counts_only_the_chunks_the_peer_itself_claims() -> None:
+    """One agent vouching every chunk of a peer that holds none made the union whole: no share
+    paced, no chunk lacking, the swarm never seen to move (the liar's stall, by another route)."""
+    t = Tracker(rng=random.Random(7))
+    for i in range(3):
+        announce(t, i)
+    hostile = announce(t, 3, (), served={1: tuple(range(CHUNKS))})
+    assert Have.decode(hostile.swarm_have, CHUNKS).bits == 0
+    assert Have.decode(announce(t, 2).swarm_have, CHUNKS).bits == 0, "nor later, to anyone"
+    honest = announce(t, 1, (4,))  # once the peer claims a chunk, the earlier vouch for it counts
+    assert Have.decode(honest.swarm_have, CHUNKS).bits == 1 << 4
+
+
+def test_a_url_another_agent_announced_is_refused_by_name_and_nothing_changes() -> None:
+    """Two agents at one address (a NAT, a proxy not trusted) and one port: the second took the
+    first's place in the url index, got its vouches, and once it left the first could be neither
+    vouched for nor shunned. Refused now; an agent is never told its own url either."""
+    import pytest
+
+    from controller.fleet.errors import Conflict
+
+    t = Tracker(rng=random.Random(8))
+    announce(t, 1, (1,))
+    announce(t, 2)
+    thief = Announce("j-000000000003", IMAGE, 7001, CHUNKS, bits(1, 2, 3))
+    with pytest.raises(Conflict, match=r"peer url http://127.0.0.1:7001: already announced by machine"):
+        t.announce(mid(3), "127.0.0.1", thief)
+    assert mid(3) not in t.where and t.at[IMAGE][url(1)] == mid(1) and len(t.slots[IMAGE]) == 2
+    assert [p.url for p in announce(t, 2).peers] == [url(1)]
+    t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, leaving=True))
+    assert t.announce(mid(3), "127.0.0.1", thief).seed_of == 2, "free once its agent left"
+
+
+def test_agents_leaving_cost_one_pass_over_the_swarm_an_interval_not_one_each() -> None:
+    """A pass at each leave cost O(N) an announce: 10,000 agents leaving at a deploy's end held the
+    event loop for 72 s. A leave now moves the last slot's agent into the gap, and the union is
+    OR-ed again once an interval."""
+    clock = Clock()
+    t = Tracker(TrackerPolicy(interval=1.0), clock=clock)
+    n = 500
+    for i in range(n):
+        announce(t, i, (i % CHUNKS,))
+    passes = 0
+    rebuild = t._rebuild
+
+    def counted(digest: str, now: float | None = None) -> None:
+        nonlocal passes
+        passes += 1
+        rebuild(digest, now)
+
+    t._rebuild = counted  # type: ignore[method-assign]
+    for i in range(n - 2):
+        clock.now += 0.001
+        t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, leaving=True))
+    assert passes == 0, "all within one interval"
+    clock.now += 1.0
+    last = [announce(t, i, (i % CHUNKS,)) for i in (n - 2, n - 1)]
+    assert passes == 1
+    assert sorted((r.seed_slot, r.seed_of) for r in last) == [(0, 2), (1, 2)]
+    assert Have.decode(last[-1].swarm_have, CHUNKS).bits <= 0b11 << ((n - 2) % CHUNKS)
+
+
+def test_a_step_of_the_wall_clock_moves_tickets_not_the_tracker_s_own_timers() -> None:
+    """The tracker timed a holding's ttl by the wall clock: stepped back an hour, a silent agent
+    stayed in the swarm and its answers for the hour."""
+    clock, wall = Clock(), Clock()
+    t = Tracker(TrackerPolicy(ttl=30.0), clock=clock, wall=wall)
+    announce(t, 1, (1,))
+    wall.now -= 3600
+    clock.now += 31
+    reply = announce(t, 2)
+    assert mid(1) not in t.where and reply.seed_of == 1 and reply.peers == ()
+    assert reply.grant.now == wall.now and reply.grant.expires == int(wall.now + 600)
