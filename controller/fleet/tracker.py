@@ -249,6 +249,13 @@ class Tracker:
         url = url_of(host, message.port)
         owner = self.at.get(digest, {}).get(url)
         if owner is not None and owner != machine_id and not message.leaving:
+            held = self.swarms[digest][owner]
+            if now - held.seen > 3 * self.interval():
+                # silent for three intervals: gone (a machine enrolled anew at the same address and
+                # port), not serving there anyway
+                self._forget(owner)
+                owner = None
+        if owner is not None and owner != machine_id and not message.leaving:
             # two agents at one address and port: behind a NAT, or a proxy not named with
             # --trusted-proxy; or one agent naming another's port to take its place in the index
             # (its vouches, its reports, the answers that name it)

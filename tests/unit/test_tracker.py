@@ -586,6 +586,15 @@ def test_a_url_another_agent_announced_is_refused_by_name_and_nothing_changes() 
     t.announce(mid(1), "127.0.0.1", Announce("j-000000000001", IMAGE, 7001, CHUNKS, leaving=True))
     assert t.announce(mid(3), "127.0.0.1", thief).seed_of == 2, "free once its agent left"
 
+    clock = Clock()  # ... or went silent for three intervals (a machine enrolled anew there)
+    t = Tracker(TrackerPolicy(interval=1.0), clock=clock, rng=random.Random(9))
+    announce(t, 1, (1,))
+    clock.now += 2.9
+    with pytest.raises(Conflict):
+        t.announce(mid(3), "127.0.0.1", thief)
+    clock.now += 0.2
+    assert t.announce(mid(3), "127.0.0.1", thief).seed_of == 1 and mid(1) not in t.where
+
 
 def test_agents_leaving_cost_one_pass_over_the_swarm_an_interval_not_one_each() -> None:
     """A pass at each leave cost O(N) an announce: 10,000 agents leaving at a deploy's end held the
