@@ -118,17 +118,22 @@ def _announce(agent: Agent, job: str, digest: str, held: int) -> AnnounceReply:
     return AnnounceReply.from_wire(reply)
 
 
+def _pair(controller: tuple[Server, WebServer, str]) -> tuple[tuple[Agent, str], tuple[Agent, str], int, str]:
+    """Two deploying agents through the proxy, at 127.0.0.21 and .22; the first holds chunk 0."""
+    server, proxy, digest = controller
+    port = int(proxy.url.rsplit(":", 1)[1])
+    first = _deploying(server, port, digest, "127.0.0.21", "52:54:00:00:05:01")
+    second = _deploying(server, port, digest, "127.0.0.22", "52:54:00:00:05:02")
+    _announce(*first, digest, 1)
+    return first, second, port, digest
+
+
 @pytest.mark.parametrize("controller", [("--trusted-proxy", "127.0.0.1")], indirect=True, ids=["trusted"])
 def test_through_a_trusted_nginx_each_agent_is_seen_at_its_own_address(
     controller: tuple[Server, WebServer, str],
 ) -> None:
-    server, proxy, digest = controller
-    port = int(proxy.url.rsplit(":", 1)[1])
-    first, job1 = _deploying(server, port, digest, "127.0.0.21", "52:54:00:00:05:01")
-    second, job2 = _deploying(server, port, digest, "127.0.0.22", "52:54:00:00:05:02")
-    _announce(first, job1, digest, 1)
-    reply = _announce(second, job2, digest, 0)
-    assert [p.url for p in reply.peers] == ["http://127.0.0.21:7100"]
+    (first, job1), (second, job2), port, digest = _pair(controller)
+    assert [p.url for p in _announce(second, job2, digest, 0).peers] == ["http://127.0.0.21:7100"]
 
     # a guessing machine behind the proxy is limited at its own address, not everyone's
     forged = "sle_0000000000000000_" + "A" * 43
@@ -148,12 +153,12 @@ def test_through_a_trusted_nginx_each_agent_is_seen_at_its_own_address(
 
 
 @pytest.mark.parametrize("controller", [()], indirect=True, ids=["untrusted"])
-def test_without_the_flag_the_controller_sees_only_the_proxy(
+def test_without_the_flag_the_controller_sees_only_the_proxy_and_says_so(
     controller: tuple[Server, WebServer, str],
 ) -> None:
-    server, proxy, digest = controller
-    port = int(proxy.url.rsplit(":", 1)[1])
-    first, job1 = _deploying(server, port, digest, "127.0.0.21", "52:54:00:00:05:01")
-    second, job2 = _deploying(server, port, digest, "127.0.0.22", "52:54:00:00:05:02")
-    _announce(first, job1, digest, 1)
-    assert [p.url for p in _announce(second, job2, digest, 0).peers] == ["http://127.0.0.1:7100"]
+    _, (second, job2), _, digest = _pair(controller)
+    status, reply = second.call(
+        "POST", PEERS_PATH, Announce(job2, digest, 7100, 1, Have(1).encode()).to_wire()
+    )
+    assert status == 409 and "peer url http://127.0.0.1:7100: already announced by machine" in reply["error"]
+    assert "--trusted-proxy" in reply["error"], "the refusal says what to do"

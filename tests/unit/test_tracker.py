@@ -55,6 +55,19 @@ def announce(  # type: ignore[no-untyped-def]
     return t.announce(mid(i), "127.0.0.1", message)
 
 
+def passes_of(t: Tracker) -> list[str]:
+    """The swarms `t` makes a pass over from now on, one entry a pass."""
+    rebuild = t._rebuild
+    passes: list[str] = []
+
+    def counted(digest: str, now: float | None = None) -> None:
+        passes.append(digest)
+        rebuild(digest, now)
+
+    t._rebuild = counted  # type: ignore[method-assign]
+    return passes
+
+
 def test_peers_hold_what_the_caller_lacks_completed_first() -> None:
     t = Tracker(rng=random.Random(1))
     announce(t, 1, tuple(range(CHUNKS)), complete=True)
@@ -476,24 +489,16 @@ def test_the_union_is_or_ed_again_only_when_a_claim_runs_out() -> None:
     for i in range(3):
         announce(t, i, (i,))
     assert t.lapse[IMAGE] == clock.now + 10
-    passes = 0
-    rebuild = t._rebuild
-
-    def counted(digest: str, now: float | None = None) -> None:
-        nonlocal passes
-        passes += 1
-        rebuild(digest, now)
-
-    t._rebuild = counted  # type: ignore[method-assign]
+    passes = passes_of(t)
     for _ in range(5):
         clock.now += 1
         announce(t, 0, (0,))
-    assert passes == 0
+    assert len(passes) == 0
     clock.now += 6
     announce(t, 0, (0,))
-    assert passes == 1 and IMAGE not in t.lapse, "the three claims ran out together; none is left"
+    assert len(passes) == 1 and IMAGE not in t.lapse, "the three claims ran out together; none is left"
     announce(t, 1, (1,), served={0: (0,)})
-    assert passes == 1 and Have.decode(announce(t, 2, (2,)).swarm_have, CHUNKS).bits == 0b1
+    assert len(passes) == 1 and Have.decode(announce(t, 2, (2,)).swarm_have, CHUNKS).bits == 0b1
 
 
 def test_evicting_the_only_holding_of_a_swarm_leaves_the_newcomer_in_a_swarm_of_its_own() -> None:
@@ -605,22 +610,14 @@ def test_agents_leaving_cost_one_pass_over_the_swarm_an_interval_not_one_each() 
     n = 500
     for i in range(n):
         announce(t, i, (i % CHUNKS,))
-    passes = 0
-    rebuild = t._rebuild
-
-    def counted(digest: str, now: float | None = None) -> None:
-        nonlocal passes
-        passes += 1
-        rebuild(digest, now)
-
-    t._rebuild = counted  # type: ignore[method-assign]
+    passes = passes_of(t)
     for i in range(n - 2):
         clock.now += 0.001
         t.announce(mid(i), "127.0.0.1", Announce(f"j-{i:012x}", IMAGE, 7000 + i, CHUNKS, leaving=True))
-    assert passes == 0, "all within one interval"
+    assert len(passes) == 0, "all within one interval"
     clock.now += 1.0
     last = [announce(t, i, (i % CHUNKS,)) for i in (n - 2, n - 1)]
-    assert passes == 1
+    assert len(passes) == 1
     assert sorted((r.seed_slot, r.seed_of) for r in last) == [(0, 2), (1, 2)]
     assert Have.decode(last[-1].swarm_have, CHUNKS).bits <= 0b11 << ((n - 2) % CHUNKS)
 
