@@ -101,7 +101,7 @@ class PeerSession:
         if self._thread is not None:
             self._thread.join()
         self.server.close()
-        if self.active:
+        if self.active or self.swarm.announces:  # a later announce may have made it a holding
             try:
                 self.swarm.announce(leaving=True)  # nobody should wait on this agent any more
             except Exception as exc:  # the tracker forgets it after its ttl anyway

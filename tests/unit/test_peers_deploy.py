@@ -32,6 +32,26 @@ def test_a_tracker_that_refuses_leaves_the_deploy_to_its_sources(tmp_path: Path)
     assert sum("announce failed" in line for line in r.lines) == 1, "said once, not at every interval"
 
 
+def test_an_agent_whose_first_announce_failed_still_says_it_leaves(tmp_path: Path) -> None:
+    """Its later announces made it a holding others ask: without a leaving announce the tracker
+    named it to them for the ttl (30 s) after it was gone."""
+    store, _, _, digest = store_with_image(tmp_path)
+    r = rig(tmp_path, [fake_disk("vda")], p.JobKind.DEPLOY, p.JobParams(manifest_digest=digest), store)
+    r.ctx.config = dataclasses.replace(r.ctx.config, peers=True, peer_host="127.0.0.1", peer_linger=1.0)
+    said: list[p.Announce] = []
+
+    def flaky(message: p.Announce) -> p.AnnounceReply:
+        said.append(message)
+        if len(said) == 1:
+            raise Rejected("POST /v1/agent/peers: HTTP 503: the controller is restarting")
+        return p.AnnounceReply(p.PeerGrant(0, "00" * 32, "t", 0.0), interval=0.1)
+
+    r.ctx.announce = flaky
+    outcome = deploy(r.ctx)
+    assert outcome.result.outcome is p.Outcome.SUCCEEDED, outcome.result.message
+    assert len(said) > 2 and said[-1].leaving and not any(m.leaving for m in said[:-1]), said
+
+
 def test_a_failing_announce_is_logged_once_and_its_end_too() -> None:
     """Each log line is a job event the controller stores: a tracker refusing for a minute wrote
     one a second."""
