@@ -485,6 +485,16 @@ def run_real_bench(
             f" from peers {r.peer_bytes / s:.2f} S,"
             f" failed {len(r.failed)} {r.failed[:2]}, top download {max(r.top_down, default=0) / rate:.2f} B"
         )
+        # each agent, slowest last: where the p99 comes from (its start, what peers gave it)
+        done = sorted(r.agents, key=lambda a: a.seconds if a.seconds is not None else float("inf"))
+        log(
+            "fleet real:   agents, slowest last (done S/B, first event s, from peers / served MiB, busy):"
+            + "".join(
+                f" a{a.index} {(a.seconds or float('nan')) / s_over_b:.2f} {a.started or float('nan'):.1f}"
+                f" {a.fetched_peers / MiB:.0f}/{a.served_peers / MiB:.0f} {a.busy_answers};"
+                for a in done
+            )
+        )
 
     def med(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")
