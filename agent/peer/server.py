@@ -265,27 +265,25 @@ class PeerServer(ThreadingHTTPServer):
             self._closed(ip)
             raise
 
-    def _admit(self, ip: str) -> int | None:
-        """Take a connection slot for `ip`: None once taken, else the connections `ip` has open."""
+    def _admit(self, ip: str) -> str | None:
+        """Take a connection slot for `ip`: None once taken, else why not ("" when every slot is
+        taken: nothing of `ip`'s own to log)."""
         if self.refusals.count(ip, time.monotonic()) >= self.limits.refusals:
-            return -1
+            return f"refused {self.limits.refusals} times this minute: its connections are closed unread"
         with self._open_lock:
             mine = self.by_address.get(ip, 0)
-            if mine >= self.limits.per_address or not self.conns.acquire(blocking=False):
-                return mine
+            if mine >= self.limits.per_address:
+                return f"{mine} connections open from it, at most {self.limits.per_address} per address"
+            if not self.conns.acquire(blocking=False):
+                return ""
             self.by_address[ip] = mine + 1
             return None
 
-    def _turn_away(self, request: Any, ip: str, mine: int) -> None:
-        """A bare 503 and close: every connection slot is taken, or `ip`'s share of them (`mine`)."""
+    def _turn_away(self, request: Any, ip: str, why: str) -> None:
+        """A bare 503 and close: every connection slot is taken, or `ip` may have none (`why`)."""
         with self.stats.lock:
             self.stats.busy += 1
-        if mine < 0:
-            why = f"refused {self.limits.refusals} times this minute: its connections are closed unread"
-            for line in self.refusals.note(ip, f"(503) {why}", time.monotonic()):
-                self.log(line)
-        elif mine >= self.limits.per_address:
-            why = f"{mine} connections open from it, at most {self.limits.per_address} per address"
+        if why:
             for line in self.refusals.note(ip, f"(503) {why}", time.monotonic()):
                 self.log(line)
         try:  # a few bytes into an empty send buffer: never blocks the accepting thread
