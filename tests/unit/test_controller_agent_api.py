@@ -243,6 +243,18 @@ async def test_inventory_updates_go_to_the_agents_own_machine(
     assert other["hostname"] == "node2" and len(other["inventory_history"]) == 1
 
 
+async def deploying(h: Harness, n: int) -> tuple[str, list[str], list[str]]:
+    """A one-chunk image and `n` machines each running a deploy job of it: (digest, machines, jobs)."""
+    digest = add_image(h.config.store_dir)
+    machines, jobs = [], []
+    for i in range(n):
+        machine_id = await h.enroll(f"52:54:00:00:01:0{i}", hostname=f"n{i}")
+        jobs.append((await h.create_job(machine_id, "deploy", image="tiny:1"))["id"])
+        assert await h.claim(machine_id) is not None
+        machines.append(machine_id)
+    return digest, machines, jobs
+
+
 async def test_a_peer_two_agents_report_for_bad_bytes_is_shunned_and_its_machine_says_so(
     aiohttp_client: AioClient, tmp_path: Path
 ) -> None:
@@ -252,13 +264,7 @@ async def test_a_peer_two_agents_report_for_bad_bytes_is_shunned_and_its_machine
     from agent.protocol import PEERS_PATH, Announce, AnnounceReply
 
     h = await start(aiohttp_client, tmp_path)
-    digest = add_image(h.config.store_dir)
-    machines, jobs = [], []
-    for i in range(3):
-        machine_id = await h.enroll(f"52:54:00:00:01:0{i}", hostname=f"n{i}")
-        jobs.append((await h.create_job(machine_id, "deploy", image="tiny:1"))["id"])
-        assert await h.claim(machine_id) is not None
-        machines.append(machine_id)
+    digest, machines, jobs = await deploying(h, 3)
 
     async def announce(i: int, *bad: str) -> AnnounceReply:
         message = Announce(jobs[i], digest, 7100 + i, 1, Have(1, 1).encode(), True, bad=bad)
@@ -301,13 +307,7 @@ async def test_behind_a_trusted_proxy_peers_are_told_the_agents_addresses_not_th
     from agent.protocol import PEERS_PATH, Announce, AnnounceReply
 
     h = await start(aiohttp_client, tmp_path, trusted_proxies=trusted)
-    digest = add_image(h.config.store_dir)
-    machines, jobs = [], []
-    for i in range(2):
-        machine_id = await h.enroll(f"52:54:00:00:01:0{i}", hostname=f"n{i}")
-        jobs.append((await h.create_job(machine_id, "deploy", image="tiny:1"))["id"])
-        assert await h.claim(machine_id) is not None
-        machines.append(machine_id)
+    digest, machines, jobs = await deploying(h, 2)
 
     async def announce(i: int, forwarded: str, held: int) -> AnnounceReply:
         message = Announce(jobs[i], digest, 7100 + i, 1, Have(1, held).encode())
