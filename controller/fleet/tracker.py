@@ -249,21 +249,19 @@ class Tracker:
         url = url_of(host, message.port)
         owner = self.at.get(digest, {}).get(url)
         if owner is not None and owner != machine_id and not message.leaving:
-            held = self.swarms[digest][owner]
-            if now - held.seen > 3 * self.interval():
+            if now - self.swarms[digest][owner].seen > 3 * self.interval():
                 # silent for three intervals: gone (a machine enrolled anew at the same address and
                 # port), not serving there anyway
                 self._forget(owner)
-                owner = None
-        if owner is not None and owner != machine_id and not message.leaving:
-            # two agents at one address and port: behind a NAT, or a proxy not named with
-            # --trusted-proxy; or one agent naming another's port to take its place in the index
-            # (its vouches, its reports, the answers that name it)
-            raise Conflict(
-                f"peer url {url}: already announced by machine {owner} for this image; expected each"
-                " agent at an address and port of its own (agents behind one NAT, or a proxy not"
-                " named with --trusted-proxy, share the address)"
-            )
+            else:
+                # two agents at one address and port: behind a NAT, or a proxy not named with
+                # --trusted-proxy; or one agent naming another's port to take its place in the
+                # index (its vouches, its reports, the answers that name it)
+                raise Conflict(
+                    f"peer url {url}: already announced by machine {owner} for this image; expected each"
+                    " agent at an address and port of its own (agents behind one NAT, or a proxy not"
+                    " named with --trusted-proxy, share the address)"
+                )
         if message.leaving:
             if self.where.get(machine_id) == digest:
                 if message.bad:  # its last fetch may have met a bad peer
