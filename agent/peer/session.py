@@ -5,7 +5,8 @@ and the peer source in front of the job's own sources.
         writer = Writer(..., peers.sources(origin), target, peers.options(options), ...)
 
 Sharing is an optimisation: if the first announce fails, the session says so and the job runs
-from its own sources alone. The server keeps serving until the session closes (the deploy job's
+from its own sources until an announce works (a controller restarting, a tracker that refused it
+once), then from peers too. The server keeps serving until the session closes (the deploy job's
 end by default) plus `linger` seconds.
 """
 
@@ -70,7 +71,7 @@ class PeerSession:
             self.swarm.announce()
             self.active = True
         except Exception as exc:  # the tracker is an optimisation: the job's sources still serve
-            self.log(f"peers: announce failed ({exc}); fetching from the sources alone")
+            self.log(f"peers: announce failed ({exc}); fetching from the sources until one works")
             failing = str(exc)
         self._thread = threading.Thread(
             target=self.swarm.run, args=(self.stop, self.log, failing), name="peer-announce", daemon=True
@@ -83,11 +84,9 @@ class PeerSession:
         capped: list[ChunkSource] = (
             [CappedSource(s, self.bucket) for s in origin] if self.bucket.rate else list(origin)
         )
-        return [self.source, *capped] if self.active else capped
+        return [self.source, *capped]
 
     def options(self, base: WriteOptions) -> WriteOptions:
-        if not self.active:
-            return dataclasses.replace(base, on_verified=self.swarm.on_verified)
         return dataclasses.replace(
             base, order=self.swarm.order, on_verified=self.swarm.on_verified, refetch=self.swarm.refetch
         )

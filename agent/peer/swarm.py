@@ -216,6 +216,11 @@ class Swarm:
             if self.have.bits.bit_count() <= EARLY:
                 self.news.set()
 
+    def joined(self) -> bool:
+        """An announce has worked: the tracker knows this agent, and this agent its peers and share."""
+        with self.lock:
+            return self.announces > 0
+
     def held(self) -> int:
         """How many chunks this agent holds (peers serve those that hold fewer first)."""
         with self.lock:
@@ -391,6 +396,13 @@ class Swarm:
                         return None
                     self.lock.wait(0.2)  # a chunk in flight at a peer may come back (defer)
                     continue
+                if not self.announces:
+                    # not in the swarm (yet: no announce has worked): the job's own sources, as fast
+                    # as they go, lowest first; peers from the first announce that works on
+                    low = self.pending & -self.pending
+                    self.pending ^= low
+                    self.inflight.add(low.bit_length() - 1)  # settled at once by the peer source
+                    return low.bit_length() - 1
                 if len(self.inflight) >= self.parallel and not self.halted.is_set():
                     # a few chunks at a time, each at a good share of the link: a chunk done sooner is
                     # served to others sooner (six at a sixth of the rate each held every new chunk

@@ -248,6 +248,7 @@ def test_swarm_order_puts_the_origin_share_first() -> None:
     manifest = _fake_manifest(chunks)
     swarm = Swarm(manifest, IMAGE, "j-000000000001", lambda m: (_ for _ in ()).throw(RuntimeError()))
     swarm.slot, swarm.of = 1, 4
+    swarm.announces = 1  # as after an announce that worked (before one, every chunk in order)
     swarm.patience = 0.2  # nobody holds the rest: after that, they go to the sources in any order
     from agent.peer.bitmap import Have
 
@@ -371,3 +372,46 @@ def test_origin_shares_are_paced_by_what_the_swarm_holds() -> None:
     assert [i for i in range(12) if swarm.paced(i)] == list(range(3 + WINDOW + 1))
     swarm.on_verified(manifest.chunk(3))  # and this agent chunk 3
     assert max(i for i in range(12) if swarm.paced(i)) == 4 + WINDOW
+
+
+def test_an_agent_whose_first_announce_failed_fetches_from_peers_once_one_works(
+    tmp_path: Path, store: tuple[Path, Manifest, str, bytes]
+) -> None:
+    """A controller restarting, or a tracker that refused the first announce, turned peers off for
+    the whole job: its later announces made it serve, never fetch."""
+    root, manifest, digest, data = store
+    tracker = Tracker(TrackerPolicy(interval=0.1))
+    seed = Node(0, tmp_path, manifest, digest, tracker, CONFIG)
+    late = Node(1, tmp_path, manifest, digest, tracker, CONFIG)
+    refused: list[Announce] = []
+    works = late.session.swarm.announcer
+
+    def first_fails(message: Announce) -> AnnounceReply:
+        if not refused:
+            refused.append(message)
+            raise RuntimeError("POST /v1/agent/peers: HTTP 503: the controller is restarting")
+        return works(message)
+
+    late.session.swarm.announcer = first_fails
+    late.session.swarm.interval = 0.1  # its next announce soon (the first reply would say so)
+    try:
+        with serve(root) as origin:
+            run_fleet([seed], origin.url)  # it holds every chunk, and serves on
+            origin.delay = 0.3  # the rest would take the late agent 1-2 s from the origin
+            late.session.__enter__()
+            assert late.session.swarm.announces == 0, "its first announce failed"
+            late.write(origin.url)
+            assert late.error is None, repr(late.error)
+    finally:
+        late.close()
+        seed.close()
+    assert late.path.read_bytes() == data
+    assert late.report is not None
+    from_peers = late.report.bytes_by_source.get("peers", 0)
+    assert from_peers >= stored_bytes(manifest) // 2, (
+        f"{from_peers} bytes from peers: expected most of the image once its second announce worked"
+        f" ({late.report.bytes_by_source})"
+    )
+    assert any("announce failed" in line for line in late.logs) and any(
+        "announces work again" in line for line in late.logs
+    ), late.logs

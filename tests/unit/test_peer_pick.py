@@ -73,6 +73,7 @@ def test_fallback_gives_a_pending_chunk() -> None:
 def swarm_of(n: int, peers: dict[str, int], slot: int = 0, of: int = 4, patience: float = 30.0) -> Swarm:
     s = Swarm(manifest(n), IMAGE, "j-000000000001", lambda m: (_ for _ in ()).throw(RuntimeError()))
     s.slot, s.of, s.patience = slot, of, patience
+    s.announces = 1  # as after an announce that worked: before one, the order hands out every chunk
     for url, held in peers.items():
         s.peers[url] = Have(n, held)
     return s
