@@ -111,9 +111,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--fleet-chunks",
         type=int,
-        default=16,
-        help="section G: the image's chunks of 1 MiB (the smallest a manifest allows); B is set so that"
-        " S/B stays 32 s. 16 (the default) is what 2 cores carry at N = 200; a real image has hundreds",
+        default=64,
+        help="section G: the image's chunks of 1 MiB (the smallest a manifest allows), default 64 (a"
+        " real image has hundreds: with 16 the store-and-forward floor alone is 1.25 S/B at N = 200)",
+    )
+    p.add_argument(
+        "--fleet-rate",
+        type=float,
+        default=0.5,
+        help="section G: B, each agent's download and upload cap in MiB/s (default 0.5: a chunk time of"
+        " 2 s; the origin's cap is 4 B); S/B = chunks x 2 s at the default",
     )
     p.add_argument(
         "--fleet-real",
@@ -246,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         fleet_lines: list[str] = []
         if args.only in (None, "fleet"):
             sizes = [int(x) for x in args.fleet_sizes.split(",") if x.strip()]
-            # 16 MiB at 0.5 MiB/s per agent (S/B = 32 s), the origin at 4 B: N = 200 agents move
-            # 100 MiB/s through the bench's processes, which two shared cores can still carry on a
-            # quiet machine (64 chunks at 2 MiB/s could not: 4 S/B at N = 200, CPU-bound; docs/peers.md)
+            # 64 MiB at 0.5 MiB/s per agent (S/B = 128 s), the origin at 4 B: the bytes a second of
+            # the 16-chunk runs before (N = 100 agents move 50 MiB/s through the bench's processes),
+            # with a real image's piece count (docs/peers.md, "Scale, and the floor")
             size = args.fleet_chunks * MiB
-            rate, egress = size / 32, 4 * size / 32
+            rate = args.fleet_rate * MiB
+            egress = 4 * rate
             fleet_lines = run_fleet_bench(
                 work / "fleet", sizes, args.reps, size, rate, egress, baseline_n=10, log=log
             )

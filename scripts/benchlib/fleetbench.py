@@ -823,7 +823,7 @@ if __name__ == "__main__":  # development: python scripts/benchlib/fleetbench.py
             Path(d),
             sizes,
             1,
-            int(os.environ.get("SIZE_MIB", "16")) * MiB,
+            int(os.environ.get("SIZE_MIB", "64")) * MiB,
             rate=rate,
             egress=4 * rate,
             disturbed=os.environ.get("DISTURBED") == "1",

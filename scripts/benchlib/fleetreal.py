@@ -553,7 +553,7 @@ if __name__ == "__main__":  # development: cd scripts && ../.venv/bin/python -m 
             Path(d),
             int(sys.argv[1]) if len(sys.argv) > 1 else 10,
             int(os.environ.get("REPS", "1")),
-            int(os.environ.get("SIZE_MIB", "16")) * MiB,
+            int(os.environ.get("SIZE_MIB", "64")) * MiB,
             rate=MiB // 2,
             egress=2 * MiB,
         )
