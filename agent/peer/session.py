@@ -58,7 +58,6 @@ class PeerSession:
         self.swarm.patience = config.fetch.patience
         self.swarm.parallel = config.fetch.parallel
         self.stop = threading.Event()
-        self.active = False
         self._thread: threading.Thread | None = None
 
     def _dropped(self, event: PeerDropped) -> None:
@@ -69,7 +68,6 @@ class PeerSession:
         failing = ""
         try:
             self.swarm.announce()
-            self.active = True
         except Exception as exc:  # the tracker is an optimisation: the job's sources still serve
             self.log(f"peers: announce failed ({exc}); fetching from the sources until one works")
             failing = str(exc)
@@ -100,7 +98,7 @@ class PeerSession:
         if self._thread is not None:
             self._thread.join()
         self.server.close()
-        if self.active or self.swarm.announces:  # a later announce may have made it a holding
+        if self.swarm.joined():  # any announce that worked (a later one too) made it a holding
             try:
                 self.swarm.announce(leaving=True)  # nobody should wait on this agent any more
             except Exception as exc:  # the tracker forgets it after its ttl anyway

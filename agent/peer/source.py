@@ -145,9 +145,9 @@ class PeerSource:
     def _fetch_into(self, chunk: Chunk, buf: memoryview) -> int:
         # wait for the swarm while it makes progress (a chunk new to it or to this agent at least
         # every `patience` seconds), at most `max_wait` for one chunk
-        deadline = time.monotonic() + self.options.max_wait
         if not self.swarm.joined():
             raise FetchError(self.name, f"chunk {chunk.index}: no announce has worked yet", missing=True)
+        deadline = time.monotonic() + self.options.max_wait
         if self.swarm.mine(chunk.index):
             while not self.swarm.paced(chunk.index) and self._waiting(deadline):
                 self.swarm.wait_change(0.1)
