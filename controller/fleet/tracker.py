@@ -1,10 +1,11 @@
 """The tracker: which deploying agent holds which chunks of which image, and who should ask whom.
 
-Kept in memory only (a restart forgets it; agents re-announce within one interval) and bounded:
-at most `max_agents` holdings (10,000 by default) of at most two 8-KiB bitmaps each (its claims and
-its vouches), the least recently seen evicted first, and a holding not renewed within `ttl`
-seconds forgotten. One url is one holding's: another agent announcing it is refused. Every
-announce is answered with:
+Kept in memory only (a restart forgets it; agents re-announce within one interval) and bounded: at
+most `max_agents` holdings (10,000 by default) of at most two 8-KiB bitmaps each (its claims and its
+vouches), the least recently seen evicted first, and a holding not renewed within `ttl` seconds
+forgotten; and per swarm, for at most `max_agents` machines, which of their share claims counted
+unvouched (one more bitmap of their share's chunks, two more while they count: `Claims`). One url is
+one holding's: another agent announcing it is refused. Every announce is answered with:
 - the image's fleet key for the current epoch and a fresh ticket for the caller (agent.peer.ticket),
 - a few peers that hold chunks the caller lacks: completed ones first, random among equals,
   about ln N of them and at most 10,
@@ -14,13 +15,13 @@ announce is answered with:
   jobs (`deploying`, the fleet's): agents join seconds apart, and shares sized by the first
   announces alone gave the first agents most of the image from the origin;
 - which chunks someone in the swarm credibly holds (swarm_have), by which agents pace their origin
-  shares and see the swarm move: the chunks of a holding that another agent said it served and
-  that verified (`Announce.served`), and the chunks of its own origin share for `prove_within`
-  seconds from its first claim to one. An agent's claims cost nothing to make: one that
-  claimed every chunk made the union whole at its first announce, so no agent paced its share, no
-  chunk counted as lacking, the swarm never looked like it moved, and 54-72 of 100 agents went to
-  the origin. (The union is OR-ed at each announce and again over the swarm when a claim runs out:
-  bits counted under an older, smaller `seed_of` last until then.)
+  shares and see the swarm move: the chunks of a holding that another agent said it served and that
+  verified (`Announce.served`), and each chunk of its own origin share for `prove_within` seconds
+  (up to twice that) from the announce that first claims it. An agent's claims cost nothing to make:
+  one that claimed every chunk made the union whole at its first announce, so no agent paced its
+  share, no chunk counted as lacking, the swarm never looked like it moved, and 54-72 of 100 agents
+  went to the origin. (The union is OR-ed at each announce and again over the swarm when a claim
+  runs out: bits counted under an older, smaller `seed_of` last until then.)
 - the peers it removed from the swarm (shunned): an agent reports a peer whose bytes failed the
   manifest's digest in its next announce, and once `shun_after` agents have reported one, it is
   forgotten (its claims leave the union, its slot the shares) and its later announces get no peers,
@@ -113,6 +114,36 @@ class Holding:
 
 
 @dataclass
+class Claims:
+    """One machine's share claims that the union counts, or counted, unvouched. Each chunk counts
+    once, from the announce that first claims it: those of a first claim until `ends` (now + the
+    time to prove), those claimed while that window is open until one time to prove after it (so
+    each for between one and two of them), and never again unvouched. Kept while the swarm lasts
+    (leaving and announcing again does not make them new)."""
+
+    seen: int = 0  # every share chunk claimed that counts or counted unvouched (a bitmap)
+    open: int = 0  # of those, the ones counting until `ends`
+    after: int = 0  # and the ones counting until `ends` + the time to prove
+    ends: float = -math.inf
+
+    def count(self, mine: int, now: float, within: float) -> int:
+        """The share claims `mine` (unvouched) that count at `now`, the new ones among them first
+        given their window."""
+        while self.ends < now and self.open | self.after:
+            self.open, self.after, self.ends = self.after, 0, self.ends + within
+        if now > self.ends:  # the window (and the one after it) ran out
+            self.open = self.after = 0
+        new = mine & ~self.seen
+        if new:
+            self.seen |= new
+            if self.open:
+                self.after |= new
+            else:
+                self.open, self.ends = new, now + within
+        return mine & (self.open | self.after)
+
+
+@dataclass
 class Expected:
     """One image's running deploy jobs as the fleet last said, and which of their machines have not
     announced yet while their grace runs (first counted first: expired ones leave from the front)."""
@@ -199,10 +230,10 @@ class Tracker:
         self.lapsed = 0
         self.reported = 0  # distinct (reporter, accused) pairs counted, ever
         self.shuns = 0  # machines shunned, ever
-        # digest -> machine -> when it first claimed a chunk of its share, unproven. Kept, like the
+        # digest -> machine -> its share claims that count or counted unvouched. Kept, like the
         # reports, while the swarm lasts (up to max_agents machines each, the oldest forgotten
         # first): leaving and announcing again must not start a peer's time or its record afresh
-        self.first: dict[str, dict[str, float]] = {}
+        self.claims: dict[str, dict[str, Claims]] = {}
 
     def __len__(self) -> int:
         return len(self.where)
@@ -327,25 +358,28 @@ class Tracker:
         )
 
     def _credible(self, digest: str, h: Holding, of: int, now: float) -> int:
-        """What of a holding's bitmap the union counts: the chunks others vouched for, and its own
-        share's chunks for `prove_within` seconds from its first claim to one."""
+        """What of a holding's bitmap the union counts: the chunks others vouched for, and each of
+        its own share's chunks for `prove_within` (up to twice that) from the announce that first
+        claimed it. A window from its first share claim alone left an owner's later share chunks
+        out of the union until someone vouched for them, which nobody did while the union said
+        nobody held them: their next slot fetched them from the origin again (at 64 chunks and
+        N = 10, 9-15 chunks sent twice)."""
         vouched = h.vouched & h.have.bits
         mine = h.have.bits & share_mask(h.slot, of, h.have.count) & ~vouched
         if not mine:
             return vouched
-        first = self.first.setdefault(digest, {})
-        since = first.get(h.machine_id)
-        if since is None:
-            since = first[h.machine_id] = now
-            _bound(first, self.policy.max_agents)
-        ends = since + max(self.policy.prove_within, 3 * self.interval())
-        if ends < now:
-            if not h.lapsed and not h.vouched:
-                h.lapsed = True
-                self.lapsed += 1
-            return vouched
-        self.lapse[digest] = min(self.lapse.get(digest, math.inf), ends)
-        return vouched | mine
+        kept = self.claims.setdefault(digest, {})
+        claims = kept.get(h.machine_id)
+        if claims is None:
+            claims = kept[h.machine_id] = Claims()
+            _bound(kept, self.policy.max_agents)
+        counted = claims.count(mine, now, max(self.policy.prove_within, 3 * self.interval()))
+        if mine & ~counted and not h.lapsed and not h.vouched:
+            h.lapsed = True
+            self.lapsed += 1
+        if counted:
+            self.lapse[digest] = min(self.lapse.get(digest, math.inf), claims.ends)
+        return vouched | counted
 
     def _vouch(self, digest: str, reporter: str, vouches: list[tuple[str, int]]) -> None:
         """The reporter got these chunks from the peers at these urls, and they verified: those
@@ -474,7 +508,7 @@ class Tracker:
             self.reports.pop(digest, None)
             self.shunned.pop(digest, None)  # nobody is left to be told of them
             self.lapse.pop(digest, None)
-            self.first.pop(digest, None)
+            self.claims.pop(digest, None)
             return
         now = self.clock() if now is None else now
         expected = self.expected.get(digest)

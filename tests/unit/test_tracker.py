@@ -481,6 +481,83 @@ def test_the_union_counts_the_chunks_others_were_served_and_an_unvouched_share_f
     assert announce(t, 0, ()).peers[0].machine_id == mid(4), "completed and vouched for: first"
 
 
+def test_each_share_chunk_counts_from_the_announce_that_first_claims_it_and_only_once() -> None:
+    """An owner gets its share's chunks one by one over its deploy. A window from its first share
+    claim alone left the later ones out of the union until someone vouched for them, which nobody
+    did while the union said nobody held them: their next slot fetched them from the origin again.
+    Each counts for `prove_within` (up to twice that) from its own first claim, and never again
+    unvouched: not when claimed anew, nor after leaving and announcing again."""
+    clock = Clock()
+    t = Tracker(TrackerPolicy(interval=1.0, prove_within=10.0), clock=clock, rng=random.Random(5))
+    start = clock.now
+    for i in range(4):
+        announce(t, i)  # agent 1's share: chunks 1, 5, 9, 13
+
+    def union() -> int:
+        announce(t, 3, ())  # (agents 2 and 3 stay in the swarm)
+        announce(t, 2, ())
+        return Have.decode(announce(t, 0, ()).swarm_have, CHUNKS).bits
+
+    def at(seconds: float) -> None:
+        clock.now = start + seconds
+
+    announce(t, 1, (1,))  # chunk 1 counts until 10
+    at(8)
+    announce(t, 1, (1, 5))  # chunk 5, claimed while 1's window is open: until 20
+    assert union() == 1 << 1 | 1 << 5
+    at(12)
+    assert union() == 1 << 5, "chunk 1 ran out unvouched; chunk 5 counts on"
+    assert t.lapsed == 1
+    announce(t, 1, (1, 5, 9, 0, 2))  # chunk 9 until 30; chunks 0 and 2 are not its share's
+    assert union() == 1 << 5 | 1 << 9
+    at(20.5)
+    assert union() == 1 << 9
+    announce(t, 1, (1, 9))  # 5 dropped and claimed again: counted once already
+    announce(t, 1, (1, 5, 9))
+    assert union() == 1 << 9
+    at(30.5)
+    assert union() == 0
+    leave = Announce("j-000000000001", IMAGE, 7001, CHUNKS, bits(), leaving=True)
+    t.announce(mid(1), "127.0.0.1", leave)
+    reply = announce(t, 1, (1, 5, 9, 13))  # back, in the last slot: chunks 3, 7, 11, 15 now
+    assert reply.seed_slot == 3 and union() == 0, "the share's new owner holds none of them"
+    announce(t, 1, (3, 7, 13))
+    assert union() == 1 << 3 | 1 << 7, "chunks new to its share count as any others"
+    announce(t, 2, (), served={1: (1, 5, 13)})
+    assert union() == 1 << 3 | 1 << 7 | 1 << 13, "vouched for: counted whoever's share they are"
+
+
+def test_no_share_claim_counts_unvouched_for_more_than_twice_the_time_to_prove() -> None:
+    """Whatever an agent claims and drops, announce by announce (a liar trickling its claims to
+    keep some of its share counted for ever): each share chunk counts unvouched from the announce
+    that first claimed it, while claimed, for at least `prove_within`, and for at most twice it
+    (and the interval the union waits to be OR-ed again)."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        clock = Clock()
+        t = Tracker(TrackerPolicy(interval=1.0, prove_within=10.0, ttl=1e9), clock=clock)
+        start = clock.now
+        for i in range(2):
+            announce(t, i)
+        share = [i for i in range(CHUNKS) if i % 2 == 1]  # agent 1's
+        first: dict[int, float] = {}
+        for _ in range(60):
+            clock.now += rng.choice((0.5, 1.0, 3.0, 7.0))
+            held = tuple(i for i in range(CHUNKS) if rng.random() < 0.3)
+            union = Have.decode(announce(t, 1, held).swarm_have, CHUNKS).bits
+            for i in share:
+                if i in held:
+                    first.setdefault(i, clock.now)
+                age = clock.now - first.get(i, clock.now)
+                counted = bool(union >> i & 1)
+                if i in held and age <= 10.0:
+                    assert counted, (seed, i, clock.now - start, age)
+                if counted:  # (the union is OR-ed again at most once an interval: dropped claims
+                    # and ended windows leave it then)
+                    assert i in first and age <= 21.0, (seed, i, clock.now - start, age)
+            assert not union & ~sum(1 << i for i in share), "nothing outside its share"
+
+
 def test_the_union_is_or_ed_again_only_when_a_claim_runs_out() -> None:
     # an announce costs O(1) big-int steps: the one pass over the swarm is due only when a claim that
     # counted unproven runs out (or when holdings leave)
