@@ -135,7 +135,7 @@ class Claims:
             self.open = self.after = 0
         new = mine & ~self.seen
         if new:
-            self.seen |= new
+            self.seen = self.seen | new if self.seen else new  # one 8-KiB int, not two, at first
             if self.open:
                 self.after |= new
             else:
