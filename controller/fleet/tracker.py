@@ -119,20 +119,24 @@ class Claims:
     once, from the announce that first claims it: those of a first claim until `ends` (now + the
     time to prove), those claimed while that window is open until one time to prove after it (so
     each for between one and two of them), and never again unvouched. Kept while the swarm lasts
-    (leaving and announcing again does not make them new)."""
+    (leaving and announcing again does not make them new); what others vouched for leaves it (a
+    chunk another agent got from the machine and verified may count again after a new announce:
+    the machine held it), and an empty one is dropped, so an honest fleet's records stay small."""
 
     seen: int = 0  # every share chunk claimed that counts or counted unvouched (a bitmap)
     open: int = 0  # of those, the ones counting until `ends`
     after: int = 0  # and the ones counting until `ends` + the time to prove
     ends: float = -math.inf
 
-    def count(self, mine: int, now: float, within: float) -> int:
-        """The share claims `mine` (unvouched) that count at `now`, the new ones among them first
-        given their window."""
+    def count(self, mine: int, vouched: int, now: float, within: float) -> int:
+        """The share claims `mine` (none of them `vouched`) that count at `now`, the new ones among
+        them first given their window."""
         while self.ends < now and self.open | self.after:
             self.open, self.after, self.ends = self.after, 0, self.ends + within
         if now > self.ends:  # the window (and the one after it) ran out
             self.open = self.after = 0
+        if self.seen & vouched:
+            self.seen &= ~vouched
         new = mine & ~self.seen
         if new:
             self.seen = self.seen | new if self.seen else new  # one 8-KiB int, not two, at first
@@ -141,6 +145,9 @@ class Claims:
             else:
                 self.open, self.ends = new, now + within
         return mine & (self.open | self.after)
+
+    def empty(self) -> bool:
+        return not self.seen
 
 
 @dataclass
@@ -366,14 +373,17 @@ class Tracker:
         N = 10, 9-15 chunks sent twice)."""
         vouched = h.vouched & h.have.bits
         mine = h.have.bits & share_mask(h.slot, of, h.have.count) & ~vouched
-        if not mine:
-            return vouched
-        kept = self.claims.setdefault(digest, {})
-        claims = kept.get(h.machine_id)
+        kept = self.claims.get(digest)
+        claims = kept.get(h.machine_id) if kept is not None else None
         if claims is None:
+            if not mine:
+                return vouched
+            kept = self.claims.setdefault(digest, {})
             claims = kept[h.machine_id] = Claims()
             _bound(kept, self.policy.max_agents)
-        counted = claims.count(mine, now, max(self.policy.prove_within, 3 * self.interval()))
+        counted = claims.count(mine, h.vouched, now, max(self.policy.prove_within, 3 * self.interval()))
+        if claims.empty():
+            del kept[h.machine_id]  # every chunk it counted unvouched is vouched for now
         if mine & ~counted and not h.lapsed and not h.vouched:
             h.lapsed = True
             self.lapsed += 1

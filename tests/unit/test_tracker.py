@@ -525,6 +525,10 @@ def test_each_share_chunk_counts_from_the_announce_that_first_claims_it_and_only
     assert union() == 1 << 3 | 1 << 7, "chunks new to its share count as any others"
     announce(t, 2, (), served={1: (1, 5, 13)})
     assert union() == 1 << 3 | 1 << 7 | 1 << 13, "vouched for: counted whoever's share they are"
+    assert mid(1) in t.claims[IMAGE]
+    announce(t, 2, (), served={1: (3, 7, 9)})
+    announce(t, 1, (3, 7, 13))
+    assert mid(1) not in t.claims[IMAGE], "all it counted unvouched is vouched for: nothing kept"
 
 
 def test_no_share_claim_counts_unvouched_for_more_than_twice_the_time_to_prove() -> None:
