@@ -373,12 +373,12 @@ class Tracker:
         N = 10, 9-15 chunks sent twice)."""
         vouched = h.vouched & h.have.bits
         mine = h.have.bits & share_mask(h.slot, of, h.have.count) & ~vouched
-        kept = self.claims.get(digest)
-        claims = kept.get(h.machine_id) if kept is not None else None
+        kept = self.claims.get(digest, {})
+        claims = kept.get(h.machine_id)
         if claims is None:
             if not mine:
                 return vouched
-            kept = self.claims.setdefault(digest, {})
+            kept = self.claims.setdefault(digest, kept)
             claims = kept[h.machine_id] = Claims()
             _bound(kept, self.policy.max_agents)
         counted = claims.count(mine, h.vouched, now, max(self.policy.prove_within, 3 * self.interval()))
