@@ -131,10 +131,10 @@ class Claims:
     def count(self, mine: int, vouched: int, now: float, within: float) -> int:
         """The share claims `mine` (none of them `vouched`) that count at `now`, the new ones among
         them first given their window."""
-        while self.ends < now and self.open | self.after:
+        if now > self.ends:  # the open window ran out: the one after it opens
             self.open, self.after, self.ends = self.after, 0, self.ends + within
-        if now > self.ends:  # the window (and the one after it) ran out
-            self.open = self.after = 0
+            if now > self.ends:  # ... and ran out too
+                self.open = 0
         if self.seen & vouched:
             self.seen &= ~vouched
         new = mine & ~self.seen
