@@ -67,8 +67,25 @@ PARALLEL = int(os.environ.get("PARALLEL", str(PeerOptions.parallel)))
 PATIENCE = float(os.environ.get("PATIENCE", "20"))
 # worker processes the simulated agents are spread over: one process's threads share one
 # interpreter lock, so one process never used more than ~1.3 cores however many the machine has
-# (two processes of 50 agents each, side by side, ran as fast as one alone). PROCS=... to try others
-PROCS = int(os.environ.get("PROCS", str(os.cpu_count() or 1)))
+# (two processes of 50 agents each, side by side, ran as fast as one alone); and each agent has a
+# dozen threads, so a process of 100 agents hands its lock around ~1,200 threads: at N = 200 on
+# 2 cores, 2 workers gave p50 3.39 S/B (35-50k context switches a second, most of the kernel's
+# time in futex and task switches), 8 workers 1.42, 16 workers 1.37, 32 workers 1.42 (2026-12-07,
+# one run each). Hence one worker per core and at least one per AGENTS_PER_PROC agents;
+# PROCS=... sets a fixed count (development)
+AGENTS_PER_PROC = 13
+PROCS = int(os.environ.get("PROCS", "0"))
+
+
+def worker_count(n: int, cores: int | None = None) -> int:
+    """Worker processes for n agents: PROCS if set, else one per core and one per AGENTS_PER_PROC
+    agents, whichever is more (never more than the agents)."""
+    if PROCS > 0:
+        return max(1, min(PROCS, n))
+    cores = cores if cores is not None else os.cpu_count() or 1
+    return max(1, min(n, max(cores, -(-n // AGENTS_PER_PROC))))
+
+
 _CHUNK = re.compile(r"/chunks/[0-9a-f]{2}/[0-9a-f]{64}")
 
 
@@ -241,11 +258,11 @@ def run_case(
         )
         for i in range(n)
     ]
-    # the agents run in PROCS worker processes (spawned, not forked: a fork copies whatever lock
+    # the agents run in worker_count(n) worker processes (spawned, not forked: a fork copies whatever lock
     # another thread of this process holds at that moment), the tracker and the origin here; each
     # worker's announces come through a pipe (_RemoteTracker)
     ctx = multiprocessing.get_context("spawn")
-    procs = max(1, min(PROCS, n))
+    procs = worker_count(n)
     run = Run(
         manifest,
         digest,

@@ -1,4 +1,5 @@
-"""The store-and-forward floor printed beside section G's figures (scripts/benchlib/fleetfloor.py)."""
+"""The store-and-forward floor printed beside section G's figures (scripts/benchlib/fleetfloor.py), and how
+the section spreads its agents over worker processes (scripts/benchlib/fleetbench.py)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,23 @@ def test_the_rank_is_the_bench_percentile_s() -> None:
 def test_nonsense_is_refused_with_its_values() -> None:
     with pytest.raises(ValueError, match="got n=3 m=4 k=16 c=4"):
         floor_ticks(3, 4, 16, 4)
+
+
+def test_the_fleet_bench_runs_a_worker_per_core_and_one_per_thirteen_agents(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchlib import fleetbench
+
+    monkeypatch.setattr(fleetbench, "PROCS", 0)
+    # one per core at least, then one per AGENTS_PER_PROC agents
+    assert fleetbench.worker_count(25, cores=2) == 2
+    assert fleetbench.worker_count(25, cores=4) == 4
+    assert fleetbench.worker_count(200, cores=2) == 16
+    assert fleetbench.worker_count(201, cores=2) == 16
+    assert fleetbench.worker_count(209, cores=2) == 17
+    # never more workers than agents
+    assert fleetbench.worker_count(1, cores=8) == 1
+    # PROCS fixes the count (development), still at most one per agent
+    monkeypatch.setattr(fleetbench, "PROCS", 3)
+    assert fleetbench.worker_count(200, cores=2) == 3
+    assert fleetbench.worker_count(2, cores=2) == 2
