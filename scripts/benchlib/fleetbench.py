@@ -69,10 +69,11 @@ PATIENCE = float(os.environ.get("PATIENCE", "20"))
 # interpreter lock, so one process never used more than ~1.3 cores however many the machine has
 # (two processes of 50 agents each, side by side, ran as fast as one alone); and each agent has a
 # dozen threads, so a process of 100 agents hands its lock around ~1,200 threads: at N = 200 on
-# 2 cores, 2 workers gave p50 3.39 S/B (35-50k context switches a second, most of the kernel's
-# time in futex and task switches), 8 workers 1.42, 16 workers 1.37, 32 workers 1.42 (2026-12-07,
-# one run each). Hence one worker per core and at least one per AGENTS_PER_PROC agents;
-# PROCS=... sets a fixed count (development)
+# 2 cores, 2 workers gave p50 1.69 S/B (3.39 on a slower evening; 35-50k context switches a
+# second, most of the kernel's time in futex and task switches), 8 workers 1.42, 16 workers 1.37,
+# 32 workers 1.42 (2026-12-07, one run each; at N = 100, 2 or 8 workers differ by ~0.02). Hence
+# one worker per core and at least one per AGENTS_PER_PROC agents; PROCS=... sets a fixed count
+# (development)
 AGENTS_PER_PROC = 13
 PROCS = int(os.environ.get("PROCS", "0"))
 
