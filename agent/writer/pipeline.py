@@ -191,23 +191,26 @@ class Writer:
     @contextlib.contextmanager
     def _interrupt_on_cancel(self) -> Iterator[None]:
         """While the threads run, a cancel also aborts the sources' requests in flight, so a
-        stuck server cannot hold a cancelled job until its deadline."""
+        stuck server cannot hold a cancelled job until its deadline.
+
+        The watch waits on the cancel itself and looks at `done` once a second: a watch that
+        polled the cancel ten times a second was ten wake-ups a second for nothing in every agent.
+        It is not joined (it ends within that second), and once `done` it interrupts nothing."""
         done = threading.Event()
 
         def watch() -> None:
-            while not done.wait(0.1):
-                if self.cancel.is_set():
-                    for source in self.sources.sources:
-                        source.interrupt()
+            while not self.cancel.wait(1.0):
+                if done.is_set():
                     return
+            if not done.is_set():
+                for source in self.sources.sources:
+                    source.interrupt()
 
-        watcher = threading.Thread(target=watch, name="cancel-watch", daemon=True)
-        watcher.start()
+        threading.Thread(target=watch, name="cancel-watch", daemon=True).start()
         try:
             yield
         finally:
             done.set()
-            watcher.join()
 
     # -- threads -----------------------------------------------------------------
 
@@ -225,12 +228,13 @@ class Writer:
         for t in writers + threads:
             t.start()
         try:
+            # Bounded waits in the main thread: a SIGINT landing just before it blocks in a join
+            # does not interrupt the wait, and an unbounded join would hold Ctrl-C until the whole
+            # write is done. Signals reach no other thread: there (the agent's jobs) it waits.
+            step = 0.2 if threading.current_thread() is threading.main_thread() else None
             for t in threads:
                 while t.is_alive():
-                    # Bounded waits: a SIGINT landing just before this thread blocks in a join
-                    # does not interrupt the wait, and an unbounded join would hold Ctrl-C
-                    # until the whole write is done.
-                    t.join(0.2)
+                    t.join(step)
         except BaseException:
             # Ctrl-C in the caller's thread: the others stop at a chunk boundary, and none may
             # outlive run() (the caller closes the target's fds next)

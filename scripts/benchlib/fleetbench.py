@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import statistics
 import threading
 import time
@@ -222,6 +223,7 @@ class Result:
     drops: dict[str, int] = field(default_factory=dict)  # why agents dropped peers, counted
     busy_per_chunk: float = 0.0  # asks that found a peer busy, per chunk fetched from peers
     lapsed: int = 0  # agents whose claims the tracker stopped counting: no agent vouched for them
+    cpu: float = 0.0  # CPU seconds (user + system) the worker processes used, all agents together
 
 
 FleetResult = Result  # the name the other sections and the real case use
@@ -264,6 +266,7 @@ def run_case(
     # worker's announces come through a pipe (_RemoteTracker)
     ctx = multiprocessing.get_context("spawn")
     procs = worker_count(n)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers' CPU: what they add to it
     run = Run(
         manifest,
         digest,
@@ -324,11 +327,14 @@ def run_case(
         for proc, here, tracker_here in workers:
             if proc.is_alive():
                 proc.kill()
+                proc.join(10)  # reaped: its CPU counts below
             here.close()
             tracker_here.close()
         if mirror is not None:
             mirror.__exit__(None, None, None)
         origin.close()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
     # the others' times: not the killed, the corrupting, nor the slowed agents (the issue's targets
     # are about what a few bad agents do to everyone else)
     times = [
@@ -359,7 +365,15 @@ def run_case(
     from_peers = sum(sum(a.bytes_by_peer.values()) for a in agents)
     busy = busy_per_chunk(sum(a.busy_answers for a in agents), from_peers, manifest.chunk_size)
     result = Result(
-        case, origin.sent, times, failed, bad, drops=drops, busy_per_chunk=busy, lapsed=tracker.lapsed
+        case,
+        origin.sent,
+        times,
+        failed,
+        bad,
+        drops=drops,
+        busy_per_chunk=busy,
+        lapsed=tracker.lapsed,
+        cpu=cpu,
     )
     if case.corrupt:
         bad_url = agents[corrupt].url
@@ -689,7 +703,8 @@ def _log_run(r: Result, s: int, s_over_b: float, log: Callable[[str], None]) -> 
         f"fleet:   origin {r.origin_bytes / s:.2f} S, p50 {_pct(r.times, 0.5) / s_over_b:.2f} S/B,"
         f" p99 {_pct(r.times, 0.99) / s_over_b:.2f} S/B, max {worst:.2f} S/B,"
         f" failed {len(r.failed)} {r.failed[:2]}, peers dropped {r.drops or 'none'},"
-        f" claims unvouched {r.lapsed}"
+        f" claims unvouched {r.lapsed}, busy answers {r.busy_per_chunk:.1f} a chunk"
+        + (f", workers' CPU {r.cpu:.0f} s" if r.cpu else "")  # (the real case's agents are not ours)
     )
 
 
