@@ -58,16 +58,17 @@ def test_a_drop_wakes_the_fetch_order(image: tuple[Path, Manifest, str]) -> None
     """The order may hand a chunk to the sources once this agent is alone: a drop tells it so at once."""
     _, manifest, digest = image
     swarm = swarm_of(manifest, digest)
-    woke = threading.Event()
+    waiting, woke = threading.Event(), threading.Event()
 
     def waiter() -> None:
         with swarm.lock:
+            waiting.set()  # the lock is held until wait() lets it go: the drop below comes after
             if swarm.lock.wait(IDLE_WAIT * 5):
                 woke.set()
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.1)
+    assert waiting.wait(10)
     swarm.drop("http://127.0.0.1:1", "served bad bytes")
     t.join()
     assert woke.is_set(), "a waiting fetch thread was not told of the drop"
