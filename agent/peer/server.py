@@ -348,12 +348,11 @@ class PeerServer(ThreadingHTTPServer):
         self.stop_event.set()
         if self._thread is not None:
             # a listening socket shut down wakes the thread's poll at once on Linux (accept then
-            # fails, and serve_forever sees the request to stop), not after its poll interval
-            shut = threading.Thread(target=self.shutdown, name="peer-server-shutdown", daemon=True)
-            shut.start()
+            # fails at once, until shutdown() below asks serve_forever to stop), not after its
+            # poll interval
             with contextlib.suppress(OSError):
                 self.socket.shutdown(socket.SHUT_RDWR)
-            shut.join()
+            self.shutdown()
             self._thread.join()
         self.server_close()
         with self._open_lock:

@@ -223,7 +223,9 @@ class Result:
     drops: dict[str, int] = field(default_factory=dict)  # why agents dropped peers, counted
     busy_per_chunk: float = 0.0  # asks that found a peer busy, per chunk fetched from peers
     lapsed: int = 0  # agents whose claims the tracker stopped counting: no agent vouched for them
-    cpu: float = 0.0  # CPU seconds (user + system) the worker processes used, all agents together
+    # CPU seconds (user + system) the worker processes used, all agents together (in the mirror case
+    # also nginx's and `sledge mirror-config`'s: every child the case waited for)
+    cpu: float = 0.0
 
 
 FleetResult = Result  # the name the other sections and the real case use
